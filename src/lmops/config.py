@@ -1,0 +1,343 @@
+"""Typed schema for ``params.yaml``: the single source of truth for every knob.
+
+Every section is a pydantic model that forbids unknown keys, so a typo in
+``params.yaml`` stops a stage with an error naming the key instead of being
+silently ignored. Defaults live here and nowhere else; ``params.yaml`` only
+overrides them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from lmops.errors import LmopsError
+
+DEFAULT_PARAMS = "params.yaml"
+
+
+class ConfigError(LmopsError):
+    """``params.yaml`` is missing, unparsable, or fails the schema."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+# --------------------------------------------------------------------- data
+
+
+class SourceConfig(_Section):
+    """One raw corpus. Every kind goes through ``datasets``, the same code path."""
+
+    name: str = Field(description="Short id used in stats and logs.")
+    type: Literal["embedded", "text", "json", "csv", "parquet", "hub"] = Field(
+        description="embedded: a corpus shipped by an installed package; text/json/csv/"
+        "parquet: local files; hub: a Hugging Face hub dataset (needs network)."
+    )
+    role: Literal["monolingual", "parallel"] = Field(description="Plain text or aligned pairs.")
+    dataset: str | None = Field(
+        default=None,
+        description="embedded: wiki_en | wiki_fr | bible_en_fr; hub: the dataset id.",
+    )
+    hub_config: str | None = Field(default=None, description="hub: dataset config name.")
+    hub_split: str = Field(default="train", description="hub: split to load.")
+    path: str | list[str] | None = Field(
+        default=None, description="Local file(s) or glob(s) for text/json/csv/parquet."
+    )
+    src_path: str | None = Field(
+        default=None, description="parallel text: source-side file, one sentence a line."
+    )
+    tgt_path: str | None = Field(
+        default=None, description="parallel text: target-side file aligned line by line."
+    )
+    lang: str | None = Field(default=None, description="monolingual: language code of the text.")
+    text_column: str = Field(default="text", description="monolingual: column holding the text.")
+    src_column: str | None = Field(
+        default=None, description="parallel: source column (default: clean.source_lang)."
+    )
+    tgt_column: str | None = Field(
+        default=None, description="parallel: target column (default: clean.target_lang)."
+    )
+    group_column: str | None = Field(
+        default=None,
+        description="parallel: column whose values are held out whole (e.g. Bible book).",
+    )
+    max_rows: int | None = Field(
+        default=None, gt=0, description="Keep only the first N rows (quick runs, tests)."
+    )
+
+    @model_validator(mode="after")
+    def _check_kind(self) -> SourceConfig:
+        where = f"clean.sources[{self.name}]"
+        if self.type in ("embedded", "hub") and not self.dataset:
+            raise ValueError(f"{where}: type '{self.type}' needs 'dataset'")
+        if self.type in ("json", "csv", "parquet") and not self.path:
+            raise ValueError(f"{where}: type '{self.type}' needs 'path'")
+        if self.type == "text":
+            two_files = self.src_path is not None or self.tgt_path is not None
+            if self.role == "parallel":
+                if not (self.src_path and self.tgt_path):
+                    raise ValueError(f"{where}: parallel text needs 'src_path' and 'tgt_path'")
+            elif two_files or not self.path:
+                raise ValueError(f"{where}: monolingual text needs 'path'")
+        if self.role == "monolingual" and self.type != "embedded" and not self.lang:
+            raise ValueError(f"{where}: monolingual source needs 'lang'")
+        return self
+
+
+class SplitConfig(_Section):
+    """How cleaned data is split into train / valid / test."""
+
+    valid_fraction: float = Field(
+        default=0.02, ge=0, lt=0.5, description="Monolingual text held out for validation."
+    )
+    test_fraction: float = Field(
+        default=0.02, ge=0, lt=0.5, description="Monolingual text held out for perplexity."
+    )
+    valid_groups: list[str] = Field(
+        default_factory=lambda: ["Ruth", "Jonah"],
+        description="Parallel groups (values of group_column) held out whole for validation.",
+    )
+    test_groups: list[str] = Field(
+        default_factory=lambda: ["Mark"],
+        description="Parallel groups held out whole for the test set.",
+    )
+    parallel_valid_fraction: float = Field(
+        default=0.02, ge=0, lt=0.5,
+        description="Parallel sources without group_column: random share for validation.",
+    )
+    parallel_test_fraction: float = Field(
+        default=0.03, ge=0, lt=0.5,
+        description="Parallel sources without group_column: random share for test.",
+    )
+
+    @model_validator(mode="after")
+    def _disjoint(self) -> SplitConfig:
+        both = set(self.valid_groups) & set(self.test_groups)
+        if both:
+            raise ValueError(f"clean.split: groups in both valid and test: {sorted(both)}")
+        return self
+
+
+class CleanConfig(_Section):
+    source_lang: str = Field(default="en", description="Language translated from.")
+    target_lang: str = Field(default="fr", description="Language translated into.")
+    sources: list[SourceConfig] = Field(description="Raw corpora to load.")
+    split: SplitConfig = Field(default_factory=SplitConfig)
+    min_chars: int = Field(default=3, ge=1, description="Drop texts shorter than this.")
+    max_chars: int = Field(default=2000, ge=1, description="Drop texts longer than this.")
+    max_length_ratio: float = Field(
+        default=3.0, gt=1, description="Drop pairs whose char-length ratio exceeds this."
+    )
+    dedup: bool = Field(default=True, description="Remove exact duplicates.")
+    format: Literal["parquet", "jsonl"] = Field(default="parquet", description="Output format.")
+
+    @model_validator(mode="after")
+    def _check(self) -> CleanConfig:
+        if self.min_chars >= self.max_chars:
+            raise ValueError("clean.min_chars must be below clean.max_chars")
+        if self.source_lang == self.target_lang:
+            raise ValueError("clean.source_lang and clean.target_lang must differ")
+        if not self.sources:
+            raise ValueError("clean.sources: at least one source is needed")
+        names = [s.name for s in self.sources]
+        if len(set(names)) != len(names):
+            raise ValueError(f"clean.sources: duplicate names in {names}")
+        return self
+
+    @property
+    def languages(self) -> list[str]:
+        return [self.source_lang, self.target_lang]
+
+
+class ValidateConfig(_Section):
+    """Great Expectations thresholds for the cleaned data."""
+
+    min_rows: int = Field(default=10, ge=1, description="Each split must have this many rows.")
+    min_chars: int = Field(default=1, ge=1, description="Shortest allowed text.")
+    max_chars: int = Field(default=5000, ge=1, description="Longest allowed text.")
+    max_duplicate_rate: float = Field(
+        default=0.01, ge=0, le=1, description="Largest share of duplicate texts in a split."
+    )
+    min_script_fraction: float = Field(
+        default=0.98, ge=0, le=1,
+        description="Share of rows that must use only the language's expected script.",
+    )
+    max_length_ratio: float = Field(
+        default=3.0, gt=1, description="Pair char-length ratio bound (either direction)."
+    )
+    min_length_ratio_fraction: float = Field(
+        default=0.98, ge=0, le=1, description="Share of pairs that must be within the ratio."
+    )
+
+
+class VocabConfig(_Section):
+    model_type: Literal["unigram", "bpe"] = Field(default="unigram", description="Algorithm.")
+    vocab_size: int = Field(default=8000, ge=64, le=1_000_000, description="Pieces in total.")
+    character_coverage: float = Field(default=0.9995, gt=0, le=1, description="Chars covered.")
+    input_sentence_size: int = Field(
+        default=1_000_000, ge=1, description="Sentences sampled for training (caps memory)."
+    )
+    byte_fallback: bool = Field(default=True, description="Unknown chars become byte pieces.")
+    num_threads: int = Field(default=2, ge=1, description="Trainer threads.")
+
+
+class TokeniseConfig(_Section):
+    num_proc: int = Field(default=2, ge=1, description="datasets.map worker processes.")
+    batch_size: int = Field(default=1000, ge=1, description="Rows per map batch.")
+
+
+# ---------------------------------------------------------------- modelling
+
+
+class ModelConfig(_Section):
+    """Decoder-only transformer size. The vocabulary size comes from the vocab stage."""
+
+    n_layer: int = Field(default=4, ge=1, description="Transformer blocks.")
+    n_embd: int = Field(default=256, ge=8, description="Residual width.")
+    n_head: int = Field(default=4, ge=1, description="Attention heads.")
+    block_size: int = Field(default=128, ge=8, description="Context length in tokens.")
+    dropout: float = Field(default=0.0, ge=0, lt=1, description="Dropout in attention/MLP.")
+    mlp_ratio: float = Field(default=8 / 3, gt=0, description="SwiGLU hidden width / n_embd.")
+    rope_theta: float = Field(default=10000.0, gt=0, description="Rotary base frequency.")
+
+    @model_validator(mode="after")
+    def _heads(self) -> ModelConfig:
+        if self.n_embd % self.n_head:
+            raise ValueError(f"model.n_embd ({self.n_embd}) must be divisible by "
+                             f"model.n_head ({self.n_head})")
+        if (self.n_embd // self.n_head) % 2:
+            raise ValueError("model.n_embd / model.n_head must be even (rotary embeddings)")
+        return self
+
+
+class TrainConfig(_Section):
+    """One training run; shared by pretrain, finetune and distil."""
+
+    max_steps: int = Field(default=1000, ge=1, description="Optimiser steps.")
+    batch_size: int = Field(default=16, ge=1, description="Sequences per micro-batch.")
+    grad_accum: int = Field(default=1, ge=1, description="Micro-batches per optimiser step.")
+    lr: float = Field(default=1e-3, gt=0, description="Peak learning rate.")
+    min_lr: float = Field(default=1e-4, ge=0, description="Learning rate at the end of decay.")
+    warmup_steps: int = Field(default=100, ge=0, description="Linear warm-up steps.")
+    weight_decay: float = Field(default=0.1, ge=0, description="AdamW weight decay.")
+    beta1: float = Field(default=0.9, gt=0, lt=1, description="AdamW beta1.")
+    beta2: float = Field(default=0.95, gt=0, lt=1, description="AdamW beta2.")
+    grad_clip: float = Field(default=1.0, ge=0, description="Clip grad norm (0 = off).")
+    eval_interval: int = Field(default=200, ge=1, description="Steps between evaluations.")
+    eval_batches: int = Field(default=20, ge=1, description="Batches per evaluation.")
+    checkpoint_interval: int = Field(default=200, ge=1, description="Steps between checkpoints.")
+    log_interval: int = Field(default=10, ge=1, description="Steps between metric logs.")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        default="auto", description="auto: bf16 autocast where supported (cuda, cpu), else fp32."
+    )
+    compile: bool = Field(default=False, description="torch.compile the model.")
+    device: Literal["auto", "cpu", "cuda", "mps"] = Field(default="auto", description="Device.")
+    max_loss: float = Field(
+        default=20.0, gt=0, description="Stop as diverged when the loss exceeds this."
+    )
+    num_threads: int = Field(default=0, ge=0, description="torch CPU threads (0 = default).")
+
+    @model_validator(mode="after")
+    def _lr(self) -> TrainConfig:
+        if self.min_lr > self.lr:
+            raise ValueError("min_lr must not exceed lr")
+        if self.warmup_steps > self.max_steps:
+            raise ValueError("warmup_steps must not exceed max_steps")
+        return self
+
+
+class FinetuneConfig(TrainConfig):
+    bleu_interval: int = Field(default=200, ge=1, description="Steps between validation BLEU.")
+    bleu_samples: int = Field(default=64, ge=1, description="Validation pairs scored for BLEU.")
+
+
+class DecodeConfig(_Section):
+    beam_size: int = Field(default=4, ge=1, description="Beam width (1 = greedy).")
+    length_penalty: float = Field(default=1.0, ge=0, description="GNMT-style length penalty.")
+    max_new_tokens: int = Field(default=96, ge=1, description="Longest translation.")
+    batch_size: int = Field(default=32, ge=1, description="Sentences decoded together.")
+
+
+class EvaluateConfig(_Section):
+    decode: DecodeConfig = Field(default_factory=DecodeConfig)
+    max_test_pairs: int | None = Field(
+        default=None, gt=0, description="Score only the first N test pairs (None = all)."
+    )
+    n_samples: int = Field(default=20, ge=0, description="Sample translations to show.")
+    ppl_batch_size: int = Field(default=16, ge=1, description="Sequences per perplexity batch.")
+
+
+# ----------------------------------------------------------------- the file
+
+
+class Params(_Section):
+    """The whole ``params.yaml``."""
+
+    seed: int = Field(default=1337, description="Seed for every random choice.")
+    clean: CleanConfig
+    validate_: ValidateConfig = Field(default_factory=ValidateConfig, alias="validate")
+    vocab: VocabConfig = Field(default_factory=VocabConfig)
+    tokenise: TokeniseConfig = Field(default_factory=TokeniseConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    pretrain: TrainConfig = Field(default_factory=TrainConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid parameters"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {loc}: unknown key")
+        elif e["type"] == "missing":
+            lines.append(f"  {loc}: required key is missing")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            lines.append(f"  {loc}: {msg} (got {e.get('input')!r})" if loc else f"  {msg}")
+    return "\n".join(lines)
+
+
+def parse_params(data: dict[str, Any], source: str = DEFAULT_PARAMS) -> Params:
+    """Validate an already-loaded mapping; errors name the offending key."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level")
+    try:
+        return Params.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, source)) from None
+
+
+def load_params(path: str | Path = DEFAULT_PARAMS) -> Params:
+    """Read and validate ``params.yaml``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: parameters file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    return parse_params(data or {}, str(path))
+
+
+def flatten(params: BaseModel | dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Flatten a section to ``{"a.b": value}`` for logging to MLflow."""
+    data = params.model_dump(by_alias=True) if isinstance(params, BaseModel) else params
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{name}."))
+        elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            for i, item in enumerate(value):
+                out.update(flatten(item, f"{name}.{i}."))
+        else:
+            out[name] = value
+    return out

@@ -1,0 +1,41 @@
+"""What every ``stages/*.py`` script shares: argument parsing and a clean exit.
+
+A stage script stays a few lines long::
+
+    def main(args):
+        params = load_params(args.params)
+        with tracking.stage_run("vocab", flatten(params.vocab)):
+            ...library call...
+
+    if __name__ == "__main__":
+        stage.run("vocab", main, stage.parser("Build the vocabulary").add_argument(...))
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable
+
+from lmops.errors import LmopsError
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--params", default="params.yaml", help="parameters file")
+    return p
+
+
+def run(name: str, main: Callable[[argparse.Namespace], None],
+        argp: argparse.ArgumentParser, argv: list[str] | None = None) -> None:
+    """Parse arguments and run ``main``; a user error exits 1 with one readable message."""
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+    logging.basicConfig(level=logging.INFO, format=f"[{name}] %(message)s")
+    args = argp.parse_args(argv)
+    try:
+        main(args)
+    except LmopsError as err:
+        print(f"lmops {name}: error: {err}", file=sys.stderr)
+        sys.exit(1)

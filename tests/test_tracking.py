@@ -1,0 +1,84 @@
+"""MLflow tracking: nested stage runs under one parent, failures recorded, data by digest."""
+
+from __future__ import annotations
+
+import mlflow
+import pytest
+from mlflow.tracking import MlflowClient
+
+from lmops import tracking
+
+
+def _runs(kind):
+    exp = mlflow.get_experiment_by_name("lmops-test")
+    return MlflowClient().search_runs(
+        [exp.experiment_id], filter_string=f"tags.`lmops.kind` = '{kind}'"
+    )
+
+
+def test_stages_nest_under_one_parent(mlflow_store, monkeypatch):
+    with tracking.stage_run("first", {"a": 1, "nested": [1, 2]}):
+        mlflow.log_metric("first/x", 3.0)
+    parent = _runs("pipeline")[0]
+    monkeypatch.setenv(tracking.PARENT_ENV, parent.info.run_id)
+    with tracking.stage_run("second", {"b": "two"}):
+        mlflow.log_metric("second/y", 4.0)
+
+    assert len(_runs("pipeline")) == 1
+    stages = {r.data.tags["lmops.stage"]: r for r in _runs("stage")}
+    assert set(stages) == {"first", "second"}
+    for run in stages.values():
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert run.info.status == "FINISHED"
+    assert stages["first"].data.params == {"first.a": "1", "first.nested": "[1, 2]"}
+    assert stages["second"].data.metrics["second/y"] == 4.0
+    assert stages["first"].data.metrics["first/wall_seconds"] >= 0
+    assert MlflowClient().get_run(parent.info.run_id).info.status == "FINISHED"
+
+
+def test_failure_marks_stage_and_parent_failed(mlflow_store):
+    with pytest.raises(ValueError, match="boom"), tracking.stage_run("broken"):
+        raise ValueError("boom")
+    (stage,) = _runs("stage")
+    assert stage.info.status == "FAILED"
+    assert stage.data.tags["lmops.error"] == "ValueError: boom"
+    parent = MlflowClient().get_run(stage.data.tags["mlflow.parentRunId"])
+    assert parent.info.status == "FAILED"
+    assert mlflow.active_run() is None
+
+
+def test_dvc_env_becomes_tags(mlflow_store, monkeypatch):
+    monkeypatch.setenv("DVC_STAGE", "vocab")
+    monkeypatch.setenv("DVC_EXP_NAME", "exp-abc")
+    with tracking.stage_run("vocab"):
+        pass
+    (stage,) = _runs("stage")
+    assert stage.data.tags["dvc.stage"] == "vocab"
+    assert stage.data.tags["dvc.exp_name"] == "exp-abc"
+    (parent,) = _runs("pipeline")
+    assert parent.info.run_name == "exp-abc"
+
+
+def test_data_is_referenced_by_digest(mlflow_store, tmp_path):
+    data = tmp_path / "corpus"
+    data.mkdir()
+    (data / "a.txt").write_text("hello\n")
+    with tracking.stage_run("reader") as run:
+        digest = tracking.log_data_input(data, "corpus")
+    assert digest == tracking.file_digest(data)
+    got = MlflowClient().get_run(run.info.run_id)
+    assert got.inputs.dataset_inputs[0].dataset.digest == digest
+    assert got.inputs.dataset_inputs[0].dataset.name == "corpus"
+    (data / "a.txt").write_text("changed\n")
+    assert tracking.file_digest(data) != digest
+
+
+def test_dvc_md5_comes_from_the_lock(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    (tmp_path / "dvc.lock").write_text(
+        "schema: '2.0'\nstages:\n  clean:\n    outs:\n    - path: data/clean\n"
+        "      md5: abc123.dir\n"
+    )
+    assert tracking.dvc_md5("data/clean") == "abc123.dir"
+    assert tracking.dvc_md5("data/other") is None
