@@ -315,16 +315,55 @@ def parse_params(data: dict[str, Any], source: str = DEFAULT_PARAMS) -> Params:
         raise ConfigError(_format_errors(err, source)) from None
 
 
-def load_params(path: str | Path = DEFAULT_PARAMS) -> Params:
-    """Read and validate ``params.yaml``."""
-    path = Path(path)
+def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"{path}: parameters file not found")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
-    return parse_params(data or {}, str(path))
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return data or {}
+
+
+def load_params(path: str | Path = DEFAULT_PARAMS) -> Params:
+    """Read and validate ``params.yaml``."""
+    return parse_params(_read_yaml(Path(path)), str(path))
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``override`` laid over it; nested mappings merge, anything else replaces."""
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_profile(profile: str | Path, base: str | Path = DEFAULT_PARAMS) -> dict[str, Any]:
+    """``params.yaml`` with a profile's overrides (e.g. ``params.tiny.yaml``) merged in.
+
+    Returns the merged mapping after validating it, ready to be written as a params file.
+    """
+    merged = deep_merge(_read_yaml(Path(base)), _read_yaml(Path(profile)))
+    parse_params(merged, f"{base} + {profile}")
+    return merged
+
+
+def dvc_set_args(overrides: dict[str, Any], prefix: str = "") -> list[str]:
+    """``-S key=value`` arguments for ``dvc exp run`` from a profile's overrides."""
+    args: list[str] = []
+    for key, value in overrides.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            args += dvc_set_args(value, f"{name}.")
+        else:
+            args += ["-S", f"{name}={yaml.safe_dump(value, default_flow_style=True).strip()}"
+                     .removesuffix("\n...")]
+    return args
 
 
 def flatten(params: BaseModel | dict[str, Any], prefix: str = "") -> dict[str, Any]:

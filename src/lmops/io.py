@@ -31,6 +31,10 @@ def atomic_output(path: str | Path, *, is_dir: bool = False) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    # mkdtemp makes the directory private (0700); outputs should look like any other dir.
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)
     target = tmp if is_dir else tmp / path.name
     try:
         yield target

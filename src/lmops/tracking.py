@@ -21,6 +21,7 @@ import hashlib
 import os
 import subprocess
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -212,7 +213,10 @@ def log_data_input(path: str | Path, name: str, context: str = "input") -> str:
     from mlflow.data.meta_dataset import MetaDataset
 
     digest = dvc_md5(path) or file_digest(path)
-    source = resolve_dataset_source(Path(path).resolve().as_uri())
+    with warnings.catch_warnings():
+        # MLflow registers its local-file source twice and warns that the URI is ambiguous.
+        warnings.simplefilter("ignore", UserWarning)
+        source = resolve_dataset_source(Path(path).resolve().as_uri())
     mlflow.log_input(MetaDataset(source=source, name=name, digest=digest), context=context)
     mlflow.set_tag(f"data.{name}.md5", digest)
     return digest
