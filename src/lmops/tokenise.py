@@ -1,0 +1,204 @@
+"""Clean text -> token ids (the ``tokenise`` stage).
+
+Output directory::
+
+    pretrain_{train,valid}.bin    one flat token stream: for each mono row
+                                  ``<2lang> ids </s>``, concatenated; raw numpy
+                                  array (uint16 when every id fits, else uint32)
+    pretrain_{train,valid}.json   sidecar: dtype, length (tokens), documents,
+                                  bytes (utf-8 bytes of the text), vocab_size
+    parallel_{train,valid,test}.parquet   src, tgt, src_ids, tgt_ids (list<int32>)
+
+``mono_test`` stays text: evaluate scores perplexity and bits-per-byte on it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+import pandas as pd
+import pyarrow.compute as pc
+from tqdm.auto import tqdm
+
+from lmops import data
+from lmops.config import TokeniseConfig
+from lmops.errors import DataError, LmopsError
+from lmops.io import atomic_output, write_json
+from lmops.vocab import Tokenizer
+
+STREAM_SPLITS = {"mono_train": "pretrain_train", "mono_valid": "pretrain_valid"}
+PARALLEL_SPLITS = ("parallel_train", "parallel_valid", "parallel_test")
+ID_TYPE = datasets.Value("int32")
+STREAM_FEATURES = datasets.Features({"ids": datasets.List(ID_TYPE)})
+PARALLEL_FEATURES = datasets.Features({
+    "src": datasets.Value("string"), "tgt": datasets.Value("string"),
+    "src_ids": datasets.List(ID_TYPE), "tgt_ids": datasets.List(ID_TYPE),
+})
+
+
+def stream_dtype(vocab_size: int) -> np.dtype:
+    """uint16 below 65,536 pieces (half the disk and page cache of uint32), else uint32."""
+    return np.dtype(np.uint16 if vocab_size < 1 << 16 else np.uint32)
+
+
+def utf8_bytes(texts: pd.Series) -> int:
+    return int(texts.str.encode("utf-8").str.len().sum())
+
+
+class _EncodeMono:
+    """datasets.map function: ``<2lang> ids </s>`` per row."""
+
+    def __init__(self, tok: Tokenizer):
+        self.tok = tok
+
+    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
+        eos = self.tok.eos_id
+        tags = [self.tok.lang_id(lang) for lang in batch["lang"]]
+        ids = [[tag, *row, eos] for tag, row in zip(tags, self.tok.encode(batch["text"]),
+                                                    strict=True)]
+        return {"ids": ids}
+
+
+class _EncodePairs:
+    def __init__(self, tok: Tokenizer):
+        self.tok = tok
+
+    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
+        return {"src_ids": self.tok.encode(batch["src"]), "tgt_ids": self.tok.encode(batch["tgt"])}
+
+
+def _check_columns(df: pd.DataFrame, path: Path, columns: tuple[str, ...]) -> None:
+    for col in columns:
+        if col not in df.columns:
+            raise DataError(f"{path}: no '{col}' column (columns: {list(df.columns)})")
+        missing = df[col].isna()
+        if missing.any():
+            raise DataError(f"{path}: row {int(missing.idxmax())}: '{col}' is missing")
+
+
+def _read(data_dir: Path, name: str, columns: tuple[str, ...]) -> tuple[pd.DataFrame, Path]:
+    path = data.split_path(data_dir, name)
+    df = data.read_split(data_dir, name)
+    _check_columns(df, path, columns)
+    return df, path
+
+
+def _map(df: pd.DataFrame, fn: Any, features: datasets.Features, cfg: TokeniseConfig,
+         desc: str) -> datasets.Dataset:
+    if df.empty:  # map never calls fn on no rows, so the new columns would be missing
+        return datasets.Dataset.from_dict({name: [] for name in features}, features=features)
+    ds = datasets.Dataset.from_pandas(df.reset_index(drop=True), preserve_index=False)
+    drop = [c for c in ds.column_names if c not in features]
+    # Fewer batches than workers would only add process start-up time.
+    num_proc = min(cfg.num_proc, max(1, len(ds) // cfg.batch_size))
+    return ds.map(fn, batched=True, batch_size=cfg.batch_size,
+                  num_proc=num_proc if num_proc > 1 else None,
+                  remove_columns=drop, features=features, desc=desc)
+
+
+def write_stream(encoded: datasets.Dataset, path: Path, vocab_size: int, text_bytes: int,
+                 chunk_rows: int = 10_000) -> dict[str, Any]:
+    """Append the ``ids`` of ``encoded`` to ``path`` (.bin) chunk by chunk; write the sidecar."""
+    dtype = stream_dtype(vocab_size)
+    length = 0
+    arrow = encoded.with_format("arrow")
+    with open(path, "wb") as fh, tqdm(total=len(encoded), desc=f"write {path.name}",
+                                      unit=" docs") as bar:
+        for table in arrow.iter(batch_size=chunk_rows):
+            ids = pc.list_flatten(table.column("ids")).to_numpy()
+            # An id past the dtype would wrap around silently and corrupt the stream.
+            if ids.size and int(ids.max()) >= vocab_size:
+                raise LmopsError(f"{path}: token id {int(ids.max())} >= vocab_size {vocab_size}")
+            ids.astype(dtype).tofile(fh)
+            length += int(ids.size)
+            bar.update(table.num_rows)
+    sidecar = {
+        "dtype": dtype.name,
+        "length": length,
+        "documents": len(encoded),
+        "bytes": text_bytes,
+        "vocab_size": vocab_size,
+    }
+    write_json(path.with_suffix(".json"), sidecar)
+    return sidecar
+
+
+def load_stream(path: str | Path) -> np.ndarray:
+    """Memory-map a token stream; ``path`` may name the .bin or leave the extension off."""
+    path = Path(path)
+    bin_path = path if path.suffix == ".bin" else path.with_name(path.name + ".bin")
+    side_path = bin_path.with_suffix(".json")
+    if not side_path.is_file():
+        raise LmopsError(f"{side_path}: token stream sidecar not found (run the tokenise stage)")
+    try:
+        side = json.loads(side_path.read_text(encoding="utf-8"))
+        dtype = np.dtype(side["dtype"])
+        expected = int(side["length"]) * dtype.itemsize
+    except (ValueError, TypeError, KeyError) as err:
+        raise LmopsError(f"{side_path}: not a token stream sidecar ({err!r})") from None
+    if not bin_path.is_file():
+        raise LmopsError(f"{bin_path}: token stream not found (run the tokenise stage)")
+    actual = bin_path.stat().st_size
+    if actual != expected:
+        raise LmopsError(
+            f"{bin_path}: expected {side['length']} {dtype.name} tokens ({expected} bytes, "
+            f"per {side_path.name}) but the file has {actual} bytes; rerun the tokenise stage"
+        )
+    if expected == 0:  # np.memmap cannot map an empty file
+        return np.zeros(0, dtype=dtype)
+    return np.memmap(bin_path, dtype=dtype, mode="r", shape=(int(side["length"]),))
+
+
+def _encode_mono(data_dir: Path, name: str, tok: Tokenizer,
+                 cfg: TokeniseConfig) -> tuple[datasets.Dataset, int]:
+    df, path = _read(data_dir, name, ("text", "lang"))
+    unknown = ~df["lang"].isin(tok.languages)
+    if unknown.any():
+        row = int(unknown.idxmax())
+        raise DataError(f"{path}: row {row}: language {df['lang'].iloc[row]!r} has no tag "
+                        f"in the vocabulary (languages: {tok.languages})")
+    encoded = _map(df[["text", "lang"]], _EncodeMono(tok), STREAM_FEATURES, cfg,
+                   f"encode {name}")
+    return encoded, utf8_bytes(df["text"])
+
+
+def tokenise(data_dir: str | Path, vocab_dir: str | Path, out: str | Path,
+             cfg: TokeniseConfig) -> dict[str, Any]:
+    """The tokenise stage: the clean stage's dir + a vocab dir -> ``out`` (atomic); stats."""
+    data_dir = Path(data_dir)
+    tok = Tokenizer.load(vocab_dir)
+    started = time.perf_counter()
+    stats: dict[str, Any] = {"vocab_size": tok.vocab_size}
+    tokens = text_bytes = 0
+    with atomic_output(out, is_dir=True) as tmp:
+        for split, stem in STREAM_SPLITS.items():
+            encoded, text = _encode_mono(data_dir, split, tok, cfg)
+            side = write_stream(encoded, tmp / f"{stem}.bin", tok.vocab_size, text)
+            stats[stem] = {
+                "tokens": side["length"], "documents": side["documents"],
+                "bytes": side["bytes"],
+                "bytes_per_token": round(side["bytes"] / max(side["length"], 1), 4),
+            }
+            tokens += side["length"]
+            text_bytes += side["bytes"]
+        for split in PARALLEL_SPLITS:
+            df, _ = _read(data_dir, split, ("src", "tgt"))
+            ds = _map(df, _EncodePairs(tok), PARALLEL_FEATURES, cfg, f"encode {split}")
+            ds.to_parquet(tmp / f"{split}.parquet")
+            src = int(pc.sum(pc.list_value_length(ds.data.column("src_ids"))).as_py() or 0)
+            tgt = int(pc.sum(pc.list_value_length(ds.data.column("tgt_ids"))).as_py() or 0)
+            stats[split] = {"pairs": len(ds), "src_tokens": src, "tgt_tokens": tgt}
+            tokens += src + tgt
+            text_bytes += utf8_bytes(df["src"]) + utf8_bytes(df["tgt"])
+    wall = time.perf_counter() - started
+    stats.update({
+        "tokens": tokens, "bytes": text_bytes, "wall_seconds": round(wall, 3),
+        "tokens_per_second": round(tokens / wall, 1),
+        "mb_per_second": round(text_bytes / wall / 1e6, 3),
+    })
+    return stats
