@@ -1,0 +1,397 @@
+"""A compact decoder-only transformer with cached, batched greedy and beam decoding.
+
+Architecture (LLaMA-like, sized from :class:`lmops.config.ModelConfig`): pre-norm RMSNorm,
+rotary position embeddings, SwiGLU MLP, ``scaled_dot_product_attention``, token embedding
+tied to the output head, no biases. GPT-2 initialisation: every weight N(0, 0.02), the two
+projections that write into the residual stream scaled by 1/sqrt(2 * n_layer) so the
+residual variance does not grow with depth.
+
+Decoding keeps a :class:`KVCache` per call. Prompts are left-padded so that every row's next
+token sits in the same column; each row carries its own positions (pads excluded) and a key
+mask, so a prompt decodes to the same tokens alone or in a padded batch. Attention never
+reaches further back than ``block_size`` tokens, the longest distance seen in training; with
+rotary embeddings only distances matter, so decoding past ``block_size`` is a sliding window.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lmops.config import ModelConfig
+
+INIT_STD = 0.02
+MLP_MULTIPLE = 64  # SwiGLU width rounded up to this, for matmul-friendly shapes
+NORM_EPS = 1e-6
+
+
+def mlp_hidden(cfg: ModelConfig) -> int:
+    """SwiGLU hidden width: ``mlp_ratio * n_embd`` rounded up to a multiple of 64."""
+    # round() first so that 8/3 * 192 = 512.0000001 stays 512 rather than becoming 576
+    return MLP_MULTIPLE * math.ceil(round(cfg.mlp_ratio * cfg.n_embd) / MLP_MULTIPLE)
+
+
+def flops_per_token(cfg: ModelConfig, vocab_size: int) -> int:
+    """Training FLOPs per token: 6N for the matmuls (forward + backward) plus attention.
+
+    N counts the tied embedding once, as the output head (the lookup itself is free);
+    attention scores and the weighted sum add 12 * n_layer * n_embd * block_size, without
+    discounting the causal mask (the PaLM appendix B convention, also nanoGPT's MFU).
+    """
+    e, n_layer = cfg.n_embd, cfg.n_layer
+    per_layer = 2 * e + 4 * e * e + 3 * e * mlp_hidden(cfg)
+    n_params = vocab_size * e + n_layer * per_layer + e
+    return 6 * n_params + 12 * n_layer * e * cfg.block_size
+
+
+def gnmt_length_penalty(length: int, alpha: float) -> float:
+    """GNMT length penalty ((5 + length) / 6) ** alpha; alpha = 0 turns it off."""
+    return ((5 + length) / 6) ** alpha
+
+
+class KVCache:
+    """Keys and values of past tokens, one [B, H, max_len, D] buffer pair per layer.
+
+    ``valid`` [B, max_len] marks which slots hold real tokens (False for left padding). A
+    layer's buffers are allocated on its first write, with that write's dtype and device,
+    so the cache follows autocast. ``length`` slots are filled; the model advances it.
+    """
+
+    def __init__(self, n_layer: int, batch_size: int, max_len: int,
+                 device: torch.device | str | None = None, valid: Tensor | None = None):
+        self.max_len = max_len
+        self.length = 0
+        self.keys: list[Tensor | None] = [None] * n_layer
+        self.values: list[Tensor | None] = [None] * n_layer
+        self.valid = torch.ones(batch_size, max_len, dtype=torch.bool, device=device)
+        if valid is not None:
+            self.valid[:, : valid.shape[1]] = valid
+
+    @property
+    def batch_size(self) -> int:
+        return self.valid.shape[0]
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store k, v [B, H, T, D] after the filled slots; return all keys and values so far."""
+        end = self.length + k.shape[2]
+        if self.keys[layer] is None:
+            b, h, _, d = k.shape
+            self.keys[layer] = k.new_empty(b, h, self.max_len, d)
+            self.values[layer] = v.new_empty(b, h, self.max_len, d)
+        keys, values = self.keys[layer], self.values[layer]
+        keys[:, :, self.length : end] = k
+        values[:, :, self.length : end] = v
+        return keys[:, :, :end], values[:, :, :end]
+
+    def reorder(self, rows: Tensor) -> None:
+        """Keep and reorder batch rows (beam reshuffles, dropping finished rows)."""
+        n = self.length
+        for store in (self.keys, self.values):
+            for i, buf in enumerate(store):
+                if buf is not None:
+                    # copy only the filled slots; the rest is about to be overwritten
+                    new = buf.new_empty(len(rows), *buf.shape[1:])
+                    new[:, :, :n] = buf[rows, :, :n]
+                    store[i] = new
+        self.valid = self.valid[rows]
+
+
+def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotary embedding (half-split layout) applied in fp32, returned in x's dtype."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    out = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    return out.type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.dropout = cfg.dropout
+        self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=False)
+        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
+        self.resid_drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None,
+                layer: int, mask: Tensor | None) -> Tensor:
+        b, t, c = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.n_head, c // self.n_head).permute(2, 0, 3, 1, 4)
+        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None,
+            dropout_p=self.dropout if self.training else 0.0,
+        )
+        return self.resid_drop(self.proj(y.transpose(1, 2).reshape(b, t, c)))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        hidden = mlp_hidden(cfg)
+        self.gate_up = nn.Linear(cfg.n_embd, 2 * hidden, bias=False)
+        self.down = nn.Linear(hidden, cfg.n_embd, bias=False)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.drop(self.down(F.silu(gate) * up))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attn_norm = nn.RMSNorm(cfg.n_embd, eps=NORM_EPS)
+        self.attn = Attention(cfg)
+        self.mlp_norm = nn.RMSNorm(cfg.n_embd, eps=NORM_EPS)
+        self.mlp = SwiGLU(cfg)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None,
+                layer: int, mask: Tensor | None) -> Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache, layer, mask)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig, vocab_size: int):
+        super().__init__()
+        if vocab_size < 2:
+            raise ValueError(f"vocab_size must be at least 2, got {vocab_size}")
+        self.cfg = cfg
+        self.vocab_size = vocab_size
+        self.tok_emb = nn.Embedding(vocab_size, cfg.n_embd)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm = nn.RMSNorm(cfg.n_embd, eps=NORM_EPS)
+        self.lm_head = nn.Linear(cfg.n_embd, vocab_size, bias=False)
+        self.lm_head.weight = self.tok_emb.weight
+        head_dim = cfg.n_embd // cfg.n_head
+        inv_freq = cfg.rope_theta ** (-torch.arange(0, head_dim, 2).float() / head_dim)
+        # not persistent: derived from the config, so checkpoints need not carry it
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for module in self.modules():
+            if isinstance(module, nn.Linear | nn.Embedding):
+                nn.init.normal_(module.weight, std=INIT_STD)
+        resid_std = INIT_STD / math.sqrt(2 * self.cfg.n_layer)
+        for block in self.blocks:
+            nn.init.normal_(block.attn.proj.weight, std=resid_std)
+            nn.init.normal_(block.mlp.down.weight, std=resid_std)
+
+    @property
+    def device(self) -> torch.device:
+        return self.tok_emb.weight.device
+
+    def num_params(self, exclude_embedding: bool = False) -> int:
+        """Parameter count; the tied embedding/output matrix is counted once."""
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.tok_emb.weight.numel() if exclude_embedding else n
+
+    def new_cache(self, batch_size: int, max_len: int, valid: Tensor | None = None) -> KVCache:
+        """An empty cache for this model; ``valid`` [B, T0] marks padding in the first slots."""
+        return KVCache(self.cfg.n_layer, batch_size, max_len, self.device, valid)
+
+    def forward(self, idx: Tensor, cache: KVCache | None = None,
+                positions: Tensor | None = None) -> Tensor:
+        """Logits [B, T, V] for every position of ``idx`` [B, T].
+
+        Without a cache this is a plain causal pass over at most ``block_size`` tokens.
+        With one, ``idx`` continues the cached tokens: its keys are stored and attention
+        covers the cache (masked by ``cache.valid`` and the ``block_size`` window).
+        ``positions`` ([T] or [B, T]) default to the slot indices; left-padded batches
+        pass each row's own positions.
+        """
+        b, t = idx.shape
+        start = cache.length if cache is not None else 0
+        if cache is None and t > self.cfg.block_size:
+            raise ValueError(f"sequence of {t} tokens exceeds block_size {self.cfg.block_size}")
+        if cache is not None and start + t > cache.max_len:
+            raise ValueError(f"KV cache overflow: {start} + {t} tokens > max_len "
+                             f"{cache.max_len}")
+        if positions is None:
+            positions = torch.arange(start, start + t, device=idx.device)
+        angles = positions.unsqueeze(-1).float() * self.inv_freq  # [T, D/2] or [B, T, D/2]
+        if angles.dim() == 3:
+            angles = angles.unsqueeze(1)  # broadcast over heads
+        cos, sin = angles.cos(), angles.sin()
+
+        mask = None
+        if cache is not None:
+            end = start + t
+            query = torch.arange(start, end, device=idx.device).unsqueeze(1)
+            key = torch.arange(end, device=idx.device)
+            dist = query - key
+            causal = (dist >= 0) & (dist < self.cfg.block_size)
+            # a pad query attends to itself so its row is never all-masked (NaN)
+            mask = (causal & cache.valid[:, None, :end]) | (dist == 0)
+            mask = mask.unsqueeze(1)  # [B, 1, T, end]
+
+        x = self.drop(self.tok_emb(idx))
+        for layer, block in enumerate(self.blocks):
+            x = block(x, cos, sin, cache, layer, mask)
+        if cache is not None:
+            cache.length += t
+        return self.lm_head(self.norm(x))
+
+    # ------------------------------------------------------------------ decoding
+
+    @contextmanager
+    def _eval_mode(self) -> Iterator[None]:
+        # decoding mid-training (validation BLEU) must not see dropout
+        was_training = self.training
+        self.eval()
+        try:
+            yield
+        finally:
+            self.train(was_training)
+
+    def _left_pad(self, prompts: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Token ids, positions and validity [B, T] of the left-padded, truncated prompts."""
+        if not prompts:
+            raise ValueError("no prompts to decode")
+        prompts = [list(p[-self.cfg.block_size :]) for p in prompts]
+        for i, p in enumerate(prompts):
+            if not p:
+                raise ValueError(f"prompt {i} is empty")
+        t = max(len(p) for p in prompts)
+        idx = torch.full((len(prompts), t), pad_id, dtype=torch.long)
+        for i, p in enumerate(prompts):
+            idx[i, t - len(p) :] = torch.tensor(p, dtype=torch.long)
+        n_pad = torch.tensor([t - len(p) for p in prompts]).unsqueeze(1)
+        positions = (torch.arange(t) - n_pad).clamp(min=0)
+        valid = torch.arange(t) >= n_pad
+        return idx.to(self.device), positions.to(self.device), valid.to(self.device)
+
+    @torch.no_grad()
+    def generate_greedy(self, prompts: list[list[int]], max_new_tokens: int, eos_id: int,
+                        pad_id: int) -> list[list[int]]:
+        """Greedy continuation of each prompt: the new tokens only, eos and after removed.
+
+        A row leaves the batch (and the cache) as soon as it emits eos; the loop ends when
+        no row is left or after ``max_new_tokens``.
+        """
+        out: list[list[int]] = [[] for _ in prompts]
+        with self._eval_mode():
+            idx, positions, valid = self._left_pad(prompts, pad_id)
+            if max_new_tokens <= 0:
+                return out
+            cache = self.new_cache(len(prompts), idx.shape[1] + max_new_tokens, valid)
+            logits = self(idx, cache, positions)[:, -1]
+            next_pos = positions[:, -1] + 1
+            alive = list(range(len(prompts)))
+            for step in range(max_new_tokens):
+                tok = logits.argmax(-1)
+                going = []
+                for row, (i, t) in enumerate(zip(alive, tok.tolist(), strict=True)):
+                    if t != eos_id:
+                        out[i].append(t)
+                        going.append(row)
+                if not going or step == max_new_tokens - 1:
+                    break
+                if len(going) < len(alive):
+                    rows = torch.tensor(going, device=self.device)
+                    cache.reorder(rows)
+                    tok, next_pos = tok[rows], next_pos[rows]
+                    alive = [alive[r] for r in going]
+                logits = self(tok[:, None], cache, next_pos[:, None])[:, -1]
+                next_pos = next_pos + 1
+        return out
+
+    @torch.no_grad()
+    def generate_beam(self, prompts: list[list[int]], max_new_tokens: int, eos_id: int,
+                      pad_id: int, beam_size: int = 4,
+                      length_penalty: float = 1.0) -> list[list[int]]:
+        """Beam search; returns each prompt's best hypothesis (new tokens, eos removed).
+
+        Hypotheses are ranked by sum of log-probs / ((5 + len) / 6) ** length_penalty (GNMT),
+        len counting the new tokens including eos; 0 ranks by plain log-prob. All beams of
+        all prompts decode together as B * beam_size rows; the cache is reordered as beams
+        are reshuffled. A prompt is done once it has ``beam_size`` finished hypotheses that
+        no live beam can still beat (an exact bound, not a heuristic), and leaves the batch.
+        """
+        if beam_size < 1:
+            raise ValueError(f"beam_size must be at least 1, got {beam_size}")
+        k = beam_size
+
+        def normalise(score: float, length: int) -> float:
+            return score / gnmt_length_penalty(length, length_penalty)
+
+        out: list[list[int]] = [[] for _ in prompts]
+        with self._eval_mode():
+            idx, positions, valid = self._left_pad(prompts, pad_id)
+            if max_new_tokens <= 0:
+                return out
+            b = len(prompts)
+            cache = self.new_cache(b, idx.shape[1] + max_new_tokens, valid)
+            logits = self(idx, cache, positions)[:, -1]
+            rows = torch.arange(b, device=self.device).repeat_interleave(k)
+            cache.reorder(rows)
+            logits, next_pos = logits[rows], positions[rows, -1] + 1
+            # only the first copy of each prompt is live, so step 0 expands one hypothesis
+            # into k distinct beams instead of k identical ones
+            scores = torch.full((b, k), -math.inf, device=self.device)
+            scores[:, 0] = 0.0
+            seqs = torch.empty(b * k, 0, dtype=torch.long)  # tokens so far, on the cpu
+            finished: list[list[tuple[float, list[int]]]] = [[] for _ in prompts]
+            alive = list(range(b))
+            for step in range(max_new_tokens):
+                length, last = step + 1, step == max_new_tokens - 1
+                vocab = logits.shape[-1]
+                cand = scores.unsqueeze(-1) + logits.float().log_softmax(-1).view(-1, k, vocab)
+                top, top_idx = cand.view(len(alive), k * vocab).topk(2 * k, dim=1)
+                top, top_idx = top.tolist(), top_idx.tolist()
+                new_rows, new_tok, new_scores, going = [], [], [], []
+                for a, i in enumerate(alive):
+                    picked = []  # (row, token, score) of the next beams, best first
+                    for rank, (s, j) in enumerate(zip(top[a], top_idx[a], strict=True)):
+                        if s == -math.inf:
+                            break
+                        row, t = a * k + j // vocab, j % vocab
+                        if t == eos_id:
+                            # an eos outside the top k would not have been in the beam
+                            if rank < k:
+                                finished[i].append((normalise(s, length), seqs[row].tolist()))
+                        elif len(picked) < k:
+                            picked.append((row, t, s))
+                    if last:
+                        finished[i] += [(normalise(s, length), seqs[r].tolist() + [t])
+                                        for r, t, s in picked]
+                        continue
+                    best = sorted((f[0] for f in finished[i]), reverse=True)[:k]
+                    if not picked:
+                        continue
+                    # live beams only lose log-prob, so their best reachable score is this,
+                    # at one end or the other of the lengths still possible
+                    reachable = max(normalise(picked[0][2], length),
+                                    normalise(picked[0][2], max_new_tokens))
+                    if len(best) == k and best[-1] >= reachable:
+                        continue
+                    picked += [(picked[0][0], pad_id, -math.inf)] * (k - len(picked))
+                    going.append(i)
+                    for row, t, s in picked:
+                        new_rows.append(row)
+                        new_tok.append(t)
+                        new_scores.append(s)
+                if not going:
+                    break
+                rows = torch.tensor(new_rows)
+                seqs = torch.cat([seqs[rows], torch.tensor(new_tok).unsqueeze(1)], dim=1)
+                rows = rows.to(self.device)
+                cache.reorder(rows)
+                next_pos = next_pos[rows]
+                scores = torch.tensor(new_scores, device=self.device).view(len(going), k)
+                alive = going
+                tok = torch.tensor(new_tok, device=self.device)
+                logits = self(tok[:, None], cache, next_pos[:, None])[:, -1]
+                next_pos = next_pos + 1
+            for i, hyps in enumerate(finished):
+                out[i] = max(hyps, key=lambda h: h[0])[1]
+        return out
