@@ -1,6 +1,7 @@
 # make run   set up .venv (first time only) and rebuild the pipeline with dvc repro
 # make test  set up .venv (first time only) and run the test suite
 # make lint  ruff over the code
+# make bench install the bench extra and run the benchmarks (bench/README.md), ~15 min
 
 PYTHON ?= python3
 VENV   := .venv
@@ -10,7 +11,7 @@ export PATH := $(BIN):$(PATH)
 export GX_ANALYTICS_ENABLED := false
 export PYTHONUNBUFFERED := 1
 
-.PHONY: run test lint setup clean-venv
+.PHONY: run test lint bench setup clean-venv
 
 setup: $(STAMP)
 
@@ -29,6 +30,13 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check src stages flows tests bench
+
+# Scripts, not tests: each prints its figures and writes bench/results/<name>.{json,md}.
+bench: $(STAMP)
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[bench]'
+	TQDM_DISABLE=1 $(BIN)/python bench/train_throughput.py
+	TQDM_DISABLE=1 $(BIN)/python bench/decode.py
+	TQDM_DISABLE=1 $(BIN)/python bench/data_stages.py
 
 clean-venv:
 	rm -rf $(VENV)
