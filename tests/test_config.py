@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import ast
 import copy
+from pathlib import Path
 
 import pytest
 import yaml
 
-from lmops.config import ConfigError, flatten, load_params, parse_params
+from lmops.config import (
+    ConfigError,
+    dvc_set_args,
+    flatten,
+    load_params,
+    load_profile,
+    parse_params,
+)
 from tests.conftest import REPO
 
 
@@ -23,9 +32,9 @@ def test_shipped_params_parse(raw):
     assert params.vocab.vocab_size == raw["vocab"]["vocab_size"]
 
 
-def test_every_params_file_parses():
-    for path in sorted(REPO.glob("params*.yaml")) + sorted((REPO / "configs").glob("*.yaml")):
-        load_params(path)
+def test_the_default_params_file_parses():
+    params = load_params(REPO / "params.yaml")
+    assert params.clean.source_lang == "en" and params.clean.target_lang == "fr"
 
 
 def test_unknown_key_is_named(raw):
@@ -117,3 +126,54 @@ def test_dvc_stage_deps_exist():
         for dep in stage.get("deps", []):
             if dep.startswith(("src/", "stages/")):
                 assert (REPO / dep).is_file(), f"{name}: dep {dep} missing"
+
+
+def _lmops_imports(path: Path) -> set[str]:
+    """Modules of lmops that ``path`` imports directly."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            if node.module == "lmops":
+                found |= {a.name for a in node.names}
+            elif node.module.startswith("lmops."):
+                found.add(node.module.split(".")[1])
+        elif isinstance(node, ast.Import):
+            found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("lmops.")}
+    return {m for m in found if (REPO / "src/lmops" / f"{m}.py").is_file()}
+
+
+def test_dvc_stage_deps_list_every_module_the_stage_imports():
+    """A change to any module a stage runs reruns that stage, and only those stages."""
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    for name, stage in stages.items():
+        script = REPO / "stages" / f"{name}.py"
+        todo, seen = [script], set()
+        while todo:
+            for module in _lmops_imports(todo.pop()) - seen:
+                seen.add(module)
+                todo.append(REPO / "src/lmops" / f"{module}.py")
+        listed = {d.removeprefix("src/lmops/").removesuffix(".py") for d in stage["deps"]
+                  if d.startswith("src/lmops/")}
+        assert f"stages/{name}.py" in stage["deps"]
+        assert seen - listed == set(), f"{name}: imports but does not list {seen - listed}"
+        assert listed - seen == set(), f"{name}: lists but does not import {listed - seen}"
+
+
+@pytest.mark.parametrize("profile", sorted(p.name for p in REPO.glob("params.*.yaml")))
+def test_every_profile_validates_and_becomes_dvc_set_args(profile):
+    from lmops.cli import main
+
+    merged = parse_params(load_profile(REPO / profile, REPO / "params.yaml"))
+    args = dvc_set_args(yaml.safe_load((REPO / profile).read_text()))
+    assert args[0::2] == ["-S"] * (len(args) // 2)
+    # each -S sets one leaf; applying them to params.yaml gives the merged result
+    applied = yaml.safe_load((REPO / "params.yaml").read_text())
+    for assignment in args[1::2]:
+        key, value = assignment.split("=", 1)
+        *path, leaf = key.split(".")
+        node = applied
+        for part in path:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(value)
+    assert parse_params(applied) == merged
+    main(["params", "check", str(REPO / "params.yaml")])

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import mlflow
@@ -20,6 +23,8 @@ from lmops.config import load_profile
 from tests.conftest import REPO
 
 DATA_STAGES = ["clean", "validate", "vocab", "tokenise"]
+MODEL_STAGES = ["pretrain", "finetune", "evaluate"]
+STAGES = DATA_STAGES + MODEL_STAGES
 pytestmark = pytest.mark.slow
 
 
@@ -62,11 +67,15 @@ def repo(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def first_run(repo) -> str:
-    return dvc(repo, "repro", "tokenise")
+    return dvc(repo, "repro")
+
+
+def params_of(repo: Path) -> dict:
+    return yaml.safe_load((repo / "params.yaml").read_text())
 
 
 def test_data_stages_build(repo, first_run):
-    assert ran(first_run) == DATA_STAGES
+    assert ran(first_run) == STAGES
     for split in ("mono_train", "mono_valid", "mono_test",
                   "parallel_train", "parallel_valid", "parallel_test"):
         assert (repo / "data/clean" / f"{split}.parquet").is_file()
@@ -95,7 +104,7 @@ def test_stages_are_nested_runs_of_one_pipeline_run(repo, first_run):
     parent = parents[0]
     assert parent.info.status == "FINISHED"
     stages = client.search_runs([exp.experiment_id], "tags.`lmops.kind` = 'stage'")
-    assert sorted(r.data.tags["lmops.stage"] for r in stages) == sorted(DATA_STAGES)
+    assert sorted(r.data.tags["lmops.stage"] for r in stages) == sorted(STAGES)
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True,
                             text=True, check=True).stdout.strip()
     for run in stages:
@@ -112,17 +121,158 @@ def test_stages_are_nested_runs_of_one_pipeline_run(repo, first_run):
 
 
 def test_second_repro_does_nothing(repo, first_run):
-    out = dvc(repo, "repro", "tokenise")
+    out = dvc(repo, "repro")
     assert ran(out) == []
     assert "up to date" in out or "didn't change" in out
     assert "changed" not in dvc(repo, "status")
 
 
 def test_one_param_reruns_only_what_reads_it(repo, first_run):
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["vocab"]["vocab_size"] += 8
+    params = params_of(repo)
+    params["evaluate"]["n_samples"] += 1
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    out = dvc(repo, "repro", "tokenise")
-    assert ran(out) == ["vocab", "tokenise"]
-    meta = json.loads((repo / "data/vocab/meta.json").read_text())
-    assert meta["vocab_size"] == params["vocab"]["vocab_size"]
+    assert ran(dvc(repo, "repro")) == ["evaluate"]
+    samples = (repo / "data/evaluate/samples.jsonl").read_text().splitlines()
+    assert len(samples) == params["evaluate"]["n_samples"]
+
+
+def test_a_rerun_with_the_same_output_stops_the_cascade(repo, first_run):
+    """tokenise reruns for a new batch size, writes the same bytes; nothing after it reruns."""
+    params = params_of(repo)
+    params["tokenise"]["batch_size"] = 77
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert ran(dvc(repo, "repro")) == ["tokenise"]
+
+
+# ------------------------------------------------------------------ model stages
+
+
+def test_model_stages_learn_and_report(repo, first_run):
+    params = params_of(repo)
+    vocab_size = params["vocab"]["vocab_size"]
+    pre = json.loads((repo / "data/metrics/pretrain.json").read_text())
+    assert pre["steps"] == params["pretrain"]["max_steps"]
+    assert pre["tokens_seen"] == pre["steps"] * params["pretrain"]["batch_size"] * (
+        params["model"]["block_size"])
+    # learning: well below the loss of a uniform guess over the vocabulary
+    assert pre["valid_loss"] < math.log(vocab_size) - 0.5
+    curve = pd.read_csv(repo / "data/plots/pretrain.csv")
+    assert curve["step"].max() == pre["steps"]
+    assert curve["train_loss"].dropna().iloc[-1] < curve["train_loss"].dropna().iloc[0]
+
+    fine = json.loads((repo / "data/metrics/finetune.json").read_text())
+    assert fine["best_step"] in range(1, fine["steps"] + 1)
+    assert fine["best_valid_bleu"] == max(
+        pd.read_csv(repo / "data/plots/finetune.csv")["valid_bleu"].dropna())
+
+    ev = json.loads((repo / "data/metrics/evaluate.json").read_text())
+    assert ev["test_pairs"] == params["evaluate"]["max_test_pairs"]
+    assert 0 <= ev["bleu"] <= 100 and 0 <= ev["chrf"] <= 100
+    assert ev["bleu_signature"].startswith("nrefs:1|")
+    for lang in ("en", "fr"):
+        assert 1 < ev[f"ppl_{lang}"] < vocab_size
+        assert ev[f"ppl_{lang}"] == pytest.approx(math.exp(ev[f"nll_{lang}"]))
+        assert ev[f"bpb_{lang}"] == pytest.approx(
+            ev[f"nll_{lang}"] * ev[f"tokens_{lang}"] / math.log(2) / ev[f"bytes_{lang}"])
+    table = pd.read_csv(repo / "data/evaluate/translations.tsv", sep="\t")
+    assert len(table) == ev["test_pairs"]
+    assert list(table.columns) == ["source", "reference", "hypothesis"]
+
+    shown = json.loads(subprocess.run(["dvc", "metrics", "show", "--json"], cwd=repo,
+                                      env=_env(repo), capture_output=True, text=True,
+                                      check=True).stdout)
+    files = next(iter(shown.values()))["data"]
+    assert files["data/metrics/evaluate.json"]["data"]["bleu"] == ev["bleu"]
+    assert files["data/metrics/pretrain.json"]["data"]["valid_loss"] == pre["valid_loss"]
+    plots = dvc(repo, "plots", "show", "-o", str(repo / "plots-html"))
+    assert (repo / "plots-html" / "index.html").is_file(), plots
+
+
+def test_model_stage_runs_hold_curves_weights_and_samples(repo, first_run):
+    client = MlflowClient(f"sqlite:///{repo}/mlruns/mlflow.db")
+    exp = client.get_experiment_by_name("lmops")
+    runs = {r.data.tags["lmops.stage"]: r for r in client.search_runs(
+        [exp.experiment_id], "tags.`lmops.kind` = 'stage' and attributes.status = 'FINISHED'")}
+    pre = runs["pretrain"]
+    history = client.get_metric_history(pre.info.run_id, "pretrain/train_loss")
+    assert len(history) == params_of(repo)["pretrain"]["max_steps"] // params_of(repo)[
+        "pretrain"]["log_interval"]
+    assert pre.data.params["pretrain.model.n_layer"] == str(params_of(repo)["model"]["n_layer"])
+    names = {a.path for a in client.list_artifacts(pre.info.run_id)}
+    assert "pretrain_loss_curves.png" in names
+    assert {a.path for a in client.list_artifacts(pre.info.run_id, "model")} >= {
+        "model/model.safetensors", "model/config.json", "model/manifest.json"}
+    ev = runs["evaluate"]
+    assert ev.data.metrics["evaluate/bleu"] == json.loads(
+        (repo / "data/metrics/evaluate.json").read_text())["bleu"]
+    assert ev.data.tags["evaluate.bleu_signature"].startswith("nrefs:1|")
+    assert "evaluate/samples.json" in {a.path for a in client.list_artifacts(
+        ev.info.run_id, "evaluate")}
+
+
+def test_killed_pretrain_resumes_to_the_same_weights(repo, first_run):
+    """kill -9 mid-run, then `dvc repro`: it resumes from the checkpoint, bit for bit."""
+    weights = repo / "data/models/pretrain/model.safetensors"
+    uninterrupted = weights.read_bytes()
+    ckpt = repo / "data/train/pretrain/ckpt"
+    shutil.rmtree(ckpt.parent)
+    proc = subprocess.Popen(["dvc", "repro", "--force", "--single-item", "pretrain"], cwd=repo,
+                            env=_env(repo), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not list(ckpt.glob("step-*")) and proc.poll() is None:
+            assert time.monotonic() < deadline, "no checkpoint within 300 s"
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    first = sorted(ckpt.glob("step-*"))
+    assert first, "pretrain finished before it could be killed"
+    killed_at = int(first[-1].name.split("-")[1])
+    assert killed_at < params_of(repo)["pretrain"]["max_steps"]
+    assert not weights.exists()  # dvc removed the old output; none was half-written
+
+    out = dvc(repo, "repro", "pretrain")
+    assert "pretrain" in ran(out)
+    metrics = json.loads((repo / "data/metrics/pretrain.json").read_text())
+    assert metrics["resumed_from"] >= killed_at > 0
+    assert weights.read_bytes() == uninterrupted
+
+
+def _stage(repo: Path, script: str, params: dict, *args: str) -> subprocess.CompletedProcess:
+    (repo / "params.bad.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return subprocess.run([sys.executable, f"stages/{script}.py", "--params",
+                           "params.bad.yaml", *args], cwd=repo, env=_env(repo),
+                          capture_output=True, text=True, timeout=300)
+
+
+def _last_run(repo: Path, stage: str):
+    client = MlflowClient(f"sqlite:///{repo}/mlruns/mlflow.db")
+    exp = client.get_experiment_by_name("lmops")
+    return client.search_runs([exp.experiment_id], f"tags.`lmops.stage` = '{stage}'",
+                              order_by=["attributes.start_time DESC"], max_results=1)[0]
+
+
+def test_a_diverging_loss_stops_pretrain_with_the_step(repo, first_run):
+    params = params_of(repo)
+    params["pretrain"]["max_loss"] = 1.0  # below the first loss: diverged at step 1
+    out = _stage(repo, "pretrain", params, "--tokens", "data/tokens", "--vocab", "data/vocab",
+                 "--work", "scratch/work", "--out", "scratch/model",
+                 "--metrics", "scratch/m.json", "--curve", "scratch/c.csv")
+    assert out.returncode == 1, out.stderr
+    assert "loss diverged at step 1" in out.stderr and "max_loss 1.0" in out.stderr
+    assert not (repo / "scratch/model").exists() and not (repo / "scratch/m.json").exists()
+    run = _last_run(repo, "pretrain")
+    assert run.info.status == "FAILED"
+    assert "loss diverged at step 1" in run.data.tags["lmops.error"]
+
+
+def test_a_missing_pretrained_model_is_named(repo, first_run):
+    out = _stage(repo, "finetune", params_of(repo), "--tokens", "data/tokens",
+                 "--vocab", "data/vocab", "--init", "data/models/nothing-here",
+                 "--work", "scratch/fw", "--out", "scratch/fm", "--metrics", "scratch/f.json",
+                 "--curve", "scratch/f.csv")
+    assert out.returncode == 1
+    assert "lmops finetune: error: data/models/nothing-here: not found" in out.stderr
+    assert _last_run(repo, "finetune").info.status == "FAILED"

@@ -252,8 +252,11 @@ class TrainConfig(_Section):
 
 
 class FinetuneConfig(TrainConfig):
-    bleu_interval: int = Field(default=200, ge=1, description="Steps between validation BLEU.")
-    bleu_samples: int = Field(default=64, ge=1, description="Validation pairs scored for BLEU.")
+    """Fine-tuning; each evaluation (every eval_interval steps) also scores validation BLEU."""
+
+    bleu_samples: int = Field(
+        default=64, ge=1, description="Validation pairs translated (greedy) for BLEU."
+    )
 
 
 class DecodeConfig(_Section):
@@ -270,6 +273,10 @@ class EvaluateConfig(_Section):
     )
     n_samples: int = Field(default=20, ge=0, description="Sample translations to show.")
     ppl_batch_size: int = Field(default=16, ge=1, description="Sequences per perplexity batch.")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        default="auto", description="auto: bf16 autocast where supported (cuda, cpu), else fp32."
+    )
+    device: Literal["auto", "cpu", "cuda", "mps"] = Field(default="auto", description="Device.")
 
 
 # ----------------------------------------------------------------- the file

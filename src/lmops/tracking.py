@@ -29,6 +29,9 @@ from typing import Any
 import psutil
 import yaml
 
+from lmops.config import flatten
+from lmops.errors import DataError
+
 EXPERIMENT_ENV = "MLFLOW_EXPERIMENT_NAME"
 PARENT_ENV = "LMOPS_PARENT_RUN_ID"
 DEFAULT_EXPERIMENT = "lmops"
@@ -140,15 +143,24 @@ def _find_or_create_parent(client: Any, experiment_id: str) -> str:
     return run.info.run_id
 
 
+def is_worker_rank() -> bool:
+    """True in a torchrun process other than rank 0: it trains but never tracks."""
+    return int(os.environ.get("RANK", "0")) != 0
+
+
 @contextlib.contextmanager
 def stage_run(stage: str, params: dict[str, Any] | None = None) -> Iterator[Any]:
     """Run a stage inside a nested MLflow run; failures are recorded, never left RUNNING.
 
     ``params`` are logged flattened with the stage name as prefix (``vocab.vocab_size``).
+    Under torchrun only rank 0 opens a run; the other ranks get ``None``.
     """
     import mlflow
     from mlflow.tracking import MlflowClient
 
+    if is_worker_rank():
+        yield None
+        return
     experiment_id = setup()
     client = MlflowClient()
     parent_id = _find_or_create_parent(client, experiment_id)
@@ -212,7 +224,11 @@ def log_data_input(path: str | Path, name: str, context: str = "input") -> str:
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
 
+    if not Path(path).exists():
+        raise DataError(f"{path}: not found (run the stage that writes it: dvc repro)")
     digest = dvc_md5(path) or file_digest(path)
+    if mlflow.active_run() is None:
+        return digest
     with warnings.catch_warnings():
         # MLflow registers its local-file source twice and warns that the URI is ambiguous.
         warnings.simplefilter("ignore", UserWarning)
@@ -220,3 +236,28 @@ def log_data_input(path: str | Path, name: str, context: str = "input") -> str:
     mlflow.log_input(MetaDataset(source=source, name=name, digest=digest), context=context)
     mlflow.set_tag(f"data.{name}.md5", digest)
     return digest
+
+
+def log_stage_outputs(stage: str, metrics: dict[str, Any], model_dir: str | Path | None = None,
+                      files: tuple[str | Path, ...] = ()) -> None:
+    """Numeric metrics as ``<stage>/<name>``, string ones as tags, a model dir and files as
+    artifacts, to the active stage run (nothing without one, e.g. on a torchrun worker)."""
+    import mlflow
+
+    run = mlflow.active_run()
+    if run is None:
+        return
+    # a metric the training loop logged step by step keeps its history, not an extra point
+    logged = mlflow.get_run(run.info.run_id).data.metrics
+    flat = {k: v for k, v in flatten(metrics).items() if v is not None}
+    mlflow.log_metrics({f"{stage}/{k}": float(v) for k, v in flat.items()
+                        if isinstance(v, int | float) and not isinstance(v, bool)
+                        and f"{stage}/{k}" not in logged})
+    for k, v in flat.items():
+        if isinstance(v, str):
+            mlflow.set_tag(f"{stage}.{k}", v[:5000])
+    if model_dir is not None:
+        mlflow.log_artifacts(str(model_dir), artifact_path="model")
+    for f in files:
+        mlflow.log_artifact(str(f))
+

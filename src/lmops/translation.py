@@ -1,0 +1,166 @@
+"""Translation as conditional generation, shared by finetune, evaluate and later stages.
+
+A pair is one sequence ``<2tgt> source <sep> target </s>``: the target-language tag says
+which way to translate, ``<sep>`` ends the source. Fine-tuning scores only the target
+tokens and ``</s>``; decoding feeds ``<2tgt> source <sep>`` and reads up to ``</s>``.
+
+A trained model travels as a *model directory* (:func:`save_model`): a checkpoint (see
+:mod:`lmops.checkpoint`: safetensors, JSON, sha256 manifest) whose ``config.json`` holds the
+model shape and vocabulary size, so :func:`load_model` rebuilds it without unpickling.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from lmops import checkpoint
+from lmops.config import DecodeConfig, ModelConfig
+from lmops.errors import DataError, LmopsError
+from lmops.model import Transformer
+from lmops.train import IGNORE_INDEX, BatchFn
+from lmops.vocab import Tokenizer
+
+PAD_MULTIPLE = 16  # batches are padded to a multiple of this: fewer shapes, no waste to speak of
+
+
+# ------------------------------------------------------------------ model dirs
+
+
+def save_model(model: Transformer, path: str | Path, meta: dict[str, Any] | None = None) -> Path:
+    """Write ``model`` as a model directory at ``path`` (atomically; replaces an old one)."""
+    config = {"model": model.cfg.model_dump(), "vocab_size": model.vocab_size, **(meta or {})}
+    return checkpoint.save_weights(model, path, config)
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Transformer, dict]:
+    """Rebuild the model of a model directory (checksums verified) and its config."""
+    path = Path(path)
+    if not (path / checkpoint.CONFIG).is_file():
+        raise checkpoint.CheckpointError(
+            f"{path}: no model here ({checkpoint.CONFIG} missing); run the stage that writes it")
+    config = checkpoint.read_config(path)
+    try:
+        model = Transformer(ModelConfig(**config["model"]), int(config["vocab_size"]))
+    except (KeyError, TypeError, ValueError) as err:
+        raise checkpoint.CheckpointError(f"{path / checkpoint.CONFIG}: not a model config "
+                                         f"({err})") from None
+    checkpoint.load_weights(model, path)
+    return model.to(device).eval(), config
+
+
+def check_vocab(model: Transformer, tok: Tokenizer, where: str | Path) -> None:
+    if model.vocab_size != tok.vocab_size:
+        raise LmopsError(f"{where}: model has {model.vocab_size} token embeddings but the "
+                         f"vocabulary has {tok.vocab_size}; rebuild it with this vocabulary")
+
+
+# -------------------------------------------------------------------- training
+
+
+def max_source_tokens(block_size: int) -> int:
+    """Longest source kept: half the context, less the tag and ``<sep>``."""
+    return max(1, block_size // 2 - 2)
+
+
+def prompt(tok: Tokenizer, src_ids: Sequence[int], tgt_lang: str, block_size: int) -> list[int]:
+    """``<2tgt> source <sep>``, the source cut to :func:`max_source_tokens`."""
+    return [tok.lang_id(tgt_lang), *list(src_ids)[: max_source_tokens(block_size)], tok.sep_id]
+
+
+def example(tok: Tokenizer, src_ids: Sequence[int], tgt_ids: Sequence[int], tgt_lang: str,
+            block_size: int) -> tuple[list[int], list[int]]:
+    """Inputs and targets of one pair; targets are IGNORE_INDEX over the prompt."""
+    head = prompt(tok, src_ids, tgt_lang, block_size)
+    seq = (head + list(tgt_ids) + [tok.eos_id])[: block_size + 1]
+    targets = [IGNORE_INDEX] * (len(head) - 1) + seq[len(head):]
+    return seq[:-1], targets
+
+
+def collate(rows: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[Tensor, Tensor]:
+    """Right-pad to a common length (a multiple of PAD_MULTIPLE); padding is not scored."""
+    longest = max(len(x) for x, _ in rows)
+    width = PAD_MULTIPLE * math.ceil(longest / PAD_MULTIPLE)
+    inputs = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    targets = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    for i, (x, y) in enumerate(rows):
+        inputs[i, : len(x)] = torch.tensor(x)
+        targets[i, : len(y)] = torch.tensor(y)
+    return inputs, targets
+
+
+def read_pairs(path: str | Path) -> pd.DataFrame:
+    """A tokenise stage ``parallel_*.parquet``: src, tgt, src_ids, tgt_ids."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: not found (run the tokenise stage)")
+    df = pd.read_parquet(path)
+    missing = {"src", "tgt", "src_ids", "tgt_ids"} - set(df.columns)
+    if missing:
+        raise DataError(f"{path}: missing columns {sorted(missing)}; rerun the tokenise stage")
+    if df.empty:
+        raise DataError(f"{path}: no pairs")
+    return df.reset_index(drop=True)
+
+
+def pair_batches(pairs: pd.DataFrame, tok: Tokenizer, tgt_lang: str, block_size: int,
+                 seed: int) -> BatchFn:
+    """``get_batch`` for fine-tuning: random pairs, drawn from ``(seed, step)`` alone."""
+    examples = [example(tok, s, t, tgt_lang, block_size)
+                for s, t in zip(pairs["src_ids"], pairs["tgt_ids"], strict=True)]
+
+    def get_batch(step: int, size: int) -> tuple[Tensor, Tensor]:
+        rows = np.random.default_rng([seed % 2**64, step]).integers(0, len(examples), size=size)
+        return collate([examples[i] for i in rows], tok.pad_id)
+
+    return get_batch
+
+
+def fixed_batches(pairs: pd.DataFrame, tok: Tokenizer, tgt_lang: str, block_size: int,
+                  batch_size: int, n_batches: int) -> list[tuple[Tensor, Tensor]]:
+    """The first ``n_batches * batch_size`` pairs in order: the same validation set each time."""
+    head = pairs.iloc[: n_batches * batch_size]
+    rows = [example(tok, s, t, tgt_lang, block_size)
+            for s, t in zip(head["src_ids"], head["tgt_ids"], strict=True)]
+    return [collate(rows[i : i + batch_size], tok.pad_id) for i in range(0, len(rows), batch_size)]
+
+
+# -------------------------------------------------------------------- decoding
+
+
+def translate_ids(model: Transformer, tok: Tokenizer, sources: Sequence[Sequence[int]],
+                  tgt_lang: str, cfg: DecodeConfig, progress: bool = False,
+                  desc: str = "translate") -> list[str]:
+    """Translate tokenised sources; batches hold similar lengths (less padding)."""
+    prompts = [prompt(tok, s, tgt_lang, model.cfg.block_size) for s in sources]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    out: list[str] = [""] * len(prompts)
+    bar = tqdm(total=len(prompts), desc=desc, unit=" sent", disable=not progress)
+    with bar, torch.inference_mode():
+        for lo in range(0, len(order), cfg.batch_size):
+            idx = order[lo : lo + cfg.batch_size]
+            batch = [prompts[i] for i in idx]
+            if cfg.beam_size == 1:
+                ids = model.generate_greedy(batch, cfg.max_new_tokens, tok.eos_id, tok.pad_id)
+            else:
+                ids = model.generate_beam(batch, cfg.max_new_tokens, tok.eos_id, tok.pad_id,
+                                          beam_size=cfg.beam_size,
+                                          length_penalty=cfg.length_penalty)
+            for i, text in zip(idx, tok.decode(ids), strict=True):
+                out[i] = text
+            bar.update(len(idx))
+    return out
+
+
+def translate(model: Transformer, tok: Tokenizer, texts: Sequence[str], tgt_lang: str,
+              cfg: DecodeConfig, progress: bool = False) -> list[str]:
+    """Translate plain sentences into ``tgt_lang``."""
+    return translate_ids(model, tok, tok.encode(list(texts)), tgt_lang, cfg, progress)
