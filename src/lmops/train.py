@@ -49,7 +49,6 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
@@ -101,7 +100,8 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> 
     ]
     return torch.optim.AdamW(
         [g for g in groups if g["params"]], lr=lr_at(1, cfg), betas=(cfg.beta1, cfg.beta2),
-        fused=True if device.type == "cuda" else None,
+        # the fused kernel (cuda and cpu) does the whole update in one pass over each tensor
+        fused=True if device.type in ("cuda", "cpu") else None,
     )
 
 
@@ -160,12 +160,52 @@ def window_batches(tokens: np.ndarray, block_size: int, seed: int,
     return get_batch
 
 
+_CE_CHUNK = 256  # rows of logits upcast to fp32 at a time: 8 MB at vocab 8000
+
+
+class _ChunkedCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of logits [N, V] (any float dtype) computed in fp32 row chunks.
+
+    Equal to ``F.cross_entropy(logits.float(), target, ignore_index=-100)`` to fp32
+    rounding, gradient included, without materialising an fp32 copy of all the logits,
+    their log-softmax and its gradient: under bf16 autocast on the CPU that memory traffic
+    cost more than the model's attention. The backward recomputes the softmax chunk by
+    chunk and writes the gradient straight into the logits' dtype.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, logits: Tensor, target: Tensor) -> Tensor:
+        valid = target != IGNORE_INDEX
+        safe = target.masked_fill(~valid, 0)
+        count = valid.sum()
+        lse = torch.cat([logits[i : i + _CE_CHUNK].float().logsumexp(-1)
+                         for i in range(0, logits.shape[0], _CE_CHUNK)])
+        picked = logits.gather(1, safe.unsqueeze(1)).squeeze(1).float()
+        ctx.save_for_backward(logits, safe, valid, count)
+        return ((lse - picked) * valid).sum() / count
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor, None]:
+        logits, safe, valid, count = ctx.saved_tensors
+        scale = (grad_out / count) * valid  # [N]: 0 on skipped rows
+        grad = torch.empty_like(logits)
+        for i in range(0, logits.shape[0], _CE_CHUNK):
+            rows = slice(i, i + _CE_CHUNK)
+            p = logits[rows].float().softmax(-1)
+            p.scatter_add_(1, safe[rows].unsqueeze(1),
+                           p.new_full((p.shape[0], 1), -1.0))  # softmax - one_hot(target)
+            grad[rows] = p.mul_(scale[rows].unsqueeze(1))
+        return grad, None
+
+
 def lm_loss(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
-    """Next-token cross-entropy of ``(inputs, targets)``; targets equal to -100 are skipped."""
+    """Next-token cross-entropy of ``(inputs, targets)``; targets equal to -100 are skipped.
+
+    Computed in fp32 whatever the logits' dtype (see :class:`_ChunkedCrossEntropy`).
+    """
     inputs, targets = batch
     logits = model(inputs)
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(),
-                           ignore_index=IGNORE_INDEX)
+    return _ChunkedCrossEntropy.apply(logits.flatten(0, 1), targets.flatten())
 
 
 def _map(batch: Batch, fn: Callable[[Tensor], Tensor]) -> Batch:
