@@ -279,6 +279,96 @@ class EvaluateConfig(_Section):
     device: Literal["auto", "cpu", "cuda", "mps"] = Field(default="auto", description="Device.")
 
 
+def _student_model() -> ModelConfig:
+    # 3 x 128: 31% of the default 4 x 256 teacher's parameters (vocab 8000, tied embedding)
+    return ModelConfig(n_layer=3, n_embd=128, n_head=2)
+
+
+class DistilConfig(TrainConfig):
+    """Knowledge distillation of the fine-tuned teacher into a smaller student.
+
+    ``word``: the loss is ``(1 - alpha) * CE + alpha * T^2 * KL(teacher_T || student_T)`` on
+    the target tokens, both distributions softened by the temperature T. ``sequence``: plain
+    cross-entropy on the teacher's beam-search translations of the training sources.
+    Each evaluation scores validation BLEU (greedy); the best-BLEU weights are kept.
+    """
+
+    model: ModelConfig = Field(
+        default_factory=_student_model,
+        description="Student size (like `model`); block_size must equal the teacher's.",
+    )
+    method: Literal["word", "sequence"] = Field(
+        default="word", description="word: KL to the teacher's soft targets mixed with CE; "
+        "sequence: CE on the teacher's beam-search translations.",
+    )
+    alpha: float = Field(
+        default=0.5, ge=0, le=1,
+        description="word: weight of the KL term; 1 - alpha weighs the cross-entropy.",
+    )
+    temperature: float = Field(
+        default=2.0, gt=0, description="word: softmax temperature of teacher and student.",
+    )
+    init: Literal["scratch", "teacher_layers"] = Field(
+        default="scratch", description="scratch: random weights; teacher_layers: a copy of "
+        "the teacher keeping keep_layers (needs the teacher's width and heads).",
+    )
+    keep_layers: list[int] | None = Field(
+        default=None, description="teacher_layers: teacher block indices to keep, in order "
+        "(None: model.n_layer evenly spaced ones, first and last included).",
+    )
+    sequence_decode: DecodeConfig = Field(
+        default_factory=DecodeConfig,
+        description="sequence: how the teacher translates the training sources.",
+    )
+    sequence_max_pairs: int | None = Field(
+        default=2000, gt=0,
+        description="sequence: training pairs the teacher translates (None = all of them).",
+    )
+    bleu_samples: int = Field(
+        default=64, ge=1, description="Validation pairs translated (greedy) for BLEU.",
+    )
+
+    @model_validator(mode="after")
+    def _layers(self) -> DistilConfig:
+        if self.keep_layers is not None:
+            if len(self.keep_layers) != self.model.n_layer:
+                raise ValueError(f"distil.keep_layers has {len(self.keep_layers)} entries, "
+                                 f"distil.model.n_layer is {self.model.n_layer}")
+            if len(set(self.keep_layers)) != len(self.keep_layers) or min(self.keep_layers) < 0:
+                raise ValueError("distil.keep_layers must be distinct non-negative indices")
+        return self
+
+
+class QuantiseConfig(_Section):
+    """int8 post-training quantisation for CPU inference, and the speed measurements."""
+
+    onnx: bool = Field(
+        default=True,
+        description="Also export to ONNX, quantise with onnxruntime and measure that.",
+    )
+    teacher: bool = Field(
+        default=True, description="Quantise and score the teacher too, for comparison.",
+    )
+    speed_sentences: int = Field(
+        default=64, ge=1, description="Test sources decoded (greedy) to time each variant.",
+    )
+    speed_batch_sizes: list[int] = Field(
+        default_factory=lambda: [1, 16], description="Batch sizes timed.",
+    )
+    speed_rounds: int = Field(
+        default=1, ge=1, description="Timing rounds, variants interleaved; the median counts.",
+    )
+    num_threads: int = Field(
+        default=0, ge=0, description="torch and onnxruntime CPU threads (0 = default).",
+    )
+
+    @model_validator(mode="after")
+    def _batches(self) -> QuantiseConfig:
+        if not self.speed_batch_sizes or min(self.speed_batch_sizes) < 1:
+            raise ValueError("quantise.speed_batch_sizes: one or more positive batch sizes")
+        return self
+
+
 # ----------------------------------------------------------------- the file
 
 
@@ -294,6 +384,8 @@ class Params(_Section):
     pretrain: TrainConfig = Field(default_factory=TrainConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    distil: DistilConfig = Field(default_factory=DistilConfig)
+    quantise: QuantiseConfig = Field(default_factory=QuantiseConfig)
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 

@@ -1,0 +1,312 @@
+"""The ``distil`` stage: a smaller student learns to translate from the fine-tuned teacher.
+
+Two methods (``distil.method``):
+
+``word``
+    Word-level knowledge distillation (Hinton et al. 2015; Kim & Rush 2016): on every target
+    token the student matches the teacher's temperature-softened distribution,
+    ``loss = (1 - alpha) * CE(student, reference) + alpha * T^2 * KL(teacher_T || student_T)``.
+    The T^2 keeps the KL term's gradients on the scale of the CE term's as T changes. Like
+    finetune's loss, only the target tokens (and ``</s>``) are scored, never the prompt.
+``sequence``
+    Sequence-level distillation (Kim & Rush 2016): the teacher translates the training
+    sources once with beam search; the student learns those translations with plain
+    cross-entropy. The translations are cached in the stage's work directory under a
+    digest of everything that shapes them, so a resumed or repeated run reuses them.
+
+The student starts from random weights or as a copy of the teacher that keeps some of its
+layers (``distil.init``). Training goes through the shared loop (:func:`lmops.train.fit`:
+resume, checkpoints, divergence guard, curves); as in finetune, each evaluation scores the
+validation BLEU of greedy translations and the best-BLEU weights are the stage's output.
+The student is then scored by the same :func:`lmops.evaluate.evaluate_model` as the
+teacher, on the same test pairs, and compared with the teacher's figures.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import sacrebleu
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lmops.checkpoint import CheckpointError, load_weights
+from lmops.config import DecodeConfig, ModelConfig, Params
+from lmops.errors import LmopsError
+from lmops.evaluate import evaluate_model
+from lmops.io import atomic_output, read_json
+from lmops.model import Transformer
+from lmops.pretrain import mean_loss, summary
+from lmops.tracking import file_digest
+from lmops.train import IGNORE_INDEX, DistEnv, LossFn, fit, lm_loss, seed_everything
+from lmops.translation import (
+    check_vocab,
+    fixed_batches,
+    load_model,
+    pair_batches,
+    read_pairs,
+    save_model,
+    translate_ids,
+)
+from lmops.vocab import Tokenizer
+
+log = logging.getLogger(__name__)
+
+SELECT_METRIC = "valid_bleu"
+N_SAMPLES = 20  # sample translations kept (MLflow table); evaluate.n_samples is evaluate's
+SEQKD_PREFIX = "seqkd-"
+
+
+class DistilError(LmopsError):
+    """The teacher or the student configuration cannot be used for distillation."""
+
+
+# ------------------------------------------------------------------- the loss
+
+
+def distil_terms(student_logits: Tensor, teacher_logits: Tensor, targets: Tensor,
+                 temperature: float) -> tuple[Tensor, Tensor]:
+    """Mean cross-entropy and mean KL(teacher_T || student_T) over the target tokens.
+
+    Logits are [..., V], targets [...]; positions whose target is IGNORE_INDEX (the prompt,
+    padding) count in neither term. Both are computed in fp32 whatever the logits' dtype.
+    """
+    keep = targets != IGNORE_INDEX
+    s = student_logits[keep].float()
+    t = teacher_logits[keep].float()
+    ce = F.cross_entropy(s, targets[keep])
+    kl = F.kl_div(F.log_softmax(s / temperature, dim=-1),
+                  F.log_softmax(t / temperature, dim=-1),
+                  log_target=True, reduction="batchmean")
+    return ce, kl
+
+
+def distil_loss(student_logits: Tensor, teacher_logits: Tensor, targets: Tensor,
+                alpha: float, temperature: float) -> Tensor:
+    """``(1 - alpha) * CE + alpha * T^2 * KL`` on the target tokens (see the module doc)."""
+    ce, kl = distil_terms(student_logits, teacher_logits, targets, temperature)
+    return (1 - alpha) * ce + alpha * temperature ** 2 * kl
+
+
+def word_loss(teacher: Transformer, alpha: float, temperature: float) -> LossFn:
+    """``loss_fn`` for :func:`lmops.train.fit`: the teacher scores each batch, frozen."""
+    teacher.eval().requires_grad_(False)
+
+    def loss_fn(model: torch.nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
+        inputs, targets = batch
+        if teacher.device != inputs.device:
+            teacher.to(inputs.device)
+        with torch.no_grad():
+            teacher_logits = teacher(inputs)
+        return distil_loss(model(inputs), teacher_logits, targets, alpha, temperature)
+
+    return loss_fn
+
+
+# ------------------------------------------------------------------ the student
+
+
+def default_keep_layers(n_teacher: int, n_student: int) -> list[int]:
+    """``n_student`` evenly spaced teacher layers, the first and the last included."""
+    if n_student == 1:
+        return [0]
+    return [round(i * (n_teacher - 1) / (n_student - 1)) for i in range(n_student)]
+
+
+def student_from_teacher(teacher: Transformer, cfg: ModelConfig,
+                         keep: list[int] | None = None) -> Transformer:
+    """A copy of ``teacher`` with only the blocks ``keep`` (in that order); the rest as is.
+
+    The embedding (tied to the output head) and the final norm are copied; ``cfg`` must
+    describe the teacher's blocks except for their number.
+    """
+    t = teacher.cfg
+    for key in ("n_embd", "n_head", "mlp_ratio", "rope_theta", "block_size"):
+        if getattr(cfg, key) != getattr(t, key):
+            raise DistilError(f"distil.init teacher_layers: distil.model.{key} is "
+                              f"{getattr(cfg, key)}, the teacher's is {getattr(t, key)}; "
+                              "a layer-dropped copy keeps the teacher's shape")
+    keep = default_keep_layers(t.n_layer, cfg.n_layer) if keep is None else list(keep)
+    if len(keep) != cfg.n_layer:
+        raise DistilError(f"distil.keep_layers has {len(keep)} entries for "
+                          f"{cfg.n_layer} student layers")
+    bad = [i for i in keep if not 0 <= i < t.n_layer]
+    if bad:
+        raise DistilError(f"distil.keep_layers: {bad} out of range, the teacher has "
+                          f"{t.n_layer} layers (0..{t.n_layer - 1})")
+    student = Transformer(cfg, teacher.vocab_size)
+    state = {}
+    for name, value in teacher.state_dict().items():
+        if name.startswith("blocks."):
+            _, index, rest = name.split(".", 2)
+            if int(index) not in keep:
+                continue
+            name = f"blocks.{keep.index(int(index))}.{rest}"
+        state[name] = value.detach().clone()
+    student.load_state_dict(state, strict=True)
+    return student
+
+
+def build_student(teacher: Transformer, params: Params) -> Transformer:
+    cfg = params.distil
+    if cfg.model.block_size != teacher.cfg.block_size:
+        raise DistilError(f"distil.model.block_size ({cfg.model.block_size}) must equal the "
+                          f"teacher's ({teacher.cfg.block_size}): both read the same examples")
+    if cfg.init == "teacher_layers":
+        return student_from_teacher(teacher, cfg.model, cfg.keep_layers)
+    return Transformer(cfg.model, teacher.vocab_size)
+
+
+def load_teacher(path: str | Path) -> tuple[Transformer, dict[str, Any]]:
+    path = Path(path)
+    if not path.is_dir():
+        raise DistilError(f"{path}: teacher model not found (run the finetune stage first: "
+                          "dvc repro finetune)")
+    try:
+        return load_model(path)
+    except CheckpointError as err:
+        raise DistilError(f"teacher model: {err}") from None
+
+
+# ------------------------------------------------------- sequence-level data
+
+
+def teacher_translations(teacher: Transformer, tok: Tokenizer, pairs: pd.DataFrame,
+                         tgt_lang: str, decode: DecodeConfig, cache_dir: str | Path,
+                         key: dict[str, Any]) -> pd.DataFrame:
+    """``pairs`` with ``tgt``/``tgt_ids`` replaced by the teacher's translations.
+
+    Cached as ``<cache_dir>/seqkd-<digest>.parquet``, the digest taken over ``key`` (what
+    shapes the translations: teacher weights, data, decoding); a cache with another digest
+    is stale and removed. Pairs the teacher translates to nothing are dropped.
+    """
+    cache_dir = Path(cache_dir)
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    path = cache_dir / f"{SEQKD_PREFIX}{digest}.parquet"
+    if path.is_file():
+        log.info("sequence-level KD: reusing the teacher's translations in %s", path)
+        return pd.read_parquet(path)
+    for stale in cache_dir.glob(f"{SEQKD_PREFIX}*.parquet"):
+        stale.unlink()
+    hyps = translate_ids(teacher, tok, list(pairs["src_ids"]), tgt_lang, decode,
+                         progress=True, desc="teacher translates")
+    out = pd.DataFrame({"src": pairs["src"].to_numpy(), "src_ids": pairs["src_ids"].to_numpy(),
+                        "tgt": hyps, "tgt_ids": tok.encode(hyps)})
+    out = out[out["tgt_ids"].map(len) > 0].reset_index(drop=True)
+    if out.empty:
+        raise DistilError("sequence-level KD: the teacher translated every source to nothing")
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_output(path) as tmp:
+        out.to_parquet(tmp, index=False)
+    return out
+
+
+def sequence_pairs(train: pd.DataFrame, max_pairs: int | None, seed: int) -> pd.DataFrame:
+    """The training pairs the teacher translates: all, or a seeded sample in data order."""
+    if max_pairs is None or max_pairs >= len(train):
+        return train
+    rows = np.sort(np.random.default_rng(seed).choice(len(train), max_pairs, replace=False))
+    return train.iloc[rows].reset_index(drop=True)
+
+
+# ------------------------------------------------------------------ the stage
+
+
+def compare(student: dict[str, Any], teacher: dict[str, Any],
+            student_params: int, teacher_params: int) -> dict[str, Any]:
+    """Teacher-relative figures of the student (same test pairs, same decoding)."""
+    if student["test_pairs"] != teacher.get("test_pairs"):
+        raise DistilError(f"the student was scored on {student['test_pairs']} test pairs, "
+                          f"the teacher on {teacher.get('test_pairs')}: not comparable")
+    out: dict[str, Any] = {
+        "teacher_bleu": teacher["bleu"], "teacher_chrf": teacher["chrf"],
+        "teacher_params": teacher_params, "student_params": student_params,
+        "param_ratio": student_params / teacher_params,
+        "bleu_retained": student["bleu"] / teacher["bleu"] if teacher["bleu"] else None,
+        "chrf_retained": student["chrf"] / teacher["chrf"] if teacher["chrf"] else None,
+    }
+    for key in ("ppl_en", "ppl_fr", "ms_per_sentence"):
+        if key in teacher and key in student and teacher[key]:
+            out[f"{key}_ratio"] = student[key] / teacher[key]
+    return out
+
+
+def distil(tokens_dir: str | Path, vocab_dir: str | Path, clean_dir: str | Path,
+           teacher_dir: str | Path, teacher_metrics: str | Path, work_dir: str | Path,
+           out_model: str | Path, eval_dir: str | Path, params: Params,
+           curve_path: str | Path | None = None) -> tuple[dict[str, Any], pd.DataFrame]:
+    """Train the student (or resume), write its model dir, score it; metrics and samples."""
+    tokens_dir, teacher_dir, work_dir = Path(tokens_dir), Path(teacher_dir), Path(work_dir)
+    cfg, tgt_lang = params.distil, params.clean.target_lang
+    teacher, _ = load_teacher(teacher_dir)
+    if not Path(teacher_metrics).is_file():
+        raise DistilError(f"{teacher_metrics}: the teacher's evaluation metrics are missing "
+                          "(run the evaluate stage first: dvc repro evaluate)")
+    teacher_scores = read_json(teacher_metrics)
+    tok = Tokenizer.load(vocab_dir)
+    check_vocab(teacher, tok, teacher_dir)
+    seed_everything(params.seed)
+    student = build_student(teacher, params)
+    block = student.cfg.block_size
+    train = read_pairs(tokens_dir / "parallel_train.parquet")
+    valid = read_pairs(tokens_dir / "parallel_valid.parquet")
+    valid_batches = fixed_batches(valid, tok, tgt_lang, block, cfg.batch_size, cfg.eval_batches)
+    bleu_pairs = valid.iloc[: cfg.bleu_samples]
+    greedy = DecodeConfig(beam_size=1, max_new_tokens=params.evaluate.decode.max_new_tokens,
+                          batch_size=params.evaluate.decode.batch_size)
+    teacher_digest = file_digest(teacher_dir / "model.safetensors")
+    data_digests = {name: file_digest(tokens_dir / f"{name}.parquet")
+                    for name in ("parallel_train", "parallel_valid")}
+
+    if cfg.method == "word":
+        loss_fn = word_loss(teacher, cfg.alpha, cfg.temperature)
+        train_pairs = train
+    else:
+        key = {"teacher": teacher_digest, "data": data_digests["parallel_train"],
+               "decode": cfg.sequence_decode.model_dump(), "max_pairs": cfg.sequence_max_pairs,
+               "seed": params.seed, "target_lang": tgt_lang}
+        chosen = sequence_pairs(train, cfg.sequence_max_pairs, params.seed)
+        train_pairs = teacher_translations(teacher, tok, chosen, tgt_lang, cfg.sequence_decode,
+                                           work_dir, key)
+        loss_fn = lm_loss
+
+    def evaluate(model: torch.nn.Module, step: int) -> dict[str, float]:
+        hyps = translate_ids(model, tok, list(bleu_pairs["src_ids"]), tgt_lang, greedy)
+        bleu = sacrebleu.corpus_bleu(hyps, [list(bleu_pairs["tgt"])]).score
+        return {"valid_loss": mean_loss(model, valid_batches), SELECT_METRIC: bleu}
+
+    resolved = {
+        "model": student.cfg.model_dump(), "vocab_size": tok.vocab_size,
+        "target_lang": tgt_lang, "bleu_decode": greedy.model_dump(),
+        "teacher": teacher_digest, "data": data_digests,
+    }
+    result = fit(student, pair_batches(train_pairs, tok, tgt_lang, block, params.seed),
+                 loss_fn, cfg, work_dir, seed=params.seed, stage="distil",
+                 resolved_config=resolved, evaluate=evaluate, select_metric=SELECT_METRIC,
+                 select_mode="max", curve_path=curve_path)
+    student = student.cpu()
+    if result.best_checkpoint is not None:
+        load_weights(student, result.best_checkpoint)
+    if not DistEnv.from_env().is_main:
+        return {}, pd.DataFrame()
+    save_model(student, out_model, {"stage": "distil", "method": cfg.method,
+                                    "init": cfg.init, "steps": result.step,
+                                    "best_step": result.best_step,
+                                    SELECT_METRIC: result.best_metric,
+                                    "target_lang": tgt_lang})
+    scores, samples = evaluate_model(student, tok, clean_dir, tokens_dir,
+                                     params.evaluate.model_copy(update={"n_samples": N_SAMPLES}),
+                                     tgt_lang, eval_dir)
+    out = summary(result, student)
+    out.update({"best_step": result.best_step, f"best_{SELECT_METRIC}": result.best_metric,
+                "method": cfg.method, "init": cfg.init, "train_pairs": len(train_pairs)})
+    out.update({k: v for k, v in scores.items() if k not in out})
+    out.update(compare(scores, teacher_scores, student.num_params(), teacher.num_params()))
+    return out, samples

@@ -1,0 +1,185 @@
+"""Knowledge distillation: the loss as defined, layer-dropped students, cached teacher data."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lmops import distil
+from lmops.config import DecodeConfig, ModelConfig
+from lmops.model import Transformer
+from lmops.train import IGNORE_INDEX, lm_loss
+from lmops.translation import save_model
+
+
+def tiny(n_layer: int = 4, n_embd: int = 16, seed: int = 0, vocab: int = 40) -> Transformer:
+    torch.manual_seed(seed)
+    return Transformer(ModelConfig(n_layer=n_layer, n_embd=n_embd, n_head=2, block_size=16),
+                       vocab)
+
+
+def batch(seed: int = 1, vocab: int = 40) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    inputs = torch.randint(7, vocab, (3, 12), generator=g)
+    targets = torch.randint(7, vocab, (3, 12), generator=g)
+    targets[:, :5] = IGNORE_INDEX  # the prompt
+    targets[2, 9:] = IGNORE_INDEX  # padding
+    return inputs, targets
+
+
+def test_without_distillation_weight_the_loss_is_cross_entropy():
+    student, teacher = tiny(seed=0), tiny(seed=1)
+    inputs, targets = batch()
+    loss = distil.word_loss(teacher, alpha=0.0, temperature=3.0)(student, (inputs, targets))
+    torch.testing.assert_close(loss, lm_loss(student, (inputs, targets)))
+    logits = student(inputs)
+    plain = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+    torch.testing.assert_close(loss, plain)
+
+
+def test_kl_is_zero_for_a_student_identical_to_the_teacher():
+    teacher = tiny(seed=3)
+    student = tiny(seed=3)
+    inputs, targets = batch()
+    s, t = student(inputs), teacher(inputs)
+    ce, kl = distil.distil_terms(s, t, targets, temperature=2.0)
+    assert kl.item() == pytest.approx(0.0, abs=1e-6)
+    # all weight on the KL: zero loss, so nothing to learn from a copy of oneself
+    loss = distil.word_loss(teacher, alpha=1.0, temperature=2.0)(student, (inputs, targets))
+    assert loss.item() == pytest.approx(0.0, abs=1e-6)
+    assert ce.item() > 1.0
+
+
+def test_kl_term_by_hand_scaled_by_t_squared_on_target_tokens_only():
+    torch.manual_seed(0)
+    s, t = torch.randn(2, 6, 10), torch.randn(2, 6, 10)
+    targets = torch.tensor([[IGNORE_INDEX] * 3 + [1, 2, 3], [IGNORE_INDEX] * 4 + [4, 5]])
+    temp, alpha = 2.5, 0.3
+    keep = targets != IGNORE_INDEX
+    p = F.softmax(t[keep] / temp, -1)
+    kl = (p * (p.log() - F.log_softmax(s[keep] / temp, -1))).sum(-1).mean()
+    ce = F.cross_entropy(s[keep], targets[keep])
+    loss = distil.distil_loss(s, t, targets, alpha, temp)
+    torch.testing.assert_close(loss, (1 - alpha) * ce + alpha * temp**2 * kl)
+    # logits at prompt and padding positions do not matter
+    s2, t2 = s.clone(), t.clone()
+    s2[~keep], t2[~keep] = 100.0, -100.0
+    torch.testing.assert_close(distil.distil_loss(s2, t2, targets, alpha, temp), loss)
+
+
+def test_word_loss_trains_the_student_not_the_teacher():
+    student, teacher = tiny(n_layer=1, seed=0), tiny(seed=1)
+    before = [p.clone() for p in teacher.parameters()]
+    loss = distil.word_loss(teacher, 0.5, 2.0)(student, batch())
+    loss.backward()
+    assert all(p.grad is None for p in teacher.parameters())
+    assert all(p.grad is not None for p in student.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(before, teacher.parameters(), strict=True))
+
+
+def test_layer_dropped_student_copies_the_chosen_layers():
+    teacher = tiny(n_layer=4)
+    cfg = ModelConfig(n_layer=2, n_embd=16, n_head=2, block_size=16)
+    student = distil.student_from_teacher(teacher, cfg, [0, 3])
+    for mine, theirs in ((0, 0), (1, 3)):
+        a, b = student.blocks[mine].state_dict(), teacher.blocks[theirs].state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in b)
+    assert torch.equal(student.tok_emb.weight, teacher.tok_emb.weight)
+    assert torch.equal(student.norm.weight, teacher.norm.weight)
+    assert student.lm_head.weight is student.tok_emb.weight  # still tied
+    assert student.tok_emb.weight.data_ptr() != teacher.tok_emb.weight.data_ptr()  # a copy
+    # a one-layer student of a one-layer teacher is the teacher
+    one = tiny(n_layer=1, seed=5)
+    same = distil.student_from_teacher(one, one.cfg)
+    x = torch.randint(0, 40, (2, 7))
+    torch.testing.assert_close(same(x), one(x), rtol=0, atol=0)
+
+
+def test_default_layers_are_evenly_spaced():
+    assert distil.default_keep_layers(4, 2) == [0, 3]
+    assert distil.default_keep_layers(6, 3) == [0, 2, 5] or distil.default_keep_layers(
+        6, 3) == [0, 3, 5]
+    assert distil.default_keep_layers(4, 1) == [0]
+    assert distil.default_keep_layers(4, 4) == [0, 1, 2, 3]
+
+
+def test_layer_dropping_needs_the_teachers_width_and_valid_layers():
+    teacher = tiny(n_layer=4)
+    with pytest.raises(distil.DistilError, match=r"distil.model.n_embd is 32, the teacher's is 16"):
+        distil.student_from_teacher(teacher, ModelConfig(n_layer=2, n_embd=32, n_head=2,
+                                                         block_size=16))
+    with pytest.raises(distil.DistilError, match=r"\[7\] out of range, the teacher has 4"):
+        distil.student_from_teacher(teacher, ModelConfig(n_layer=2, n_embd=16, n_head=2,
+                                                         block_size=16), [0, 7])
+
+
+def test_a_missing_or_corrupted_teacher_is_named(tmp_path):
+    with pytest.raises(distil.DistilError, match=f"{tmp_path / 'nope'}: teacher model not found"):
+        distil.load_teacher(tmp_path / "nope")
+    path = save_model(tiny(n_layer=1), tmp_path / "teacher")
+    weights = path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-4])
+    with pytest.raises(distil.DistilError, match=r"teacher/model.safetensors: sha256 does not"):
+        distil.load_teacher(path)
+
+
+class FakeTok:
+    pad_id, eos_id, sep_id, vocab_size = 0, 3, 6, 40
+
+    def lang_id(self, lang: str) -> int:
+        return 5
+
+    def encode(self, texts):
+        return [[7 + int(w) % 30 for w in t.split()] for t in texts]
+
+    def decode(self, ids):
+        return [" ".join(str(i) for i in seq) for seq in ids]
+
+
+def test_teacher_translations_are_generated_once_and_cached(tmp_path, monkeypatch):
+    pairs = pd.DataFrame({"src": [f"s{i}" for i in range(5)],
+                          "src_ids": [[7 + i, 8] for i in range(5)],
+                          "tgt": ["x"] * 5, "tgt_ids": [[9]] * 5})
+    calls = []
+
+    def fake_translate(model, tok, sources, tgt_lang, cfg, **kw):
+        calls.append(len(sources))
+        return ["" if i == 2 else f"{i} {i + 1}" for i in range(len(sources))]
+
+    monkeypatch.setattr(distil, "translate_ids", fake_translate)
+    key = {"teacher": "abc", "decode": DecodeConfig().model_dump()}
+    first = distil.teacher_translations(None, FakeTok(), pairs, "fr", DecodeConfig(),
+                                        tmp_path, key)
+    again = distil.teacher_translations(None, FakeTok(), pairs, "fr", DecodeConfig(),
+                                        tmp_path, key)
+    assert calls == [5]  # the second call read the cache
+    pd.testing.assert_frame_equal(first, again)
+    assert len(first) == 4 and list(first["tgt"]) == ["0 1", "1 2", "3 4", "4 5"]
+    assert [list(x) for x in first["tgt_ids"]] == [[7, 8], [8, 9], [10, 11], [11, 12]]
+    assert list(first["src"]) == ["s0", "s1", "s3", "s4"]
+    # another teacher: new translations, the stale cache is removed
+    distil.teacher_translations(None, FakeTok(), pairs, "fr", DecodeConfig(), tmp_path,
+                                {**key, "teacher": "def"})
+    assert calls == [5, 5]
+    assert len(list(tmp_path.glob("seqkd-*.parquet"))) == 1
+
+
+def test_sequence_pairs_is_a_seeded_sample_in_data_order():
+    train = pd.DataFrame({"src_ids": [[i] for i in range(100)]})
+    a, b = distil.sequence_pairs(train, 10, 3), distil.sequence_pairs(train, 10, 3)
+    assert a.equals(b) and len(a) == 10
+    firsts = [x[0] for x in a["src_ids"]]
+    assert firsts == sorted(firsts)
+    assert distil.sequence_pairs(train, None, 3) is train
+
+
+def test_compare_needs_the_same_test_pairs():
+    student = {"bleu": 9.0, "chrf": 30.0, "test_pairs": 10, "ppl_fr": 20.0}
+    teacher = {"bleu": 10.0, "chrf": 40.0, "test_pairs": 10, "ppl_fr": 10.0}
+    out = distil.compare(student, teacher, 100, 400)
+    assert out["bleu_retained"] == pytest.approx(0.9) and out["param_ratio"] == 0.25
+    assert out["ppl_fr_ratio"] == 2.0
+    with pytest.raises(distil.DistilError, match="not comparable"):
+        distil.compare({**student, "test_pairs": 5}, teacher, 100, 400)
