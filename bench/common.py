@@ -81,8 +81,8 @@ def machine(device: torch.device) -> dict[str, Any]:
 
 
 def matmul_peak(dtype: torch.dtype, device: torch.device, repeats: int = 5,
-                n: int | None = None) -> float:
-    """GFLOP/s of ``torch.matmul`` on large square matrices: median of ``repeats``."""
+                n: int | None = None) -> list[float]:
+    """GFLOP/s of ``torch.matmul`` on large square matrices, one figure per repeat."""
     n = n or (8192 if device.type == "cuda" else 2048)
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
@@ -98,7 +98,7 @@ def matmul_peak(dtype: torch.dtype, device: torch.device, repeats: int = 5,
             torch.matmul(a, b, out=out)
         sync(device)
         rates.append(2 * n**3 * inner / (time.perf_counter() - start) / 1e9)
-    return statistics.median(rates)
+    return rates
 
 
 # ------------------------------------------------------------------- timing
@@ -124,6 +124,12 @@ def interleaved(cases: dict[str, Callable[[], float]], rounds: int,
 
 def median(values: Sequence[float]) -> float:
     return statistics.median(values)
+
+
+def paired_ratio(a: Sequence[float], b: Sequence[float]) -> float:
+    """Median over rounds of a[i] / b[i]: each ratio pairs two runs taken moments apart, so
+    it holds up far better than a ratio of medians when other work shares the machine."""
+    return statistics.median(x / y for x, y in zip(a, b, strict=True))
 
 
 def spread(values: Sequence[float]) -> float:
