@@ -7,8 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lmops import distil
+from lmops import distil, evaluate
 from lmops.config import DecodeConfig, ModelConfig
+from lmops.errors import DataError
 from lmops.model import Transformer
 from lmops.train import IGNORE_INDEX, lm_loss
 from lmops.translation import save_model
@@ -175,11 +176,28 @@ def test_sequence_pairs_is_a_seeded_sample_in_data_order():
     assert distil.sequence_pairs(train, None, 3) is train
 
 
-def test_compare_needs_the_same_test_pairs():
-    student = {"bleu": 9.0, "chrf": 30.0, "test_pairs": 10, "ppl_fr": 20.0}
-    teacher = {"bleu": 10.0, "chrf": 40.0, "test_pairs": 10, "ppl_fr": 10.0}
+def test_compare_needs_the_same_test_pairs_and_scorer():
+    student = {"bleu": 9.0, "chrf": 30.0, "test_pairs": 10, "bleu_signature": "b"}
+    teacher = {"bleu": 10.0, "chrf": 40.0, "test_pairs": 10, "bleu_signature": "b"}
     out = distil.compare(student, teacher, 100, 400)
     assert out["bleu_retained"] == pytest.approx(0.9) and out["param_ratio"] == 0.25
-    assert out["ppl_fr_ratio"] == 2.0
-    with pytest.raises(distil.DistilError, match="not comparable"):
+    assert out["chrf_retained"] == pytest.approx(0.75)
+    with pytest.raises(distil.DistilError, match="5 test pairs, the teacher on 10"):
         distil.compare({**student, "test_pairs": 5}, teacher, 100, 400)
+    with pytest.raises(distil.DistilError, match="bleu_signature differs"):
+        distil.compare({**student, "bleu_signature": "x"}, teacher, 100, 400)
+    assert distil.compare(student, {**teacher, "bleu": 0.0}, 1, 4)["bleu_retained"] is None
+
+
+def test_teacher_scores_come_from_its_translations(tmp_path):
+    table = pd.DataFrame({"source": ["a", "b", "c"],
+                          "reference": ["le chat dort .", "NA", "il pleut ."],
+                          "hypothesis": ["le chat dort .", "NA", ""]})
+    path = tmp_path / "translations.tsv"
+    table.to_csv(path, sep="\t", index=False)
+    got = evaluate.score_translations(path)
+    want = evaluate.bleu_chrf(list(table["hypothesis"]), list(table["reference"]))
+    assert got == {**want, "test_pairs": 3}
+    assert list(evaluate.read_translations(path)["hypothesis"]) == ["le chat dort .", "NA", ""]
+    with pytest.raises(DataError, match="nothing.tsv: not found"):
+        evaluate.score_translations(tmp_path / "nothing.tsv")

@@ -23,7 +23,7 @@ from lmops.config import load_profile
 from tests.conftest import REPO
 
 DATA_STAGES = ["clean", "validate", "vocab", "tokenise"]
-MODEL_STAGES = ["pretrain", "finetune", "evaluate"]
+MODEL_STAGES = ["pretrain", "finetune", "evaluate", "distil", "quantise"]
 STAGES = DATA_STAGES + MODEL_STAGES
 pytestmark = pytest.mark.slow
 
@@ -210,6 +210,61 @@ def test_model_stage_runs_hold_curves_weights_and_samples(repo, first_run):
         ev.info.run_id, "evaluate")}
 
 
+def test_distil_and_quantise_compare_smaller_faster_models(repo, first_run):
+    from lmops.config import DecodeConfig
+    from lmops.quantise import load_quantised
+    from lmops.translation import load_model, translate
+    from lmops.vocab import Tokenizer
+
+    params = params_of(repo)
+    ev = json.loads((repo / "data/metrics/evaluate.json").read_text())
+    dis = json.loads((repo / "data/metrics/distil.json").read_text())
+    assert dis["steps"] == params["distil"]["max_steps"] and dis["method"] == "word"
+    assert dis["test_pairs"] == ev["test_pairs"] and dis["teacher_bleu"] == ev["bleu"]
+    student, _ = load_model(repo / "data/models/distil")
+    teacher, _ = load_model(repo / "data/models/finetune")
+    assert dis["student_params"] == student.num_params() == dis["num_params"]
+    assert dis["param_ratio"] == pytest.approx(student.num_params() / teacher.num_params())
+    assert dis["param_ratio"] <= 1 / 3
+    if ev["bleu"] > 0:
+        assert dis["bleu_retained"] == pytest.approx(dis["bleu"] / ev["bleu"])
+    assert dis["best_valid_bleu"] == max(
+        pd.read_csv(repo / "data/plots/distil.csv")["valid_bleu"].dropna())
+    assert len(pd.read_csv(repo / "data/distil/translations.tsv", sep="\t")) == ev["test_pairs"]
+
+    q = json.loads((repo / "data/metrics/quantise.json").read_text())
+    table = pd.read_csv(repo / "data/plots/quantise.csv").set_index("variant")
+    assert set(table.index) == {"teacher fp32", "student fp32", "student int8",
+                                "student onnx int8", "teacher int8"}
+    assert q["shipped"] in ("student int8", "student onnx int8")
+    assert table.loc[q["shipped"], "shipped"]
+    assert table.loc["student fp32", "bleu"] == dis["bleu"]
+    assert table.loc["teacher fp32", "bleu"] == ev["bleu"]
+    assert (table["num_params"].loc[["student int8", "student onnx int8"]]
+            == student.num_params()).all()
+    assert table.loc["student int8", "file_mb"] < 0.5 * table.loc["student fp32", "file_mb"]
+    assert table.loc["teacher int8", "file_mb"] < 0.35 * table.loc["teacher fp32", "file_mb"]
+    for n in params["quantise"]["speed_batch_sizes"]:
+        assert (table[f"tokens_per_sec_b{n}"] > 0).all()
+        assert table.loc["student fp32", f"speedup_b{n}"] == 1.0
+        assert q[f"shipped_speedup_b{n}"] == table.loc[q["shipped"], f"speedup_b{n}"]
+    # the shipped model loads from its directory alone and translates
+    shipped = load_quantised(repo / "data/models/quantised")
+    tok = Tokenizer.load(repo / "data/vocab")
+    out = translate(shipped, tok, ["In the beginning God created the heaven."], "fr",
+                    DecodeConfig(beam_size=1, max_new_tokens=8))
+    assert len(out) == 1 and isinstance(out[0], str)
+
+    client = MlflowClient(f"sqlite:///{repo}/mlruns/mlflow.db")
+    run = _last_run(repo, "quantise")
+    assert run.data.metrics["quantise/shipped_size_ratio"] == pytest.approx(
+        q["shipped_size_ratio"])
+    names = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert "comparison.png" in names
+    assert "quantise/comparison.json" in {
+        a.path for a in client.list_artifacts(run.info.run_id, "quantise")}
+
+
 def test_killed_pretrain_resumes_to_the_same_weights(repo, first_run):
     """kill -9 mid-run, then `dvc repro`: it resumes from the checkpoint, bit for bit."""
     weights = repo / "data/models/pretrain/model.safetensors"
@@ -276,3 +331,17 @@ def test_a_missing_pretrained_model_is_named(repo, first_run):
     assert out.returncode == 1
     assert "lmops finetune: error: data/models/nothing-here: not found" in out.stderr
     assert _last_run(repo, "finetune").info.status == "FAILED"
+
+
+def test_a_missing_teacher_stops_distil_with_its_name(repo, first_run):
+    out = _stage(repo, "distil", params_of(repo), "--tokens", "data/tokens",
+                 "--vocab", "data/vocab", "--clean", "data/clean",
+                 "--teacher", "data/models/no-teacher",
+                 "--teacher-translations", "data/evaluate/translations.tsv",
+                 "--work", "scratch/dw",
+                 "--out", "scratch/dm", "--eval-out", "scratch/de",
+                 "--metrics", "scratch/d.json", "--curve", "scratch/d.csv")
+    assert out.returncode == 1
+    assert "lmops distil: error: data/models/no-teacher: not found" in out.stderr
+    assert not (repo / "scratch/dm").exists() and not (repo / "scratch/d.json").exists()
+    assert _last_run(repo, "distil").info.status == "FAILED"

@@ -40,8 +40,13 @@ from torch import Tensor
 from lmops.checkpoint import CheckpointError, load_weights
 from lmops.config import DecodeConfig, ModelConfig, Params
 from lmops.errors import LmopsError
-from lmops.evaluate import evaluate_model
-from lmops.io import atomic_output, read_json
+from lmops.evaluate import (
+    TRANSLATIONS_FILE,
+    evaluate_model,
+    read_translations,
+    score_translations,
+)
+from lmops.io import atomic_output
 from lmops.model import Transformer
 from lmops.pretrain import mean_loss, summary
 from lmops.tracking import file_digest
@@ -225,6 +230,10 @@ def compare(student: dict[str, Any], teacher: dict[str, Any],
     if student["test_pairs"] != teacher.get("test_pairs"):
         raise DistilError(f"the student was scored on {student['test_pairs']} test pairs, "
                           f"the teacher on {teacher.get('test_pairs')}: not comparable")
+    for key in ("bleu_signature", "chrf_signature"):
+        if key in teacher and teacher[key] != student.get(key):
+            raise DistilError(f"{key} differs: student {student.get(key)!r}, teacher "
+                              f"{teacher[key]!r}: not comparable")
     out: dict[str, Any] = {
         "teacher_bleu": teacher["bleu"], "teacher_chrf": teacher["chrf"],
         "teacher_params": teacher_params, "student_params": student_params,
@@ -232,24 +241,22 @@ def compare(student: dict[str, Any], teacher: dict[str, Any],
         "bleu_retained": student["bleu"] / teacher["bleu"] if teacher["bleu"] else None,
         "chrf_retained": student["chrf"] / teacher["chrf"] if teacher["chrf"] else None,
     }
-    for key in ("ppl_en", "ppl_fr", "ms_per_sentence"):
-        if key in teacher and key in student and teacher[key]:
-            out[f"{key}_ratio"] = student[key] / teacher[key]
     return out
 
 
 def distil(tokens_dir: str | Path, vocab_dir: str | Path, clean_dir: str | Path,
-           teacher_dir: str | Path, teacher_metrics: str | Path, work_dir: str | Path,
+           teacher_dir: str | Path, teacher_translations: str | Path, work_dir: str | Path,
            out_model: str | Path, eval_dir: str | Path, params: Params,
            curve_path: str | Path | None = None) -> tuple[dict[str, Any], pd.DataFrame]:
-    """Train the student (or resume), write its model dir, score it; metrics and samples."""
+    """Train the student (or resume), write its model dir, score it; metrics and samples.
+
+    ``teacher_translations`` is the evaluate stage's ``translations.tsv`` of the teacher:
+    the student is scored on the same pairs and compared with the teacher's BLEU and chrF.
+    """
     tokens_dir, teacher_dir, work_dir = Path(tokens_dir), Path(teacher_dir), Path(work_dir)
     cfg, tgt_lang = params.distil, params.clean.target_lang
     teacher, _ = load_teacher(teacher_dir)
-    if not Path(teacher_metrics).is_file():
-        raise DistilError(f"{teacher_metrics}: the teacher's evaluation metrics are missing "
-                          "(run the evaluate stage first: dvc repro evaluate)")
-    teacher_scores = read_json(teacher_metrics)
+    teacher_scores = score_translations(teacher_translations)
     tok = Tokenizer.load(vocab_dir)
     check_vocab(teacher, tok, teacher_dir)
     seed_everything(params.seed)
@@ -308,5 +315,10 @@ def distil(tokens_dir: str | Path, vocab_dir: str | Path, clean_dir: str | Path,
     out.update({"best_step": result.best_step, f"best_{SELECT_METRIC}": result.best_metric,
                 "method": cfg.method, "init": cfg.init, "train_pairs": len(train_pairs)})
     out.update({k: v for k, v in scores.items() if k not in out})
+    theirs = read_translations(teacher_translations)["source"]
+    mine = read_translations(Path(eval_dir) / TRANSLATIONS_FILE)["source"]
+    if list(mine) != list(theirs):
+        raise DistilError(f"{teacher_translations}: the teacher was scored on other test "
+                          "pairs than the student; rerun the evaluate stage")
     out.update(compare(scores, teacher_scores, student.num_params(), teacher.num_params()))
     return out, samples

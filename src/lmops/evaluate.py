@@ -103,6 +103,30 @@ def bleu_chrf(hyps: list[str], refs: list[str]) -> dict[str, Any]:
     }
 
 
+def read_translations(path: str | Path) -> pd.DataFrame:
+    """A ``translations.tsv`` written by :func:`evaluate_model`: source, reference, hypothesis."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: not found (run the stage that scores that model: dvc repro)")
+    # no NA parsing: an empty hypothesis or the word "NA" is text, not a missing value
+    table = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False, na_filter=False)
+    missing = {"source", "reference", "hypothesis"} - set(table.columns)
+    if missing:
+        raise DataError(f"{path}: missing columns {sorted(missing)}")
+    return table
+
+
+def score_translations(path: str | Path) -> dict[str, Any]:
+    """BLEU and chrF of a ``translations.tsv`` (as :func:`bleu_chrf`), and its pair count.
+
+    Lets a later stage compare with a model scored earlier without depending on that
+    stage's metrics file, whose timings change on every run.
+    """
+    table = read_translations(path)
+    return {**bleu_chrf(list(table["hypothesis"]), list(table["reference"])),
+            "test_pairs": len(table)}
+
+
 def evaluate_model(model: Transformer, tok: Tokenizer, clean_dir: str | Path,
                    tokens_dir: str | Path, cfg: EvaluateConfig, tgt_lang: str,
                    out_dir: str | Path) -> tuple[dict[str, Any], pd.DataFrame]:

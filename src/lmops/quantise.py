@@ -270,8 +270,9 @@ class _OnnxStep(nn.Module):
     """One decoding step of a Transformer with explicit past keys/values, for export.
 
     Inputs: ``idx`` [B, T], ``positions`` [B, T], ``mask`` [B, 1, T, P + T] (True = attend),
-    then ``past_k_0, past_v_0, ...`` [B, H, P, D]. Outputs: logits [B, T, V] and the new
-    keys/values [B, H, T, D] of every layer. Same maths as :meth:`Transformer.forward`.
+    then ``past_k_0, past_v_0, ...`` [B, H, P, D]. Outputs: logits [B, T, V] and every
+    layer's keys/values so far, past and new, [B, H, P + T, D], which the caller feeds back
+    as the next step's past without copying them. Same maths as :meth:`Transformer.forward`.
     """
 
     def __init__(self, model: Transformer):
@@ -290,9 +291,9 @@ class _OnnxStep(nn.Module):
             b, t, c = h.shape
             q, k, v = attn.qkv(h).view(b, t, 3, attn.n_head, -1).permute(2, 0, 3, 1, 4)
             q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-            present += [k, v]
             k = torch.cat([past[2 * layer], k], dim=2)
             v = torch.cat([past[2 * layer + 1], v], dim=2)
+            present += [k, v]
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
             x = x + attn.proj(y.transpose(1, 2).reshape(b, t, c))
             x = x + block.mlp(_rms(x, block.mlp_norm))
@@ -301,7 +302,7 @@ class _OnnxStep(nn.Module):
 
 def _io_names(n_layer: int) -> tuple[list[str], list[str]]:
     past = [f"past_{kv}_{i}" for i in range(n_layer) for kv in ("k", "v")]
-    new = [f"new_{kv}_{i}" for i in range(n_layer) for kv in ("k", "v")]
+    new = [f"present_{kv}_{i}" for i in range(n_layer) for kv in ("k", "v")]
     return ["idx", "positions", "mask", *past], ["logits", *new]
 
 
@@ -326,7 +327,7 @@ def export_onnx(model: Transformer, path: str | Path, int8: bool = True,
     for name in inputs[3:]:
         axes[name] = {0: "batch", 2: "past"}
     for name in outputs[1:]:
-        axes[name] = {0: "batch", 2: "seq"}
+        axes[name] = {0: "batch", 2: "total"}
 
     def write(target: Path) -> None:
         fp32 = target.with_name("fp32.onnx") if int8 else target
@@ -337,8 +338,10 @@ def export_onnx(model: Transformer, path: str | Path, int8: bool = True,
                               dynamo=False, do_constant_folding=True)
         onnx.checker.check_model(str(fp32))
         if int8:
-            quantize_dynamic(str(fp32), str(target), weight_type=QuantType.QInt8,
-                             per_channel=True, op_types_to_quantize=["MatMul", "Gather"])
+            with _quiet_logging():
+                quantize_dynamic(str(fp32), str(target), weight_type=QuantType.QInt8,
+                                 per_channel=True, op_types_to_quantize=["MatMul"])
+            _share_embedding(target, cfg.n_embd, model.vocab_size)
             fp32.unlink()
 
     config = _base_config(cfg, model.vocab_size, ONNX_INT8 if int8 else ONNX_FP32,
@@ -346,16 +349,79 @@ def export_onnx(model: Transformer, path: str | Path, int8: bool = True,
     config["onnx"] = {"opset": OPSET, "inputs": inputs, "outputs": outputs}
     if int8:
         config["quantisation"] = {"tool": "onnxruntime.quantization.quantize_dynamic",
-                                  "weights": "int8 per channel (MatMul), int8 (Gather)"}
+                                  "weights": "int8 per output channel (MatMulInteger)",
+                                  "embedding": "the output head's int8 matrix, gathered "
+                                               "by column and scaled per token"}
     return _write_dir(path, {ONNX_FILE: write}, config)
+
+
+@contextlib.contextmanager
+def _quiet_logging() -> Iterator[None]:
+    # quantize_dynamic logs a "consider pre-processing" warning on the root logger
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
+def _share_embedding(path: Path, n_embd: int, vocab_size: int) -> None:
+    """Let the embedding lookup read the output head's int8 matrix instead of an fp32 copy.
+
+    onnxruntime quantises the head's MatMul weight [E, V] to int8 with one scale per
+    column (= per token, zero points 0), but would keep the tied embedding table [V, E]
+    as a second, fp32 copy, most of a small model's bytes. The lookup becomes
+    ``Gather(W_q, ids, axis=1)`` transposed to [B, T, E], cast, times the token's scale:
+    exactly the table the head multiplies with, stored once.
+    """
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    inits = {init.name: init for init in graph.initializer}
+    heads = [n for n in graph.node if n.op_type == "MatMulInteger" and n.input[1] in inits
+             and list(inits[n.input[1]].dims) == [n_embd, vocab_size]]
+    lookups = [n for n in graph.node if n.op_type == "Gather" and n.input[0] in inits
+               and list(inits[n.input[0]].dims) == [vocab_size, n_embd]]
+    if len(heads) != 1 or len(lookups) != 1:
+        raise QuantiseError(f"{path}: expected one int8 output head and one embedding lookup, "
+                            f"found {len(heads)} and {len(lookups)}")
+    head, lookup = heads[0], lookups[0]
+    weight, zero = head.input[1], head.input[3]
+    scale = weight.removesuffix("_quantized") + "_scale"
+    if scale not in inits or numpy_helper.to_array(inits[zero]).any():
+        raise QuantiseError(f"{path}: the output head is not symmetric per-channel int8")
+    ids, out = lookup.input[1], lookup.output[0]
+    axes = helper.make_tensor("lmops_emb_axes", TensorProto.INT64, [1], [-1])
+    nodes = [
+        helper.make_node("Gather", [weight, ids], ["lmops_emb_q"], axis=1),
+        helper.make_node("Transpose", ["lmops_emb_q"], ["lmops_emb_qt"], perm=[1, 2, 0]),
+        helper.make_node("Cast", ["lmops_emb_qt"], ["lmops_emb_f"], to=TensorProto.FLOAT),
+        helper.make_node("Gather", [scale, ids], ["lmops_emb_s"], axis=0),
+        helper.make_node("Unsqueeze", ["lmops_emb_s", axes.name], ["lmops_emb_s1"]),
+        helper.make_node("Mul", ["lmops_emb_f", "lmops_emb_s1"], [out]),
+    ]
+    at = list(graph.node).index(lookup)
+    graph.node.remove(lookup)
+    for i, node in enumerate(nodes):
+        graph.node.insert(at + i, node)
+    graph.initializer.remove(inits[lookup.input[0]])
+    graph.initializer.append(axes)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
 
 
 class OrtTransformer(nn.Module):
     """An exported model run by onnxruntime behind the :class:`Transformer` interface.
 
-    ``forward(idx, cache, positions)`` behaves like the torch model's (the keys/values go
-    into the same :class:`lmops.model.KVCache`), so the decoding methods are the torch
-    model's own.
+    ``forward(idx, cache, positions)`` behaves like the torch model's, so the decoding
+    methods are the torch model's own. The :class:`lmops.model.KVCache` holds the session's
+    ``present`` outputs as they are (each layer's buffer is exactly ``length`` slots long,
+    so the next step feeds it back without a copy); its ``reorder`` works on them as on
+    its own buffers.
     """
 
     _eval_mode = Transformer._eval_mode
@@ -415,13 +481,14 @@ class OrtTransformer(nn.Module):
         for layer in range(self.cfg.n_layer):
             for j, store in enumerate(("keys", "values")):
                 past = getattr(cache, store)[layer] if cache is not None else None
+                # a no-op view unless reorder() left spare slots
                 feeds[self.inputs[3 + 2 * layer + j]] = (
                     empty if past is None else np.ascontiguousarray(past[:, :, :start].numpy()))
-        logits, *new = self.session.run(None, feeds)
+        logits, *present = self.session.run(None, feeds)
         if cache is not None:
             for layer in range(self.cfg.n_layer):
-                cache.update(layer, torch.from_numpy(new[2 * layer]),
-                             torch.from_numpy(new[2 * layer + 1]))
+                cache.keys[layer] = torch.from_numpy(present[2 * layer])
+                cache.values[layer] = torch.from_numpy(present[2 * layer + 1])
             cache.length += t
         return torch.from_numpy(logits)
 
@@ -528,15 +595,25 @@ QUALITY_KEYS = ("bleu", "chrf", "ppl_en", "ppl_fr", "test_pairs", "num_params")
 
 def quantise_stage(student_dir: str | Path, teacher_dir: str | Path, vocab_dir: str | Path,
                    clean_dir: str | Path, tokens_dir: str | Path,
-                   student_metrics: str | Path, teacher_metrics: str | Path,
+                   student_metrics: str | Path, teacher_translations: str | Path,
                    work_dir: str | Path, out_model: str | Path,
                    params: Params) -> tuple[dict[str, Any], pd.DataFrame]:
     """Quantise, score and time every variant; ship the fastest int8 student.
 
-    Writes every variant's model dir and test translations under ``work_dir``, the shipped
-    model dir at ``out_model``; returns the metrics and the comparison table.
+    The fp32 student's scores come from its metrics (distil stage), the fp32 teacher's
+    BLEU and chrF from its test translations (evaluate stage) and its perplexity is
+    measured here. Writes every variant's model dir and test translations under
+    ``work_dir``, the shipped model dir at ``out_model``; returns the metrics and the
+    comparison table.
     """
-    from lmops.evaluate import PAIRS_TEST, evaluate_model
+    from lmops.data import read_split
+    from lmops.evaluate import (
+        MONO_TEST,
+        PAIRS_TEST,
+        evaluate_model,
+        perplexity,
+        score_translations,
+    )
     from lmops.translation import check_vocab, prompt, read_pairs
     from lmops.vocab import Tokenizer
 
@@ -546,10 +623,12 @@ def quantise_stage(student_dir: str | Path, teacher_dir: str | Path, vocab_dir: 
         torch.set_num_threads(cfg.num_threads)
     student = _load_fp32(student_dir, "student")
     teacher = _load_fp32(teacher_dir, "teacher")
-    fp32_scores = {"student fp32": _scores(student_metrics, "student"),
-                   "teacher fp32": _scores(teacher_metrics, "teacher")}
     tok = Tokenizer.load(vocab_dir)
     check_vocab(student, tok, student_dir)
+    teacher_scores = {**score_translations(teacher_translations),
+                      **perplexity(teacher, tok, read_split(clean_dir, MONO_TEST), ev)}
+    fp32_scores = {"student fp32": _scores(student_metrics, "student"),
+                   "teacher fp32": {**teacher_scores, "num_params": teacher.num_params()}}
     pairs = read_pairs(Path(tokens_dir) / PAIRS_TEST)
     prompts = [prompt(tok, s, tgt_lang, student.cfg.block_size)
                for s in pairs["src_ids"].iloc[: cfg.speed_sentences]]
