@@ -1,0 +1,130 @@
+"""The DVC pipeline as a Prefect flow: one task per stage, in dvc.yaml's DAG order.
+
+Run once, with no server (Prefect starts a temporary local one):
+
+    python flows/pipeline.py                          # every stage; DVC skips what is up to date
+    python flows/pipeline.py --target tokenise        # one stage and what it needs
+    python flows/pipeline.py -S vocab.vocab_size=4000 --experiment big-vocab   # a DVC experiment
+
+Against a server: `prefect deploy --all` (prefect.yaml) and a worker; see README
+"Orchestration (Prefect)". The logic lives in lmops.orchestrate; this file only adds
+Prefect's tasks, retries, tags and artifacts.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, runtime, task
+from prefect.artifacts import create_link_artifact, create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+
+from lmops import orchestrate as orch
+
+# DVC owns caching: a task never skips on Prefect's cache, every call asks `dvc repro`.
+_TASK = dict(retries=2, retry_delay_seconds=[20, 60], retry_condition_fn=orch.retry_condition,
+             cache_policy=NO_CACHE, persist_result=False)
+
+
+@task(name="dvc-repro-stage", **_TASK)
+def run_stage(repo: str, stage: str, parent_run_id: str) -> orch.StageResult:
+    logger = get_run_logger()
+    result = orch.repro_stage(repo, stage, parent_run_id, log=logger.info)
+    logger.info("stage %s: %s in %.1f s", stage, result.status, result.seconds)
+    return result
+
+
+@task(name="dvc-exp-run", **_TASK)
+def run_experiment(repo: str, stages: list[str], target: str | None,
+                   params: list[str] | dict[str, Any] | None, experiment: str | None,
+                   parent_run_id: str) -> orch.RunResult:
+    logger = get_run_logger()
+    return orch.exp_run(repo, stages, target, params, experiment, parent_run_id,
+                        log=logger.info)
+
+
+@flow(name="lmops-pipeline")
+def pipeline(repo: str = ".", target: str | None = None,
+             params: list[str] | dict[str, Any] | None = None,
+             experiment: str | None = None) -> dict[str, str]:
+    """Run the DVC pipeline (or `target` and what it needs) under one MLflow parent run.
+
+    Args:
+        repo: the project checkout (the deployment's working directory by default).
+        target: a dvc.yaml stage; only it and its upstream stages run.
+        params: overrides as `dvc exp run -S` takes them: ["vocab.vocab_size=4000"] or
+            {"vocab.vocab_size": 4000}. Given, the run is a DVC experiment.
+        experiment: a DVC experiment name; the whole target runs as one `dvc exp run`.
+    """
+    logger = get_run_logger()
+    root = Path(repo).resolve()
+    spec = orch.load_dvc_yaml(root)
+    stages = orch.dag_order(spec, target)
+    as_experiment = bool(params) or bool(experiment)
+    logger.info("stages in order: %s%s", ", ".join(stages),
+                " (one dvc exp run)" if as_experiment else "")
+    parent_id, experiment_id = orch.start_parent_run(
+        root,
+        tags={"prefect.flow_run_id": runtime.flow_run.id,
+              "prefect.flow_run_name": runtime.flow_run.name,
+              "prefect.deployment": runtime.deployment.name,
+              "prefect.flow_run_url": runtime.flow_run.ui_url,
+              "lmops.target": target, "dvc.exp_name": experiment},
+        params={"flow.target": target or "(all)", "flow.params": params or "",
+                "flow.experiment": experiment or ""},
+        name=experiment)
+    url = orch.run_url(root, experiment_id, parent_id)
+    create_link_artifact(key="lmops-mlflow-run", link=url, link_text=f"MLflow run {parent_id}",
+                         description="The MLflow parent run of this flow run; each stage "
+                                     "that ran is a nested run under it.")
+    results: list[orch.StageResult] = []
+    ok = False
+    try:
+        if as_experiment:
+            tags = sorted({t for s in stages for t in orch.stage_tags(s)
+                           if not t.startswith("stage:")})
+            run = run_experiment.with_options(tags=tags)(
+                str(root), stages, target, params, experiment, parent_id)
+            results = run.stages
+        else:
+            for stage in stages:
+                results.append(orch.StageResult(stage, "failed"))
+                results[-1] = run_stage.with_options(
+                    tags=orch.stage_tags(stage), task_run_name=f"dvc repro {stage}")(
+                    str(root), stage, parent_id)
+        ok = True
+    finally:
+        done = {r.stage for r in results}
+        results += [orch.StageResult(s, "not reached") for s in stages if s not in done]
+        orch.end_parent_run(root, parent_id, ok, results)
+        create_markdown_artifact(
+            key="lmops-pipeline-metrics",
+            markdown=(f"## lmops pipeline {'finished' if ok else 'FAILED'}\n\n"
+                      f"MLflow parent run: [{parent_id}]({url})\n\n"
+                      f"{orch.results_table(results)}\n"
+                      f"{orch.metrics_table(root, spec, stages, results)}"),
+            description="Stage results and the metrics files dvc.yaml declares.")
+    return {"mlflow_run_id": parent_id, **{r.stage: r.status for r in results}}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--repo", default=".", help="the project checkout")
+    p.add_argument("--target", help="run only this stage and what it needs")
+    p.add_argument("-S", "--set-param", action="append", dest="params", metavar="KEY=VALUE",
+                   help="a params override, as for `dvc exp run -S` (repeatable)")
+    p.add_argument("--experiment", help="run as this DVC experiment")
+    p.add_argument("--serve", metavar="NAME",
+                   help="instead of one run, serve the flow as deployment NAME (needs a server)")
+    args = p.parse_args(argv)
+    if args.serve:
+        pipeline.serve(name=args.serve, parameters={"repo": str(Path(args.repo).resolve())})
+        return
+    pipeline(repo=args.repo, target=args.target, params=args.params,
+             experiment=args.experiment)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,408 @@
+"""The Prefect pipeline flow: DAG order from dvc.yaml, retries, metrics table, and a real
+Prefect server + process worker running a deployment of the tiny pipeline."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path, PurePosixPath
+
+import pytest
+import yaml
+
+from lmops import orchestrate as orch
+from lmops.config import load_profile
+from lmops.errors import LmopsError
+from tests.conftest import REPO
+
+SPEC = yaml.safe_load((REPO / "dvc.yaml").read_text())
+
+
+# ------------------------------------------------------------------ DAG order
+
+
+def _must_precede(spec: dict) -> set[tuple[str, str]]:
+    """(a, b) for every stage b with a dep that is, holds or sits inside an output of a."""
+    def paths(items):
+        for item in items or []:
+            yield from ([item] if isinstance(item, str) else item)
+
+    outs = {name: [PurePosixPath(p) for key in ("outs", "metrics", "plots")
+                   for p in paths(s.get(key))] for name, s in spec["stages"].items()}
+    pairs = set()
+    for b, s in spec["stages"].items():
+        for dep in map(PurePosixPath, paths(s.get("deps"))):
+            for a, produced in outs.items():
+                if a != b and any(dep == o or dep.is_relative_to(o) or o.is_relative_to(dep)
+                                  for o in produced):
+                    pairs.add((a, b))
+    return pairs
+
+
+def test_dag_order_is_a_topological_order_of_dvc_yaml():
+    order = orch.dag_order(SPEC)
+    assert sorted(order) == sorted(SPEC["stages"])
+    pairs = _must_precede(SPEC)
+    assert ("clean", "validate") in pairs and ("evaluate", "distil") in pairs
+    for a, b in pairs:
+        assert order.index(a) < order.index(b), f"{a} must run before {b}"
+
+
+def test_a_target_runs_only_what_it_needs():
+    assert orch.dag_order(SPEC, "vocab") == ["clean", "validate", "vocab"]
+    pretrain = orch.dag_order(SPEC, "pretrain")
+    assert pretrain[-1] == "pretrain" and "finetune" not in pretrain and "tokenise" in pretrain
+    with pytest.raises(LmopsError, match="unknown stage 'nope'; dvc.yaml has: clean"):
+        orch.dag_order(SPEC, "nope")
+
+
+def test_a_dep_inside_an_output_dir_and_a_cycle():
+    spec = {"stages": {
+        "late": {"deps": ["data/a/part.bin"], "outs": ["data/b"]},
+        "early": {"deps": ["raw.txt"], "outs": ["data/a", {"m.json": {"cache": False}}]},
+        "last": {"deps": ["data/b", "m.json"], "outs": ["c"]},
+    }}
+    assert orch.dag_order(spec) == ["early", "late", "last"]
+    spec["stages"]["early"]["deps"].append("c")
+    with pytest.raises(LmopsError, match="form a cycle"):
+        orch.dag_order(spec)
+
+
+def test_training_stages_are_tagged_for_a_gpu_pool():
+    assert set(SPEC["stages"]) >= orch.ACCELERATOR_STAGES
+    assert orch.stage_tags("pretrain") == ["stage:pretrain", "gpu"]
+    assert orch.stage_tags("validate") == ["stage:validate"]
+
+
+# --------------------------------------------------------------------- retries
+
+LOCKED = ("ERROR: failed to reproduce 'clean': Unable to acquire lock. Most likely another "
+          "DVC process is running or was terminated abruptly.")
+NO_SERVER = ("mlflow.exceptions.MlflowException: API request to http://mlflow:5000/api/2.0/"
+             "mlflow/runs/create failed with exception HTTPConnectionPool(host='mlflow', "
+             "port=5000): Max retries exceeded (Caused by NewConnectionError: Connection refused)")
+BAD_DATA = ("lmops validate: error: data quality expectations failed (report: "
+            "data/validate/index.html):\n  parallel_test: pair length ratio\n"
+            "ERROR: failed to reproduce 'validate': failed to run: python stages/validate.py, "
+            "exited with 1")
+DIVERGED = ("lmops pretrain: error: pretrain: loss diverged at step 12: nan (max_loss 20.0); "
+            "last good checkpoint data/train/pretrain/ckpt/step-10\n"
+            "ERROR: failed to reproduce 'pretrain': exited with 1")
+
+
+@pytest.mark.parametrize(("output", "retry"), [
+    (LOCKED, True), (NO_SERVER, True), (BAD_DATA, False), (DIVERGED, False),
+    # a diverged loss stays final even when the network also hiccuped in the same output
+    (DIVERGED + "\n" + NO_SERVER, False),
+    ("ERROR: failed to reproduce 'x': exited with 2\nTraceback ... KeyError: 'foo'", False),
+])
+def test_the_retry_condition_retries_only_transient_io(output, retry):
+    from prefect.states import Failed
+
+    exc = orch.StageFailed("s", 1, output)
+    assert orch.should_retry(exc) is retry
+    assert orch.retry_condition(None, None, Failed(data=exc)) is retry
+
+
+def test_plain_network_errors_retry_and_bugs_do_not():
+    from prefect.states import Failed
+
+    assert orch.should_retry(ConnectionRefusedError("refused"))
+    assert orch.should_retry(TimeoutError())
+    assert not orch.should_retry(ValueError("bad value"))
+    assert not orch.retry_condition(None, None, Failed(message="crashed: KeyError 'x'"))
+
+
+@pytest.fixture(scope="module")
+def prefect_harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def test_the_stage_task_retries_a_held_lock_but_not_bad_data(prefect_harness, monkeypatch):
+    """The real task's retry options: a lock is retried, a failed data check is not."""
+    sys.path.insert(0, str(REPO / "flows"))
+    try:
+        import pipeline as flows_pipeline
+    finally:
+        sys.path.remove(str(REPO / "flows"))
+    from prefect import flow
+
+    calls: list[str] = []
+
+    def fake_repro(repo, stage, parent, log=print):
+        calls.append(stage)
+        if stage == "clean" and calls.count("clean") == 1:
+            raise orch.StageFailed(stage, 1, LOCKED)
+        if stage == "validate":
+            raise orch.StageFailed(stage, 1, BAD_DATA)
+        return orch.StageResult(stage, "ran", 0.1)
+
+    monkeypatch.setattr(orch, "repro_stage", fake_repro)
+    task = flows_pipeline.run_stage.with_options(retry_delay_seconds=0)
+
+    @flow
+    def two_stages():
+        first = task(".", "clean", "p")
+        try:
+            task(".", "validate", "p")
+        except orch.StageFailed as err:
+            return first, str(err)
+        return first, None
+
+    first, error = two_stages()
+    assert first == orch.StageResult("clean", "ran", 0.1)
+    assert calls == ["clean", "clean", "validate"]
+    assert "data quality expectations failed" in error
+
+
+# ---------------------------------------------------------------- DVC output
+
+
+def test_stage_statuses_are_read_from_dvc_output():
+    out = ("Stage 'clean' didn't change, skipping\n"
+           "Running stage 'validate':\n> python stages/validate.py\n"
+           "Stage 'vocab' is cached - skipping run, checking out outputs\n")
+    assert orch.stage_statuses(out, ["clean", "validate", "vocab", "tokenise"]) == {
+        "clean": "skipped", "validate": "ran", "vocab": "restored", "tokenise": "not reached"}
+
+
+def test_an_experiment_is_one_dvc_exp_run_with_the_overrides(monkeypatch, tmp_path):
+    seen = {}
+
+    def fake_run(cmd, root, env, label, log):
+        seen.update(cmd=cmd, env=env, label=label)
+        return "Running stage 'clean':\nStage 'validate' didn't change, skipping\n", 2.0
+
+    monkeypatch.setattr(orch, "_run", fake_run)
+    res = orch.exp_run(tmp_path, ["clean", "validate", "vocab"], "vocab",
+                       {"vocab": {"vocab_size": 4000}, "seed": 1}, "big-vocab", "PARENT")
+    assert seen["cmd"] == ["dvc", "exp", "run", "-n", "big-vocab", "-S",
+                           "vocab.vocab_size=4000", "-S", "seed=1", "vocab"]
+    assert seen["env"]["LMOPS_PARENT_RUN_ID"] == "PARENT"
+    assert [(r.stage, r.status) for r in res.stages] == [
+        ("clean", "ran"), ("validate", "skipped"), ("vocab", "not reached")]
+    assert orch.set_args(["a.b=1", "c=[1, 2]"]) == ["-S", "a.b=1", "-S", "c=[1, 2]"]
+    with pytest.raises(LmopsError, match="expected key=value"):
+        orch.set_args(["vocab.vocab_size"])
+
+
+# -------------------------------------------------------------- metrics table
+
+
+def test_the_metrics_table_lists_each_declared_file(tmp_path):
+    spec = {"stages": {
+        "clean": {"metrics": [{"m/clean.json": {"cache": False}}]},
+        "evaluate": {"metrics": ["m/evaluate.json"]},
+        "vocab": {"outs": ["v"]},
+        "distil": {"metrics": ["m/distil.json"]},
+    }}
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m/clean.json").write_text(json.dumps({"train": {"rows": 120}, "ok": True}))
+    (tmp_path / "m/evaluate.json").write_text(json.dumps(
+        {"bleu": 12.345678, "bleu_signature": "nrefs:1|...", "ppl_en": 41.0}))
+    results = [orch.StageResult("clean", "skipped"), orch.StageResult("evaluate", "ran", 3.0)]
+    table = orch.metrics_table(tmp_path, spec, ["clean", "evaluate", "vocab", "distil"], results)
+    assert table.splitlines() == [
+        "| stage | status | metric | value |",
+        "|---|---|---|---|",
+        "| clean | skipped | train.rows | 120 |",
+        "| evaluate | ran | bleu | 12.35 |",
+        "| evaluate | ran | ppl_en | 41 |",
+        "| distil |  | `m/distil.json` | missing |",
+    ]
+    # only the stages asked for
+    assert "distil" not in orch.metrics_table(tmp_path, spec, ["clean"])
+    assert orch.results_table(results).splitlines()[-1] == "| evaluate | ran | 3.0 |"
+
+
+# ------------------------------------------- a real server, worker and deployment
+
+
+def _clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("MLFLOW_", "DVC_", "LMOPS_", "PREFECT_"))}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    env["GX_ANALYTICS_ENABLED"] = "false"
+    env.update(extra)
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Stop a process group we started: SIGTERM, then SIGKILL if it lingers."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        except ProcessLookupError:
+            pass
+    # children that outlived their leader (uvicorn, flow-run subprocesses)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _prefect(env: dict[str, str], cwd: Path, *args: str, timeout: int = 120) -> str:
+    out = subprocess.run([str(Path(sys.executable).parent / "prefect"), *args], cwd=cwd, env=env,
+                         capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, f"prefect {' '.join(args)} failed:\n{out.stdout}\n{out.stderr}"
+    return out.stdout + out.stderr
+
+
+@pytest.fixture
+def flow_repo(tmp_path) -> Path:
+    """A git + DVC repo with the project's pipeline, flows, prefect.yaml and tiny params."""
+    root = tmp_path / "repo"
+    root.mkdir()
+    for name in ("dvc.yaml", "prefect.yaml"):
+        shutil.copy(REPO / name, root)
+    for folder in ("stages", "src", "flows"):
+        shutil.copytree(REPO / folder, root / folder,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    params = load_profile(REPO / "params.tiny.yaml", REPO / "params.yaml")
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (root / ".gitignore").write_text("mlruns/\n")
+    env = _clean_env()
+    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["git", "add", "-A"],
+                ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"]):
+        subprocess.run(cmd, cwd=root, check=True, env=env)
+    return root
+
+
+@pytest.fixture
+def prefect_server(tmp_path):
+    """`prefect server start` on 127.0.0.1 with its own home and database; stopped after."""
+    port = _free_port()
+    env = _clean_env(
+        PREFECT_HOME=str(tmp_path / "prefect-home"),
+        PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{tmp_path}/prefect.db",
+        PREFECT_API_URL=f"http://127.0.0.1:{port}/api",
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_UI_ENABLED="false",
+        PREFECT_CLI_PROMPT="false",
+        PREFECT_WORKER_QUERY_SECONDS="1",
+        PREFECT_LOGGING_LEVEL="INFO",
+    )
+    log = open(tmp_path / "server.log", "w")  # noqa: SIM115 - closed in finally
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1",
+         "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT,
+        start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{env['PREFECT_API_URL']}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert proc.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "no Prefect server within 120 s"
+            time.sleep(0.5)
+        yield env
+    finally:
+        _stop(proc)
+        log.close()
+
+
+@pytest.mark.slow
+def test_a_deployment_runs_the_pipeline_on_a_process_worker(flow_repo, prefect_server,
+                                                            tmp_path):
+    env = prefect_server
+    _prefect(env, flow_repo, "work-pool", "create", "lmops-gpu", "--type", "process")
+    _prefect(env, flow_repo, "work-pool", "set-concurrency-limit", "lmops-gpu", "1")
+    deployed = _prefect(env, flow_repo, "deploy", "--all")
+    assert "lmops-pipeline/pipeline" in deployed
+    log = open(tmp_path / "worker.log", "w")  # noqa: SIM115 - closed in finally
+    worker = subprocess.Popen(
+        [str(Path(sys.executable).parent / "prefect"), "worker", "start", "--pool", "lmops-gpu",
+         "--type", "process", "--limit", "1"], cwd=tmp_path, env=env, stdout=log,
+        stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        out = subprocess.run(
+            [str(Path(sys.executable).parent / "prefect"), "deployment", "run",
+             "lmops-pipeline/pipeline", "--param", "target=vocab", "--watch",
+             "--watch-interval", "2", "--watch-timeout", "240"],
+            cwd=flow_repo, env=env, capture_output=True, text=True, timeout=300)
+        worker_log = (tmp_path / "worker.log").read_text()
+        assert out.returncode == 0 and "Completed" in out.stdout, (
+            f"{out.stdout}\n{out.stderr}\n--- worker\n{worker_log[-6000:]}")
+        flow_run_id = re.search(r"UUID:\s*([0-9a-f-]{36})", out.stdout).group(1)
+        metrics = _prefect(env, flow_repo, "artifact", "inspect", "lmops-pipeline-metrics")
+        link = _prefect(env, flow_repo, "artifact", "inspect", "lmops-mlflow-run")
+    finally:
+        _stop(worker)
+        log.close()
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{flow_repo}/mlruns/mlflow.db")
+    exp = client.get_experiment_by_name("lmops")
+    parents = client.search_runs([exp.experiment_id], "tags.`lmops.kind` = 'pipeline'")
+    assert len(parents) == 1
+    parent = parents[0]
+    assert parent.data.tags["prefect.flow_run_id"] == flow_run_id
+    assert parent.data.tags["prefect.deployment"] == "pipeline"
+    assert parent.info.status == "FINISHED"
+    stages = client.search_runs([exp.experiment_id], "tags.`lmops.kind` = 'stage'")
+    assert sorted(r.data.tags["lmops.stage"] for r in stages) == ["clean", "validate", "vocab"]
+    for run in stages:
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert run.info.status == "FINISHED"
+    for stage in ("clean", "validate", "vocab"):
+        assert parent.data.tags[f"lmops.stage_status.{stage}"] == "ran"
+    assert (flow_repo / "data/vocab/meta.json").is_file()
+    assert not (flow_repo / "data/tokens").exists()  # the target stops at vocab
+    assert parent.info.run_id in link
+    assert "| validate | ran |" in metrics and "mono_train.rows" in metrics
+
+
+@pytest.mark.slow
+def test_a_one_off_run_needs_no_server_and_runs_an_experiment(flow_repo, tmp_path):
+    """`python flows/pipeline.py` on Prefect's temporary server; overrides make it an
+    experiment: one `dvc exp run`, the stages still nested under one parent run."""
+    env = _clean_env(PREFECT_HOME=str(tmp_path / "prefect-home"),
+                     PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    out = subprocess.run(
+        [sys.executable, "flows/pipeline.py", "--target", "validate",
+         "-S", "validate.min_rows=5", "--experiment", "fewer-rows"],
+        cwd=flow_repo, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    assert "Running stage 'validate'" in out.stdout + out.stderr
+    exps = subprocess.run(["dvc", "exp", "list", "--name-only"], cwd=flow_repo, env=env,
+                          capture_output=True, text=True, check=True).stdout.split()
+    assert exps == ["fewer-rows"]
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{flow_repo}/mlruns/mlflow.db")
+    exp = client.get_experiment_by_name("lmops")
+    (parent,) = client.search_runs([exp.experiment_id], "tags.`lmops.kind` = 'pipeline'")
+    assert parent.info.status == "FINISHED" and parent.info.run_name == "fewer-rows"
+    assert parent.data.tags["dvc.exp_name"] == "fewer-rows"
+    assert re.fullmatch(r"[0-9a-f-]{36}", parent.data.tags["prefect.flow_run_id"])
+    stages = client.search_runs([exp.experiment_id], "tags.`lmops.kind` = 'stage'")
+    assert sorted(r.data.tags["lmops.stage"] for r in stages) == ["clean", "validate"]
+    for run in stages:
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert run.data.tags["DVC_EXP_NAME"] == "fewer-rows"
