@@ -128,3 +128,17 @@ def test_bleu_and_chrf_with_signatures():
     assert "version:2.6" in perfect["bleu_signature"] and "nc:6" in perfect["chrf_signature"]
     poor = evaluate.bleu_chrf(["le chien dort .", "il pleut ."], refs)
     assert poor["bleu"] < 20 and 0 < poor["chrf"] < 60
+
+
+def test_mixed_batches_hold_the_share_of_text_rows_shuffled_and_padded():
+    pairs = lambda step, n: translation.collate(  # noqa: E731
+        [([5, 7, 6, 9], [-100, -100, 9, 3])] * n, pad_id=0)
+    text = lambda step, n: (torch.full((n, 24), 11), torch.full((n, 24), 12))  # noqa: E731
+    get = translation.mix_batches(pairs, text, share=0.25, seed=1)
+    x, y = get(3, 16)
+    assert x.shape == y.shape == (16, 24)
+    is_text = x[:, 0].eq(11)
+    assert int(is_text.sum()) == 4
+    assert y[~is_text][:, 16:].eq(IGNORE_INDEX).all()  # pair rows padded, not scored
+    assert torch.equal(get(3, 16)[0], x) and not torch.equal(get(4, 16)[0][:, 0], x[:, 0])
+    assert translation.mix_batches(pairs, text, 0.0, seed=1) is pairs

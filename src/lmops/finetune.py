@@ -4,6 +4,10 @@ Each pair is ``<2tgt> source <sep> target </s>`` with the loss on the target sid
 (:mod:`lmops.translation`). At every evaluation the stage measures the teacher-forced
 validation loss and the BLEU of greedy translations of the first ``bleu_samples``
 validation pairs; the weights with the best validation BLEU are the stage's output.
+
+A share ``lm_mix`` of every batch is plain pretraining text scored as a language model
+(replay): without it the translator forgets how to model plain text and its perplexity
+on held-out text climbs far above the pretrained model's.
 """
 
 from __future__ import annotations
@@ -16,13 +20,15 @@ import torch
 
 from lmops.checkpoint import load_weights
 from lmops.config import DecodeConfig, Params
-from lmops.pretrain import mean_loss, summary
+from lmops.pretrain import TRAIN_STREAM, mean_loss, summary
+from lmops.tokenise import load_stream
 from lmops.tracking import file_digest
-from lmops.train import DistEnv, fit, lm_loss, seed_everything
+from lmops.train import DistEnv, fit, lm_loss, seed_everything, window_batches
 from lmops.translation import (
     check_vocab,
     fixed_batches,
     load_model,
+    mix_batches,
     pair_batches,
     read_pairs,
     save_model,
@@ -60,10 +66,15 @@ def finetune(tokens_dir: str | Path, vocab_dir: str | Path, init_model: str | Pa
         "model": model.cfg.model_dump(), "vocab_size": tok.vocab_size,
         "target_lang": tgt_lang, "bleu_decode": greedy.model_dump(),
         "init": file_digest(init_model / "model.safetensors"),
-        "data": {name: file_digest(tokens_dir / f"{name}.parquet")
-                 for name in ("parallel_train", "parallel_valid")},
+        "data": {**{name: file_digest(tokens_dir / f"{name}.parquet")
+                    for name in ("parallel_train", "parallel_valid")},
+                 TRAIN_STREAM: file_digest(tokens_dir / f"{TRAIN_STREAM}.bin")},
     }
-    result = fit(model, pair_batches(train, tok, tgt_lang, block, params.seed), lm_loss, cfg,
+    text = window_batches(load_stream(tokens_dir / TRAIN_STREAM), block, params.seed + 1,
+                          str(tokens_dir / f"{TRAIN_STREAM}.bin"))
+    batches = mix_batches(pair_batches(train, tok, tgt_lang, block, params.seed), text,
+                          cfg.lm_mix, params.seed)
+    result = fit(model, batches, lm_loss, cfg,
                  work_dir, seed=params.seed, stage="finetune", resolved_config=resolved,
                  evaluate=evaluate, select_metric=SELECT_METRIC, select_mode="max",
                  curve_path=curve_path)

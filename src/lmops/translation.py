@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -120,6 +121,28 @@ def pair_batches(pairs: pd.DataFrame, tok: Tokenizer, tgt_lang: str, block_size:
     def get_batch(step: int, size: int) -> tuple[Tensor, Tensor]:
         rows = np.random.default_rng([seed % 2**64, step]).integers(0, len(examples), size=size)
         return collate([examples[i] for i in rows], tok.pad_id)
+
+    return get_batch
+
+
+def mix_batches(pairs: BatchFn, text: BatchFn, share: float, seed: int) -> BatchFn:
+    """``get_batch`` whose rows are ``pairs`` rows and, ``share`` of them, ``text`` rows.
+
+    Both kinds are padded to one width and shuffled together (from ``(seed, step)``), so
+    every micro-batch sees the same mix.
+    """
+    if share <= 0:
+        return pairs
+
+    def get_batch(step: int, size: int) -> tuple[Tensor, Tensor]:
+        n_text = round(size * share)
+        parts = [pairs(step, size - n_text), text(step, n_text)] if n_text else [
+            pairs(step, size)]
+        width = max(x.shape[1] for x, _ in parts)
+        xs = [F.pad(x, (0, width - x.shape[1]), value=0) for x, _ in parts]
+        ys = [F.pad(y, (0, width - y.shape[1]), value=IGNORE_INDEX) for _, y in parts]
+        order = torch.from_numpy(np.random.default_rng([seed % 2**64, step, 1]).permutation(size))
+        return torch.cat(xs)[order], torch.cat(ys)[order]
 
     return get_batch
 
