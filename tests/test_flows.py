@@ -333,6 +333,8 @@ def test_a_deployment_runs_the_pipeline_on_a_process_worker(flow_repo, prefect_s
     _prefect(env, flow_repo, "work-pool", "set-concurrency-limit", "lmops-gpu", "1")
     deployed = _prefect(env, flow_repo, "deploy", "--all")
     assert "lmops-pipeline/pipeline" in deployed
+    nightly = _prefect(env, flow_repo, "deployment", "inspect", "lmops-retrain/nightly-retrain")
+    assert "0 2 * * *" in nightly and "Europe/Paris" in nightly
     log = open(tmp_path / "worker.log", "w")  # noqa: SIM115 - closed in finally
     worker = subprocess.Popen(
         [str(Path(sys.executable).parent / "prefect"), "worker", "start", "--pool", "lmops-gpu",
