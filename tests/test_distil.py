@@ -78,6 +78,9 @@ def test_word_loss_trains_the_student_not_the_teacher():
     assert all(p.grad is None for p in teacher.parameters())
     assert all(p.grad is not None for p in student.parameters())
     assert all(torch.equal(a, b) for a, b in zip(before, teacher.parameters(), strict=True))
+    # logits only at target positions go through the head; both heads are back in place
+    assert teacher.lm_head.weight is teacher.tok_emb.weight
+    assert student.lm_head.weight is student.tok_emb.weight
 
 
 def test_layer_dropped_student_copies_the_chosen_layers():

@@ -24,9 +24,11 @@ teacher, on the same test pairs, and compared with the teacher's figures.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +37,7 @@ import pandas as pd
 import sacrebleu
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from lmops.checkpoint import CheckpointError, load_weights
 from lmops.config import DecodeConfig, ModelConfig, Params
@@ -100,17 +102,39 @@ def distil_loss(student_logits: Tensor, teacher_logits: Tensor, targets: Tensor,
     return (1 - alpha) * ce + alpha * temperature ** 2 * kl
 
 
+@contextlib.contextmanager
+def _without_head(model: nn.Module) -> Iterator[Tensor]:
+    """``model`` returns its final hidden states instead of logits; yields the head's weight.
+
+    Only target positions need logits, a third of them or fewer in translation pairs: the
+    output projection over the whole vocabulary is then a third of the work, for the
+    teacher and the student alike. ``model`` may be wrapped (DDP, torch.compile).
+    """
+    raw = model
+    while hasattr(raw, "module") or hasattr(raw, "_orig_mod"):
+        raw = getattr(raw, "module", None) or raw._orig_mod
+    head = raw.lm_head
+    raw.lm_head = nn.Identity()
+    try:
+        yield head.weight
+    finally:
+        raw.lm_head = head
+
+
 def word_loss(teacher: Transformer, alpha: float, temperature: float) -> LossFn:
     """``loss_fn`` for :func:`lmops.train.fit`: the teacher scores each batch, frozen."""
     teacher.eval().requires_grad_(False)
 
-    def loss_fn(model: torch.nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
+    def loss_fn(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
         inputs, targets = batch
         if teacher.device != inputs.device:
             teacher.to(inputs.device)
-        with torch.no_grad():
-            teacher_logits = teacher(inputs)
-        return distil_loss(model(inputs), teacher_logits, targets, alpha, temperature)
+        keep = targets != IGNORE_INDEX
+        with torch.no_grad(), _without_head(teacher) as weight:
+            teacher_logits = F.linear(teacher(inputs)[keep], weight)
+        with _without_head(model) as weight:
+            student_logits = F.linear(model(inputs)[keep], weight)
+        return distil_loss(student_logits, teacher_logits, targets[keep], alpha, temperature)
 
     return loss_fn
 
