@@ -408,3 +408,37 @@ def test_a_one_off_run_needs_no_server_and_runs_an_experiment(flow_repo, tmp_pat
     for run in stages:
         assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert run.data.tags["DVC_EXP_NAME"] == "fewer-rows"
+
+
+def test_a_failed_data_check_fails_the_flow_and_its_parent_run(prefect_harness, mlflow_store,
+                                                                tmp_path, monkeypatch):
+    """No retry, the stages after it never start, and MLflow shows what happened."""
+    sys.path.insert(0, str(REPO / "flows"))
+    try:
+        import pipeline as flows_pipeline
+    finally:
+        sys.path.remove(str(REPO / "flows"))
+    from mlflow.tracking import MlflowClient
+
+    shutil.copy(REPO / "dvc.yaml", tmp_path)
+    calls: list[str] = []
+
+    def fake_repro(repo, stage, parent, log=print):
+        calls.append(stage)
+        if stage == "validate":
+            raise orch.StageFailed(stage, 1, BAD_DATA)
+        return orch.StageResult(stage, "ran", 0.1)
+
+    monkeypatch.setattr(orch, "repro_stage", fake_repro)
+    with pytest.raises(orch.StageFailed, match="data quality expectations failed"):
+        flows_pipeline.pipeline(repo=str(tmp_path), target="tokenise")
+    assert calls == ["clean", "validate"]
+    client = MlflowClient()
+    (parent,) = client.search_runs(
+        [client.get_experiment_by_name("lmops-test").experiment_id],
+        "tags.`lmops.kind` = 'pipeline'")
+    assert parent.info.status == "FAILED"
+    assert re.fullmatch(r"[0-9a-f-]{36}", parent.data.tags["prefect.flow_run_id"])
+    assert {k.rsplit(".", 1)[1]: v for k, v in parent.data.tags.items()
+            if k.startswith("lmops.stage_status.")} == {
+        "clean": "ran", "validate": "failed", "vocab": "not reached", "tokenise": "not reached"}
