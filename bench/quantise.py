@@ -38,7 +38,9 @@ PAD_ID = 0
 
 def student_model(path: Path, params_file: Path) -> tuple[Transformer, str]:
     if (path / "config.json").is_file():
-        return load_model(path)[0], str(path.relative_to(ROOT))
+        where = path.resolve()
+        return load_model(path)[0], str(where.relative_to(ROOT) if where.is_relative_to(ROOT)
+                                        else where)
     params = load_params(params_file)
     meta = ROOT / "data/vocab/meta.json"
     vocab = json.loads(meta.read_text())["vocab_size"] if meta.is_file() else 8000
