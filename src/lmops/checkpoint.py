@@ -54,7 +54,8 @@ def _json_bytes(data: Any) -> bytes:
     return (json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode()
 
 
-def _sha256(path: Path) -> str:
+def sha256(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -105,7 +106,7 @@ def save(path: str | Path, model: nn.Module, config: dict[str, Any], *,
         files = sorted(p.name for p in tmp.iterdir())
         for name in files:
             _fsync(tmp / name)
-        manifest = {"sha256": {name: _sha256(tmp / name) for name in files}}
+        manifest = {"sha256": {name: sha256(tmp / name) for name in files}}
         (tmp / MANIFEST).write_bytes(_json_bytes(manifest))
         _fsync(tmp / MANIFEST)
         if path.exists():
@@ -147,7 +148,7 @@ def verify(path: str | Path) -> None:
         file = path / name
         if not file.is_file():
             raise CheckpointError(f"{file}: listed in {MANIFEST} but missing")
-        if _sha256(file) != digest:
+        if sha256(file) != digest:
             raise CheckpointError(
                 f"{file}: sha256 does not match {MANIFEST} (corrupted or truncated file)"
             )

@@ -34,7 +34,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import sacrebleu
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -48,9 +47,10 @@ from lmops.evaluate import (
     read_translations,
     score_translations,
 )
+from lmops.finetune import SELECT_METRIC, bleu_evaluator
 from lmops.io import atomic_output
 from lmops.model import Transformer
-from lmops.pretrain import mean_loss, summary
+from lmops.pretrain import summary
 from lmops.tracking import file_digest
 from lmops.train import IGNORE_INDEX, DistEnv, LossFn, fit, lm_loss, seed_everything
 from lmops.translation import (
@@ -66,7 +66,6 @@ from lmops.vocab import Tokenizer
 
 log = logging.getLogger(__name__)
 
-SELECT_METRIC = "valid_bleu"
 N_SAMPLES = 20  # sample translations kept (MLflow table); evaluate.n_samples is evaluate's
 SEQKD_PREFIX = "seqkd-"
 
@@ -308,10 +307,7 @@ def distil(tokens_dir: str | Path, vocab_dir: str | Path, clean_dir: str | Path,
                                            work_dir, key)
         loss_fn = lm_loss
 
-    def evaluate(model: torch.nn.Module, step: int) -> dict[str, float]:
-        hyps = translate_ids(model, tok, list(bleu_pairs["src_ids"]), tgt_lang, greedy)
-        bleu = sacrebleu.corpus_bleu(hyps, [list(bleu_pairs["tgt"])]).score
-        return {"valid_loss": mean_loss(model, valid_batches), SELECT_METRIC: bleu}
+    evaluate = bleu_evaluator(tok, valid_batches, bleu_pairs, tgt_lang, greedy)
 
     resolved = {
         "model": student.cfg.model_dump(), "vocab_size": tok.vocab_size,

@@ -15,6 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import sacrebleu
 import torch
 
@@ -23,7 +24,7 @@ from lmops.config import DecodeConfig, Params
 from lmops.pretrain import TRAIN_STREAM, mean_loss, summary
 from lmops.tokenise import load_stream
 from lmops.tracking import file_digest
-from lmops.train import DistEnv, fit, lm_loss, seed_everything, window_batches
+from lmops.train import DistEnv, EvalFn, fit, lm_loss, seed_everything, window_batches
 from lmops.translation import (
     check_vocab,
     fixed_batches,
@@ -37,6 +38,18 @@ from lmops.translation import (
 from lmops.vocab import Tokenizer
 
 SELECT_METRIC = "valid_bleu"
+
+
+def bleu_evaluator(tok: Tokenizer, valid_batches: list, bleu_pairs: pd.DataFrame,
+                   tgt_lang: str, decode: DecodeConfig) -> EvalFn:
+    """``fit``'s evaluate callback: teacher-forced validation loss and BLEU of translations."""
+
+    def evaluate(model: torch.nn.Module, step: int) -> dict[str, float]:
+        hyps = translate_ids(model, tok, list(bleu_pairs["src_ids"]), tgt_lang, decode)
+        bleu = sacrebleu.corpus_bleu(hyps, [list(bleu_pairs["tgt"])]).score
+        return {"valid_loss": mean_loss(model, valid_batches), SELECT_METRIC: bleu}
+
+    return evaluate
 
 
 def finetune(tokens_dir: str | Path, vocab_dir: str | Path, init_model: str | Path,
@@ -57,11 +70,7 @@ def finetune(tokens_dir: str | Path, vocab_dir: str | Path, init_model: str | Pa
     greedy = DecodeConfig(beam_size=1, max_new_tokens=params.evaluate.decode.max_new_tokens,
                           batch_size=params.evaluate.decode.batch_size)
 
-    def evaluate(model: torch.nn.Module, step: int) -> dict[str, float]:
-        hyps = translate_ids(model, tok, list(bleu_pairs["src_ids"]), tgt_lang, greedy)
-        bleu = sacrebleu.corpus_bleu(hyps, [list(bleu_pairs["tgt"])]).score
-        return {"valid_loss": mean_loss(model, valid_batches), SELECT_METRIC: bleu}
-
+    evaluate = bleu_evaluator(tok, valid_batches, bleu_pairs, tgt_lang, greedy)
     resolved = {
         "model": model.cfg.model_dump(), "vocab_size": tok.vocab_size,
         "target_lang": tgt_lang, "bleu_decode": greedy.model_dump(),

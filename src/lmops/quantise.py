@@ -31,7 +31,6 @@ variants interleaved round by round.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import statistics
@@ -182,14 +181,6 @@ def quantise(model: Transformer) -> Int8Transformer:
 # ----------------------------------------------------------------- on disk
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _write_dir(path: str | Path, files: dict[str, Any], config: dict[str, Any]) -> Path:
     """A model dir at ``path`` (atomically): ``files`` (name -> writer(tmp path)) + config
     + a sha256 manifest, so :func:`lmops.checkpoint.verify` checks it before any read."""
@@ -199,7 +190,7 @@ def _write_dir(path: str | Path, files: dict[str, Any], config: dict[str, Any]) 
             write(tmp / name)
         (tmp / checkpoint.CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         names = sorted(p.name for p in tmp.iterdir())
-        manifest = {"sha256": {name: _sha256(tmp / name) for name in names}}
+        manifest = {"sha256": {name: checkpoint.sha256(tmp / name) for name in names}}
         (tmp / checkpoint.MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return path
 
