@@ -47,7 +47,7 @@ from lmops.evaluate import (
     read_translations,
     score_translations,
 )
-from lmops.finetune import SELECT_METRIC, bleu_evaluator
+from lmops.finetune import SELECT_METRIC, bleu_validation
 from lmops.io import atomic_output
 from lmops.model import Transformer
 from lmops.pretrain import summary
@@ -55,7 +55,6 @@ from lmops.tracking import file_digest
 from lmops.train import IGNORE_INDEX, DistEnv, LossFn, fit, lm_loss, seed_everything
 from lmops.translation import (
     check_vocab,
-    fixed_batches,
     load_model,
     pair_batches,
     read_pairs,
@@ -286,11 +285,8 @@ def distil(tokens_dir: str | Path, vocab_dir: str | Path, clean_dir: str | Path,
     student = build_student(teacher, params)
     block = student.cfg.block_size
     train = read_pairs(tokens_dir / "parallel_train.parquet")
-    valid = read_pairs(tokens_dir / "parallel_valid.parquet")
-    valid_batches = fixed_batches(valid, tok, tgt_lang, block, cfg.batch_size, cfg.eval_batches)
-    bleu_pairs = valid.iloc[: cfg.bleu_samples]
-    greedy = DecodeConfig(beam_size=1, max_new_tokens=params.evaluate.decode.max_new_tokens,
-                          batch_size=params.evaluate.decode.batch_size)
+    evaluate, greedy = bleu_validation(tok, tokens_dir / "parallel_valid.parquet", tgt_lang,
+                                       block, cfg, params.evaluate.decode)
     teacher_digest = file_digest(teacher_dir / "model.safetensors")
     data_digests = {name: file_digest(tokens_dir / f"{name}.parquet")
                     for name in ("parallel_train", "parallel_valid")}
@@ -307,7 +303,6 @@ def distil(tokens_dir: str | Path, vocab_dir: str | Path, clean_dir: str | Path,
                                            work_dir, key)
         loss_fn = lm_loss
 
-    evaluate = bleu_evaluator(tok, valid_batches, bleu_pairs, tgt_lang, greedy)
 
     resolved = {
         "model": student.cfg.model_dump(), "vocab_size": tok.vocab_size,

@@ -15,12 +15,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 import sacrebleu
 import torch
 
 from lmops.checkpoint import load_weights
-from lmops.config import DecodeConfig, Params
+from lmops.config import DecodeConfig, DistilConfig, FinetuneConfig, Params
 from lmops.pretrain import TRAIN_STREAM, mean_loss, summary
 from lmops.tokenise import load_stream
 from lmops.tracking import file_digest
@@ -40,16 +39,27 @@ from lmops.vocab import Tokenizer
 SELECT_METRIC = "valid_bleu"
 
 
-def bleu_evaluator(tok: Tokenizer, valid_batches: list, bleu_pairs: pd.DataFrame,
-                   tgt_lang: str, decode: DecodeConfig) -> EvalFn:
-    """``fit``'s evaluate callback: teacher-forced validation loss and BLEU of translations."""
+def bleu_validation(tok: Tokenizer, valid_path: Path, tgt_lang: str, block_size: int,
+                    cfg: FinetuneConfig | DistilConfig,
+                    decode: DecodeConfig) -> tuple[EvalFn, DecodeConfig]:
+    """``fit``'s evaluate callback for translation training, and the decoding it uses.
+
+    The callback returns the teacher-forced loss on the first ``eval_batches`` batches of
+    the validation pairs and the BLEU of greedy translations of the first ``bleu_samples``.
+    """
+    valid = read_pairs(valid_path)
+    valid_batches = fixed_batches(valid, tok, tgt_lang, block_size, cfg.batch_size,
+                                  cfg.eval_batches)
+    bleu_pairs = valid.iloc[: cfg.bleu_samples]
+    greedy = DecodeConfig(beam_size=1, max_new_tokens=decode.max_new_tokens,
+                          batch_size=decode.batch_size)
 
     def evaluate(model: torch.nn.Module, step: int) -> dict[str, float]:
-        hyps = translate_ids(model, tok, list(bleu_pairs["src_ids"]), tgt_lang, decode)
+        hyps = translate_ids(model, tok, list(bleu_pairs["src_ids"]), tgt_lang, greedy)
         bleu = sacrebleu.corpus_bleu(hyps, [list(bleu_pairs["tgt"])]).score
         return {"valid_loss": mean_loss(model, valid_batches), SELECT_METRIC: bleu}
 
-    return evaluate
+    return evaluate, greedy
 
 
 def finetune(tokens_dir: str | Path, vocab_dir: str | Path, init_model: str | Path,
@@ -64,13 +74,8 @@ def finetune(tokens_dir: str | Path, vocab_dir: str | Path, init_model: str | Pa
     check_vocab(model, tok, init_model)
     block = model.cfg.block_size
     train = read_pairs(tokens_dir / "parallel_train.parquet")
-    valid = read_pairs(tokens_dir / "parallel_valid.parquet")
-    valid_batches = fixed_batches(valid, tok, tgt_lang, block, cfg.batch_size, cfg.eval_batches)
-    bleu_pairs = valid.iloc[: cfg.bleu_samples]
-    greedy = DecodeConfig(beam_size=1, max_new_tokens=params.evaluate.decode.max_new_tokens,
-                          batch_size=params.evaluate.decode.batch_size)
-
-    evaluate = bleu_evaluator(tok, valid_batches, bleu_pairs, tgt_lang, greedy)
+    evaluate, greedy = bleu_validation(tok, tokens_dir / "parallel_valid.parquet", tgt_lang,
+                                       block, cfg, params.evaluate.decode)
     resolved = {
         "model": model.cfg.model_dump(), "vocab_size": tok.vocab_size,
         "target_lang": tgt_lang, "bleu_decode": greedy.model_dump(),

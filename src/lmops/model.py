@@ -224,6 +224,16 @@ class Transformer(nn.Module):
         """An empty cache for this model; ``valid`` [B, T0] marks padding in the first slots."""
         return KVCache(self.cfg.n_layer, batch_size, max_len, self.device, valid)
 
+    def _span_start(self, t: int, cache: KVCache | None) -> int:
+        """Slot of the first of ``t`` new tokens; ValueError if they do not fit."""
+        start = cache.length if cache is not None else 0
+        if cache is None and t > self.cfg.block_size:
+            raise ValueError(f"sequence of {t} tokens exceeds block_size {self.cfg.block_size}")
+        if cache is not None and start + t > cache.max_len:
+            raise ValueError(f"KV cache overflow: {start} + {t} tokens > max_len "
+                             f"{cache.max_len}")
+        return start
+
     def forward(self, idx: Tensor, cache: KVCache | None = None,
                 positions: Tensor | None = None) -> Tensor:
         """Logits [B, T, V] for every position of ``idx`` [B, T].
@@ -235,12 +245,7 @@ class Transformer(nn.Module):
         pass each row's own positions.
         """
         b, t = idx.shape
-        start = cache.length if cache is not None else 0
-        if cache is None and t > self.cfg.block_size:
-            raise ValueError(f"sequence of {t} tokens exceeds block_size {self.cfg.block_size}")
-        if cache is not None and start + t > cache.max_len:
-            raise ValueError(f"KV cache overflow: {start} + {t} tokens > max_len "
-                             f"{cache.max_len}")
+        start = self._span_start(t, cache)
         if positions is None:
             positions = torch.arange(start, start + t, device=idx.device)
         angles = positions.unsqueeze(-1).float() * self.inv_freq  # [T, D/2] or [B, T, D/2]

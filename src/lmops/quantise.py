@@ -418,6 +418,7 @@ class OrtTransformer(nn.Module):
     _eval_mode = Transformer._eval_mode
     _left_pad = Transformer._left_pad
     new_cache = Transformer.new_cache
+    _span_start = Transformer._span_start
     generate_greedy = Transformer.generate_greedy
     generate_beam = Transformer.generate_beam
 
@@ -450,12 +451,7 @@ class OrtTransformer(nn.Module):
     def forward(self, idx: Tensor, cache: KVCache | None = None,
                 positions: Tensor | None = None) -> Tensor:
         b, t = idx.shape
-        start = cache.length if cache is not None else 0
-        if cache is None and t > self.cfg.block_size:
-            raise ValueError(f"sequence of {t} tokens exceeds block_size {self.cfg.block_size}")
-        if cache is not None and start + t > cache.max_len:
-            raise ValueError(f"KV cache overflow: {start} + {t} tokens > max_len "
-                             f"{cache.max_len}")
+        start = self._span_start(t, cache)
         if positions is None:
             positions = torch.arange(start, start + t)
         positions = positions.expand(b, t) if positions.dim() == 1 else positions
