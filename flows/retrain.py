@@ -1,18 +1,23 @@
-"""Scheduled retraining: rebuild up to evaluate, then champion/challenger in the registry.
+"""Scheduled retraining: rebuild when the source data changed, then champion/challenger.
 
     python flows/retrain.py                      # once, on Prefect's temporary server
+    python flows/retrain.py --force              # even if the source data is unchanged
     prefect deploy --all                         # nightly, see prefect.yaml and the README
 
-The pipeline flow runs first (DVC reruns only what new data or code changed); the
-evaluated translator becomes a new version of `lmops-translator` with the alias
-`challenger`, and takes the alias `champion` if it beats the current one on the held-out
-test set (lmops.registry.decide). A rerun that produced the champion's model again
-registers nothing.
+A digest of the raw corpora is compared with the last completed retraining's; unchanged
+data records a skipped run and stops. Otherwise the pipeline runs up to evaluate as a
+DVC experiment, the evaluated translator becomes a `challenger` version of the registered
+model, and it takes the `champion` alias only if data validation passed, test BLEU rose
+by `retrain.min_bleu_gain` and no perplexity rose by more than `retrain.max_ppl_increase`
+(params.yaml), the champion evaluated again on the same test set. The logic lives in
+lmops.retrain.
 """
 
 from __future__ import annotations
 
 import argparse
+import time
+from pathlib import Path
 from typing import Any
 
 from pipeline import pipeline  # flows/ is on sys.path: Prefect and python both put it there
@@ -22,52 +27,72 @@ from prefect.cache_policies import NO_CACHE
 
 from lmops import orchestrate as orch
 from lmops import registry
+from lmops import retrain as rt
+from lmops.config import load_params
+
+_TASK = dict(retries=2, retry_delay_seconds=[20, 60], retry_condition_fn=orch.retry_condition,
+             cache_policy=NO_CACHE, persist_result=False)
 
 
-@task(name="champion-challenger", retries=2, retry_delay_seconds=[20, 60],
-      retry_condition_fn=orch.retry_condition, cache_policy=NO_CACHE, persist_result=False)
-def champion_challenger(repo: str, run_id: str, model_name: str, min_bleu_gain: float,
-                        max_chrf_drop: float) -> dict[str, Any]:
-    decision = registry.champion_challenger(
-        repo, orch.load_dvc_yaml(repo), run_id, model_name, min_bleu_gain, max_chrf_drop,
-        extra_tags={"prefect.flow_run_id": str(runtime.flow_run.id)})
+@task(name="source-digest", **_TASK)
+def source_digest(repo: str) -> str:
+    return rt.source_digest(load_params(Path(repo) / "params.yaml").clean)
+
+
+@task(name="champion-challenger", **_TASK)
+def champion_challenger(repo: str, run_id: str, digest: str) -> dict[str, Any]:
+    decision = rt.champion_challenger(
+        repo, run_id, digest, extra_tags={"prefect.flow_run_id": str(runtime.flow_run.id)})
     get_run_logger().info("%s: %s", decision["action"], decision["reason"])
     return decision
 
 
-@flow(name="lmops-retrain")
-def retrain(repo: str = ".", params: list[str] | dict[str, Any] | None = None,
-            model_name: str = registry.MODEL_NAME, min_bleu_gain: float = 0.0,
-            max_chrf_drop: float = 1.0) -> dict[str, Any]:
-    """Retrain and evaluate, register the challenger, promote it if it wins.
-
-    Args:
-        repo: the project checkout.
-        params: overrides for the retraining run (then a DVC experiment), as in the pipeline.
-        model_name: the registered model.
-        min_bleu_gain: BLEU the challenger must gain over the champion to replace it.
-        max_chrf_drop: the most chrF it may lose while doing so.
-    """
-    run = pipeline(repo=repo, target=registry.EVALUATE_STAGE, params=params)
-    decision = champion_challenger(repo, run["mlflow_run_id"], model_name, min_bleu_gain,
-                                   max_chrf_drop)
+def _report(decision: dict[str, Any]) -> None:
     rows = "\n".join(f"| {k} | {v} |" for k, v in decision.items())
     create_markdown_artifact(
         key="lmops-retrain-decision",
-        markdown=f"## {model_name}: {decision['action']}\n\n| | |\n|---|---|\n{rows}\n",
-        description="Champion/challenger decision of this retraining run.")
+        markdown=f"## Retraining: {decision['action']}\n\n| | |\n|---|---|\n{rows}\n",
+        description="What this retraining run did, and why.")
+
+
+@flow(name="lmops-retrain")
+def retrain(repo: str = ".", params: list[str] | dict[str, Any] | None = None,
+            force: bool = False) -> dict[str, Any]:
+    """Retrain if the source data changed; register the challenger, promote it if it wins.
+
+    Args:
+        repo: the project checkout.
+        params: overrides for this run (`dvc exp run -S`); a run with overrides always runs.
+        force: run even if the source data is unchanged since the last retraining.
+    """
+    logger = get_run_logger()
+    root = str(Path(repo).resolve())
+    digest = source_digest(root)
+    last = rt.last_completed(root)
+    if last is not None and not force and not params \
+            and last.data.tags.get(rt.DIGEST_TAG) == digest:
+        decision = rt.record_skip(root, digest, last,
+                                  {"prefect.flow_run_id": str(runtime.flow_run.id)})
+        logger.info("skipped: %s", decision["reason"])
+        _report(decision)
+        return decision
+    run = pipeline(repo=root, target=registry.EVALUATE_STAGE, params=params,
+                   experiment=time.strftime("retrain-%Y%m%d-%H%M%S"))
+    decision = {**champion_challenger(root, run["mlflow_run_id"], digest),
+                "mlflow_run_id": run["mlflow_run_id"]}
+    _report(decision)
     return decision
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repo", default=".")
-    p.add_argument("-S", "--set-param", action="append", dest="params", metavar="KEY=VALUE")
-    p.add_argument("--min-bleu-gain", type=float, default=0.0)
-    p.add_argument("--max-chrf-drop", type=float, default=1.0)
+    p.add_argument("-S", "--set-param", action="append", dest="params", metavar="KEY=VALUE",
+                   help="a params override for this run, as for `dvc exp run -S` (repeatable)")
+    p.add_argument("--force", action="store_true",
+                   help="retrain even if the source data is unchanged")
     args = p.parse_args(argv)
-    retrain(repo=args.repo, params=args.params, min_bleu_gain=args.min_bleu_gain,
-            max_chrf_drop=args.max_chrf_drop)
+    retrain(repo=args.repo, params=args.params, force=args.force)
 
 
 if __name__ == "__main__":

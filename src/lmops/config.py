@@ -374,6 +374,23 @@ class QuantiseConfig(_Section):
         return self
 
 
+class RetrainConfig(_Section):
+    """Scheduled retraining (flows/retrain.py): when a challenger replaces the champion."""
+
+    model_name: str = Field(
+        default="lmops-translator", description="The registered model in MLflow.",
+    )
+    min_bleu_gain: float = Field(
+        default=0.5,
+        description="Test BLEU the challenger must gain over the champion to replace it.",
+    )
+    max_ppl_increase: float = Field(
+        default=0.05, ge=0.0,
+        description="The most the challenger's held-out perplexity may rise over the "
+        "champion's in any language, relative (0.05 = 5%); per byte, so vocabularies compare.",
+    )
+
+
 # ----------------------------------------------------------------- the file
 
 
@@ -391,6 +408,7 @@ class Params(_Section):
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     distil: DistilConfig = Field(default_factory=DistilConfig)
     quantise: QuantiseConfig = Field(default_factory=QuantiseConfig)
+    retrain: RetrainConfig = Field(default_factory=RetrainConfig)
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 

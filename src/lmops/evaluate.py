@@ -146,7 +146,8 @@ def evaluate_model(model: Transformer, tok: Tokenizer, clean_dir: str | Path,
     metrics: dict[str, Any] = perplexity(model, tok, texts, cfg)
     started = time.perf_counter()
     with _autocast(model, cfg.precision):
-        hyps = translate_ids(model, tok, list(pairs["src_ids"]), tgt_lang, cfg.decode,
+        # encoded with the model's own vocabulary: a registered champion may carry another
+        hyps = translate_ids(model, tok, tok.encode(list(pairs["src"])), tgt_lang, cfg.decode,
                              progress=True, desc="translate test")
     seconds = time.perf_counter() - started
     metrics.update(bleu_chrf(hyps, list(pairs["tgt"])))

@@ -1,11 +1,9 @@
 """The MLflow model registry entry of the translator: champion and challenger.
 
-A retraining run registers the fine-tuned model it evaluated (the model directory and
-its vocabulary, as artifacts of the pipeline's parent run) as a new version of
-``lmops-translator`` with the alias ``challenger``, then promotes it to ``champion`` if
-it beats the current champion on the held-out test set. Kept minimal on purpose: a
-plain artifact version (``models:/lmops-translator@champion`` downloads the
-directories), not a pyfunc model.
+A retraining run (lmops.retrain) registers the fine-tuned model it evaluated (the model
+directory and its vocabulary, as artifacts of the pipeline's parent run) as a new version
+of ``lmops-translator`` with the alias ``challenger``, and promotes it to ``champion``
+when it beats the current one (``models:/lmops-translator@champion`` downloads it).
 """
 
 from __future__ import annotations
@@ -19,7 +17,6 @@ from typing import Any
 
 from lmops import tracking
 from lmops.errors import LmopsError
-from lmops.orchestrate import in_dir
 
 MODEL_NAME = "lmops-translator"
 CHAMPION = "champion"
@@ -60,21 +57,6 @@ def candidate(root: str | Path, dvc_yaml: Mapping[str, Any]) -> Candidate:
     return Candidate(paths["model"], paths["vocab"], metrics)
 
 
-def decide(challenger: Mapping[str, Any], champion: Mapping[str, Any] | None,
-           min_bleu_gain: float = 0.0, max_chrf_drop: float = 1.0) -> tuple[bool, str]:
-    """Promote the challenger? It must gain at least ``min_bleu_gain`` BLEU and not lose
-    more than ``max_chrf_drop`` chrF; with no champion yet it wins by default."""
-    if champion is None:
-        return True, "no champion yet"
-    gain = float(challenger["bleu"]) - float(champion["bleu"])
-    drop = float(champion["chrf"]) - float(challenger["chrf"])
-    if drop > max_chrf_drop:
-        return False, f"chrF drops by {drop:.2f} (more than {max_chrf_drop})"
-    if gain < min_bleu_gain:
-        return False, f"BLEU {gain:+.2f} (needs {min_bleu_gain:+.2f} or more)"
-    return True, f"BLEU {gain:+.2f}, chrF {-drop:+.2f}"
-
-
 def _client():
     from mlflow.tracking import MlflowClient
 
@@ -89,11 +71,6 @@ def version_by_alias(name: str, alias: str) -> Any | None:
     if not found or alias not in found[0].aliases:
         return None
     return client.get_model_version(name, found[0].aliases[alias])
-
-
-def version_metrics(version: Any) -> dict[str, float]:
-    return {k.removeprefix("metric."): float(v) for k, v in version.tags.items()
-            if k.startswith("metric.")}
 
 
 def register(cand: Candidate, run_id: str, name: str = MODEL_NAME,
@@ -129,29 +106,3 @@ def promote(name: str, version: str) -> None:
         client.set_registered_model_alias(name, PREVIOUS, old.version)
     client.set_registered_model_alias(name, CHAMPION, version)
     client.delete_registered_model_alias(name, CHALLENGER)
-
-
-def champion_challenger(root: str | Path, dvc_yaml: Mapping[str, Any], run_id: str,
-                        name: str = MODEL_NAME, min_bleu_gain: float = 0.0,
-                        max_chrf_drop: float = 1.0,
-                        extra_tags: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """Register the workspace's evaluated translator and promote it if it wins."""
-    root = Path(root).resolve()
-    cand = candidate(root, dvc_yaml)
-    with in_dir(root):
-        champ = version_by_alias(name, CHAMPION)
-        md5 = tracking.dvc_md5(cand.model_dir) or tracking.file_digest(cand.model_dir)
-        if champ is not None and champ.tags.get(MD5_TAG) == md5:
-            return {"action": "unchanged", "champion": str(champ.version),
-                    "reason": "the pipeline produced the champion's model again"}
-        version = register(cand, run_id, name, extra_tags)
-        champ_metrics = version_metrics(champ) if champ is not None else None
-        ok, reason = decide(cand.metrics, champ_metrics, min_bleu_gain, max_chrf_drop)
-        if ok:
-            promote(name, str(version.version))
-        return {"action": "promoted" if ok else "kept champion",
-                "challenger": str(version.version),
-                "champion": str(version.version) if ok else str(champ.version),
-                "reason": reason,
-                "challenger_bleu": cand.metrics.get("bleu"),
-                "champion_bleu": (champ_metrics or {}).get("bleu")}
