@@ -258,7 +258,7 @@ class FinetuneConfig(TrainConfig):
         default=64, ge=1, description="Validation pairs translated (greedy) for BLEU."
     )
     lm_mix: float = Field(
-        default=0.25, ge=0, lt=1,
+        default=0.1, ge=0, lt=1,
         description="Share of each batch that is pretraining text (language-model replay), "
         "so the translator keeps its perplexity on plain text.",
     )
