@@ -37,6 +37,7 @@ bench: $(STAMP)
 	TQDM_DISABLE=1 $(BIN)/python bench/train_throughput.py
 	TQDM_DISABLE=1 $(BIN)/python bench/decode.py
 	TQDM_DISABLE=1 $(BIN)/python bench/data_stages.py
+	TQDM_DISABLE=1 $(BIN)/python bench/pipeline_overhead.py
 
 clean-venv:
 	rm -rf $(VENV)

@@ -36,6 +36,11 @@ def run_stage(repo: str, stage: str, parent_run_id: str) -> orch.StageResult:
     return result
 
 
+@task(name="dvc-status", **_TASK)
+def check_up_to_date(repo: str, target: str | None) -> bool:
+    return orch.up_to_date(repo, target)
+
+
 @task(name="dvc-exp-run", **_TASK)
 def run_experiment(repo: str, stages: list[str], target: str | None,
                    params: list[str] | dict[str, Any] | None, experiment: str | None,
@@ -88,6 +93,9 @@ def pipeline(repo: str = ".", target: str | None = None,
             run = run_experiment.with_options(tags=tags)(
                 str(root), stages, target, params, experiment, parent_id)
             results = run.stages
+        elif check_up_to_date(str(root), target):
+            logger.info("dvc status: every stage is up to date, nothing to run")
+            results = [orch.StageResult(s, "skipped") for s in stages]
         else:
             for stage in stages:
                 results.append(orch.StageResult(stage, "failed"))

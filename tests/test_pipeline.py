@@ -128,10 +128,17 @@ def test_second_repro_does_nothing(repo, first_run):
 
 
 def test_one_param_reruns_only_what_reads_it(repo, first_run):
+    from lmops.orchestrate import up_to_date
+
+    assert up_to_date(repo) and up_to_date(repo, "evaluate")
     params = params_of(repo)
     params["evaluate"]["n_samples"] += 1
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    # the flow's one-call check agrees with what dvc repro then does
+    assert not up_to_date(repo) and not up_to_date(repo, "evaluate")
+    assert up_to_date(repo, "finetune")
     assert ran(dvc(repo, "repro")) == ["evaluate"]
+    assert up_to_date(repo)
     samples = (repo / "data/evaluate/samples.jsonl").read_text().splitlines()
     assert len(samples) == params["evaluate"]["n_samples"]
 

@@ -270,6 +270,16 @@ def _run(cmd: list[str], root: Path, env: Mapping[str, str], label: str,
     return output, time.perf_counter() - started
 
 
+def up_to_date(root: str | Path, target: str | None = None) -> bool:
+    """One ``dvc status`` over ``target`` and what it needs (every stage without one):
+    True when ``dvc repro`` would do nothing, so a no-op run costs one DVC start, not one
+    per stage."""
+    cmd = ["dvc", "status", "--quiet", *(["--with-deps", target] if target else [])]
+    out = subprocess.run(cmd, cwd=Path(root).resolve(), env=stage_env(None),
+                         capture_output=True, text=True)
+    return out.returncode == 0
+
+
 def repro_stage(root: str | Path, stage: str, parent_run_id: str | None = None,
                 log: Callable[[str], None] = print) -> StageResult:
     """``dvc repro --single-item <stage>``: DVC decides whether it reruns."""
