@@ -84,11 +84,13 @@ def test_champion_and_challenger(mlflow_store, tmp_path):
     assert better["action"] == "promoted" and better["reason"] == "BLEU +2.00, chrF +0.50"
     assert aliases() == {"champion": 3, "previous": 1}
 
-    # the champion downloads by alias: the model directory and its vocabulary
+    # the champion downloads by alias: a pyfunc model holding the model directory and
+    # its vocabulary
     got = Path(mlflow.artifacts.download_artifacts(f"models:/{name}@champion",
                                                    dst_path=str(tmp_path / "dl")))
-    assert (got / "model/model.safetensors").read_bytes() == b"v3"
-    assert (got / "vocab/meta.json").is_file()
+    assert (got / "artifacts/model/model.safetensors").read_bytes() == b"v3"
+    assert (got / "artifacts/vocab/meta.json").is_file()
+    assert "python_function" in (got / "MLmodel").read_text()
 
 
 @pytest.fixture(scope="module")
