@@ -123,3 +123,28 @@ def test_a_reused_parent_keeps_its_first_params_with_a_warning(mlflow_store, tmp
         pass
     assert MlflowClient().get_run(parent.info.run_id).data.params["finetune.lr"] == "0.002"
 
+
+def test_compare_shows_the_one_param_that_differs(mlflow_store, tmp_path, capsys):
+    from lmops import cli, compare
+
+    for lr in (0.002, 0.004):
+        _project(tmp_path, lr)
+        with tracking.stage_run("finetune", {"lr": lr}):
+            mlflow.log_metric("finetune/train_loss", 4.0 + lr)
+            mlflow.log_metric("finetune/steps", 30)
+    new, old = compare.recent_runs(2)
+    runs = [compare.summarise(r) for r in (old, new)]
+    assert runs[0].stages == runs[1].stages == ["finetune"]
+    rows = compare.table(runs)
+    assert [(kind, key) for kind, key, _ in rows] == [
+        ("param", "finetune.lr"), ("metric", "finetune/train_loss")]
+    assert rows[0][2] == ["0.002", "0.004"]
+    assert {key for _, key, _ in compare.table(runs, all_rows=True)} >= {
+        "finetune/steps", "vocab.vocab_size"}
+
+    cli.main(["compare", "--last", "2"])
+    out = capsys.readouterr().out
+    assert "finetune.lr" in out and "0.004" in out and "vocab.vocab_size" not in out
+    with pytest.raises(SystemExit):
+        cli.main(["compare", "no-such-run"])
+    assert "MLflow run no-such-run: not found" in capsys.readouterr().err
