@@ -1,12 +1,17 @@
-"""Shared fixtures: an isolated MLflow store per test and the repo's paths."""
+"""Shared fixtures: an isolated MLflow store per test, the repo's paths, and a throwaway
+git + DVC workspace on the tiny profile for tests that run the real `dvc` CLI."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -40,3 +45,41 @@ def mlflow_store(tmp_path, monkeypatch, mlflow_template):
     yield uri
     while mlflow.active_run():
         mlflow.end_run()
+
+
+def dvc_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """This environment without MLflow/DVC/lmops settings (the workspace's own store is
+    used unless ``extra`` names one), with this venv's tools first on PATH."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("MLFLOW_", "DVC_", "LMOPS_"))}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    env["GX_ANALYTICS_ENABLED"] = "false"
+    env.update(extra or {})
+    return env
+
+
+def dvc(root: Path, *args: str, env: Mapping[str, str] | None = None) -> str:
+    """Run the `dvc` CLI in ``root``; fails the test with its output if it fails."""
+    out = subprocess.run(["dvc", *args], cwd=root, env=dvc_env(env), capture_output=True,
+                         text=True, timeout=900)
+    assert out.returncode == 0, f"dvc {' '.join(args)} failed:\n{out.stdout}\n{out.stderr}"
+    return out.stdout + out.stderr
+
+
+def make_tiny_repo(root: Path) -> Path:
+    """A fresh git + DVC repo in ``root`` holding the project's pipeline, code and the tiny
+    profile as its params.yaml."""
+    from lmops.config import load_profile
+
+    shutil.copy(REPO / "dvc.yaml", root)
+    for folder in ("stages", "src"):
+        shutil.copytree(REPO / folder, root / folder,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    params = load_profile(REPO / "params.tiny.yaml", REPO / "params.yaml")
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"]):
+        subprocess.run(cmd, cwd=root, check=True, env=dvc_env())
+    subprocess.run(["git", "add", "-A"], cwd=root, check=True)
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"],
+                   cwd=root, check=True)
+    return root

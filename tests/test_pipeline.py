@@ -19,8 +19,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from lmops.config import load_profile
-from tests.conftest import REPO
+from tests.conftest import dvc, dvc_env, make_tiny_repo
 
 DATA_STAGES = ["clean", "validate", "vocab", "tokenise"]
 MODEL_STAGES = ["pretrain", "finetune", "evaluate", "distil", "quantise"]
@@ -29,18 +28,7 @@ pytestmark = pytest.mark.slow
 
 
 def _env(root: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("MLFLOW_", "DVC_", "LMOPS_"))}
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
-    env["GX_ANALYTICS_ENABLED"] = "false"
-    return env
-
-
-def dvc(root: Path, *args: str) -> str:
-    out = subprocess.run(["dvc", *args], cwd=root, env=_env(root), capture_output=True,
-                         text=True, timeout=900)
-    assert out.returncode == 0, f"dvc {' '.join(args)} failed:\n{out.stdout}\n{out.stderr}"
-    return out.stdout + out.stderr
+    return dvc_env()
 
 
 def ran(output: str) -> list[str]:
@@ -50,19 +38,7 @@ def ran(output: str) -> list[str]:
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory) -> Path:
     """A fresh git + DVC repo holding the project's pipeline and the tiny profile."""
-    root = tmp_path_factory.mktemp("pipeline")
-    shutil.copy(REPO / "dvc.yaml", root)
-    for folder in ("stages", "src"):
-        shutil.copytree(REPO / folder, root / folder,
-                        ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-    params = load_profile(REPO / "params.tiny.yaml", REPO / "params.yaml")
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"]):
-        subprocess.run(cmd, cwd=root, check=True, env=_env(root))
-    subprocess.run(["git", "add", "-A"], cwd=root, check=True)
-    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"],
-                   cwd=root, check=True)
-    return root
+    return make_tiny_repo(tmp_path_factory.mktemp("pipeline"))
 
 
 @pytest.fixture(scope="module")

@@ -64,8 +64,10 @@ def test_register_and_promote(mlflow_store, tmp_path):
     registry.promote(name, "2")
     assert aliases() == {"champion": 2, "previous": 1}
 
-    # the champion downloads by alias: the model directory and its vocabulary
+    # the champion downloads by alias: a pyfunc model holding the model directory and
+    # its vocabulary
     got = Path(mlflow.artifacts.download_artifacts(f"models:/{name}@champion",
                                                    dst_path=str(tmp_path / "dl")))
-    assert (got / "model/model.safetensors").read_bytes() == b"v2"
-    assert (got / "vocab/meta.json").is_file()
+    assert (got / "artifacts/model/model.safetensors").read_bytes() == b"v2"
+    assert (got / "artifacts/vocab/meta.json").is_file()
+    assert "python_function" in (got / "MLmodel").read_text()

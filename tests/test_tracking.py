@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import mlflow
 import pytest
+import yaml
 from mlflow.tracking import MlflowClient
 
 from lmops import tracking
+from tests.conftest import REPO
 
 
 def _runs(kind):
@@ -82,3 +84,67 @@ def test_dvc_md5_comes_from_the_lock(tmp_path, monkeypatch):
     )
     assert tracking.dvc_md5("data/clean") == "abc123.dir"
     assert tracking.dvc_md5("data/other") is None
+
+
+def _project(root, lr: float) -> None:
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["finetune"]["lr"] = lr
+    (root / "dvc.yaml").write_text("stages: {}\n")
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    (root / "dvc.lock").write_text("schema: '2.0'\nstages: {}\n")
+
+
+def test_the_pipeline_run_holds_the_params_files_and_stage_metrics(mlflow_store, tmp_path):
+    _project(tmp_path, 0.002)
+    with tracking.stage_run("first", {"a": 1}):
+        mlflow.log_metric("first/x", 3.0)
+    (parent,) = _runs("pipeline")
+    # the whole params file, resolved: defaults included, sections as prefixes
+    assert parent.data.params["finetune.lr"] == "0.002"
+    assert parent.data.params["vocab.vocab_size"] == str(
+        yaml.safe_load((REPO / "params.yaml").read_text())["vocab"]["vocab_size"])
+    assert parent.data.params["tokenise.num_proc"]
+    assert "first.a" not in parent.data.params  # stage params stay on the stage run
+    assert parent.data.metrics["first/x"] == 3.0 and "first/wall_seconds" in parent.data.metrics
+    names = {a.path for a in MlflowClient().list_artifacts(parent.info.run_id)}
+    assert {"params.yaml", "dvc.lock"} <= names
+
+
+def test_a_reused_parent_keeps_its_first_params_with_a_warning(mlflow_store, tmp_path,
+                                                               monkeypatch):
+    _project(tmp_path, 0.002)
+    with tracking.stage_run("first"):
+        pass
+    (parent,) = _runs("pipeline")
+    monkeypatch.setenv(tracking.PARENT_ENV, parent.info.run_id)
+    _project(tmp_path, 0.004)
+    with pytest.warns(UserWarning, match=r"other values for \['finetune.lr'\]"), \
+            tracking.stage_run("second"):
+        pass
+    assert MlflowClient().get_run(parent.info.run_id).data.params["finetune.lr"] == "0.002"
+
+
+def test_compare_shows_the_one_param_that_differs(mlflow_store, tmp_path, capsys):
+    from lmops import cli, compare
+
+    for lr in (0.002, 0.004):
+        _project(tmp_path, lr)
+        with tracking.stage_run("finetune", {"lr": lr}):
+            mlflow.log_metric("finetune/train_loss", 4.0 + lr)
+            mlflow.log_metric("finetune/steps", 30)
+    new, old = compare.recent_runs(2)
+    runs = [compare.summarise(r) for r in (old, new)]
+    assert runs[0].stages == runs[1].stages == ["finetune"]
+    rows = compare.table(runs)
+    assert [(kind, key) for kind, key, _ in rows] == [
+        ("param", "finetune.lr"), ("metric", "finetune/train_loss")]
+    assert rows[0][2] == ["0.002", "0.004"]
+    assert {key for _, key, _ in compare.table(runs, all_rows=True)} >= {
+        "finetune/steps", "vocab.vocab_size"}
+
+    cli.main(["compare", "--last", "2"])
+    out = capsys.readouterr().out
+    assert "finetune.lr" in out and "0.004" in out and "vocab.vocab_size" not in out
+    with pytest.raises(SystemExit):
+        cli.main(["compare", "no-such-run"])
+    assert "MLflow run no-such-run: not found" in capsys.readouterr().err

@@ -2,6 +2,10 @@
 
     lmops params check [params.yaml]        validate a params file, name every bad key
     lmops params set-args params.gpu.yaml   print `-S key=value` args for `dvc exp run`
+    lmops translate "Hello." ...            translate sentences (args, or stdin lines)
+        --model data/models/finetune --vocab data/vocab      a local model directory
+        --model-uri models:/lmops-translator@champion        or a logged MLflow model
+    lmops compare [RUN_ID ...] [--last N]   pipeline runs side by side (params, metrics)
 """
 
 from __future__ import annotations
@@ -28,6 +32,40 @@ def _params_set_args(args: argparse.Namespace) -> None:
         print(shlex.join(config.dvc_set_args(yaml.safe_load(fh) or {})))
 
 
+def _sentences(args: argparse.Namespace) -> list[str]:
+    if args.text:
+        return list(args.text)
+    return [line.rstrip("\n") for line in sys.stdin if line.strip()]
+
+
+def _translate(args: argparse.Namespace) -> None:
+    overrides = {"beam_size": args.beam_size, "max_new_tokens": args.max_new_tokens}
+    if (args.model is None) == (args.model_uri is None):
+        raise LmopsError("give either --model DIR (with --vocab DIR) or --model-uri URI")
+    sources = _sentences(args)
+    if args.model_uri is not None:
+        from lmops import serving
+
+        out = serving.translate_with(serving.load_translator(args.model_uri), sources,
+                                     **overrides)
+    else:
+        from lmops.serving import Translator
+
+        if args.vocab is None:
+            raise LmopsError("--model needs --vocab (the vocab stage's directory, data/vocab)")
+        translator = Translator.from_dirs(args.model, args.vocab, target_lang=args.target_lang)
+        out = translator.translate(sources, **overrides)
+    for line in out:
+        print(line)
+
+
+def _compare(args: argparse.Namespace) -> None:
+    from lmops import compare
+
+    print(compare.compare(args.runs, last=args.last, experiment=args.experiment,
+                          all_rows=args.all, volatile=args.timings))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lmops", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -40,6 +78,26 @@ def build_parser() -> argparse.ArgumentParser:
     set_args.add_argument("profile")
     set_args.add_argument("--base", default=config.DEFAULT_PARAMS)
     set_args.set_defaults(func=_params_set_args)
+
+    tr = sub.add_parser("translate", help="translate sentences with a local or logged model")
+    tr.add_argument("text", nargs="*", help="sentences (none: one per line on stdin)")
+    tr.add_argument("--model", help="a model directory, e.g. data/models/finetune")
+    tr.add_argument("--vocab", help="its vocabulary directory, e.g. data/vocab")
+    tr.add_argument("--model-uri", help="an MLflow model, e.g. models:/lmops-translator@champion")
+    tr.add_argument("--target-lang", help="target language (default: the model's own)")
+    tr.add_argument("--beam-size", type=int, help="beam width (1 = greedy)")
+    tr.add_argument("--max-new-tokens", type=int, help="longest translation, in tokens")
+    tr.set_defaults(func=_translate)
+
+    cmp_ = sub.add_parser("compare", help="pipeline runs side by side, from MLflow")
+    cmp_.add_argument("runs", nargs="*", help="parent run ids (default: the last --last runs)")
+    cmp_.add_argument("--last", type=int, default=2, help="how many recent pipeline runs")
+    cmp_.add_argument("--experiment", help="MLflow experiment (default: $MLFLOW_EXPERIMENT_NAME "
+                                           "or lmops)")
+    cmp_.add_argument("--all", action="store_true", help="every row, not only differing ones")
+    cmp_.add_argument("--timings", action="store_true",
+                      help="include timing metrics (they differ on every run)")
+    cmp_.set_defaults(func=_compare)
     return p
 
 

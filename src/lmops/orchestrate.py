@@ -344,6 +344,7 @@ def end_parent_run(root: str | Path, run_id: str, ok: bool,
         client = MlflowClient()
         for r in results:
             client.set_tag(run_id, f"lmops.stage_status.{r.stage}", r.status)
+        tracking.log_run_files(run_id, client, root)  # the final dvc.lock, every stage in it
         client.set_terminated(run_id, status="FINISHED" if ok else "FAILED")
 
 

@@ -3,14 +3,17 @@
 A retraining run (lmops.retrain) registers the fine-tuned model it evaluated (the model
 directory and its vocabulary, as artifacts of the pipeline's parent run) as a new version
 of ``lmops-translator`` with the alias ``challenger``, and promotes it to ``champion``
-when it beats the current one (``models:/lmops-translator@champion`` downloads it).
+when it beats the current one. A version is a pyfunc model (:mod:`lmops.serving`):
+``mlflow models serve -m models:/lmops-translator@champion`` answers translation
+requests, ``mlflow.pyfunc.load_model`` translates in Python.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shlex
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +26,7 @@ CHAMPION = "champion"
 CHALLENGER = "challenger"
 PREVIOUS = "previous"
 MD5_TAG = "lmops.model_md5"
+TRANSLATOR = "translator"  # the logged model's name in its run
 # the stage whose outputs are the candidate: its cmd line names the model, vocab, metrics
 EVALUATE_STAGE = "evaluate"
 
@@ -75,16 +79,20 @@ def version_by_alias(name: str, alias: str) -> Any | None:
 
 def register(cand: Candidate, run_id: str, name: str = MODEL_NAME,
              extra_tags: Mapping[str, str] | None = None) -> Any:
-    """Log the model and vocab to ``run_id`` and register them as a version of ``name``
-    with the alias ``challenger``; test metrics and the model's md5 become version tags."""
+    """Log the translator to ``run_id`` as a pyfunc model (see :mod:`lmops.serving`) and
+    register it as a version of ``name`` with the alias ``challenger``; test metrics and
+    the model's md5 become version tags. The run also gets the final params file and
+    ``dvc.lock``."""
+    import mlflow
     from mlflow.exceptions import MlflowException
 
+    from lmops import serving
+
     client = _client()
-    client.log_artifacts(run_id, str(cand.model_dir), "translator/model")
-    client.log_artifacts(run_id, str(cand.vocab_dir), "translator/vocab")
     try:
         client.create_registered_model(
-            name, description="English->French translator (data/models/finetune + data/vocab)")
+            name, description="English->French translator: a pyfunc taking a 'source' "
+                              "column, returning a 'translation' column")
     except MlflowException as err:
         if "RESOURCE_ALREADY_EXISTS" not in str(err.error_code):
             raise
@@ -92,10 +100,44 @@ def register(cand: Candidate, run_id: str, name: str = MODEL_NAME,
     tags = {MD5_TAG: md5, **{f"metric.{k}": str(v) for k, v in cand.metrics.items()
                              if isinstance(v, int | float) and not isinstance(v, bool)},
             **(extra_tags or {})}
-    source = f"{client.get_run(run_id).info.artifact_uri}/translator"
-    version = client.create_model_version(name, source, run_id=run_id, tags=tags)
+    target_lang, decode = _evaluated_settings()
+    with _resumed(run_id):
+        info = serving.log_translator(cand.model_dir, cand.vocab_dir, name=TRANSLATOR,
+                                      target_lang=target_lang, decode=decode,
+                                      metadata={MD5_TAG: md5})
+    tracking.log_run_files(run_id, client)
+    version = mlflow.register_model(info.model_uri, name, tags=tags)
     client.set_registered_model_alias(name, CHALLENGER, version.version)
     return client.get_model_version(name, version.version)
+
+
+def _evaluated_settings() -> tuple[str | None, Any]:
+    """Target language and decode settings the candidate was evaluated with (the params
+    file), so the served model decodes as it was scored; defaults without one."""
+    from lmops.config import DecodeConfig, load_params
+
+    path = tracking.params_file()
+    if not path.is_file():
+        return None, DecodeConfig()
+    params = load_params(path)
+    return params.clean.target_lang, params.evaluate.decode
+
+
+@contextlib.contextmanager
+def _resumed(run_id: str) -> Iterator[Any]:
+    """``run_id`` as the active run (reopened if it ended; it ends as it was)."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    active = mlflow.active_run()
+    if active is not None and active.info.run_id == run_id:
+        yield active
+        return
+    status = MlflowClient().get_run(run_id).info.status
+    with mlflow.start_run(run_id=run_id, nested=active is not None) as run:
+        yield run
+    if status != "RUNNING":
+        MlflowClient().set_terminated(run_id, status=status)
 
 
 def promote(name: str, version: str) -> None:

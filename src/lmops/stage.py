@@ -19,6 +19,7 @@ import os
 import sys
 from collections.abc import Callable
 
+from lmops import tracking
 from lmops.errors import LmopsError
 
 
@@ -35,7 +36,8 @@ def run(name: str, main: Callable[[argparse.Namespace], None],
     logging.basicConfig(level=logging.INFO, format=f"[{name}] %(message)s")
     args = argp.parse_args(argv)
     try:
-        main(args)
+        with tracking.using_params_file(getattr(args, "params", None)):
+            main(args)
     except LmopsError as err:
         print(f"lmops {name}: error: {err}", file=sys.stderr)
         sys.exit(1)

@@ -29,14 +29,16 @@ from typing import Any
 import psutil
 import yaml
 
-from lmops.config import flatten
-from lmops.errors import DataError
+from lmops.config import DEFAULT_PARAMS, flatten
+from lmops.errors import DataError, LmopsError
 
 EXPERIMENT_ENV = "MLFLOW_EXPERIMENT_NAME"
 PARENT_ENV = "LMOPS_PARENT_RUN_ID"
 DEFAULT_EXPERIMENT = "lmops"
 KEY_TAG = "lmops.pipeline_key"
 DVC_ENV_TAGS = ("DVC_STAGE", "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV", "DVC_ROOT")
+# the params file of this process (stage.run sets it from --params); params.yaml otherwise
+_params_file: Path | None = None
 
 
 def project_root() -> Path:
@@ -64,12 +66,16 @@ def _is_default_store() -> bool:
     return not os.environ.get("MLFLOW_TRACKING_URI")
 
 
+def experiment_name() -> str:
+    return os.environ.get(EXPERIMENT_ENV, DEFAULT_EXPERIMENT)
+
+
 def setup() -> str:
     """Point MLflow at the store and make sure the experiment exists; returns its id."""
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri())
-    name = os.environ.get(EXPERIMENT_ENV, DEFAULT_EXPERIMENT)
+    name = experiment_name()
     exp = mlflow.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
@@ -173,9 +179,12 @@ def stage_run(stage: str, params: dict[str, Any] | None = None) -> Iterator[Any]
         try:
             if params:
                 mlflow.log_params({f"{stage}.{k}": _param(v) for k, v in params.items()})
+            log_pipeline_params(parent_id, client)
+            log_run_files(parent_id, client)
             started = time.perf_counter()
             yield run
             mlflow.log_metric(f"{stage}/wall_seconds", time.perf_counter() - started)
+            roll_up(client, run.info.run_id, parent_id)
             status = "FINISHED"
         except BaseException as err:
             mlflow.set_tag("lmops.error", f"{type(err).__name__}: {err}"[:5000])
@@ -183,6 +192,87 @@ def stage_run(stage: str, params: dict[str, Any] | None = None) -> Iterator[Any]
             raise
         finally:
             client.set_terminated(parent_id, status=status)
+
+
+@contextlib.contextmanager
+def using_params_file(path: str | Path | None) -> Iterator[None]:
+    """The params file a stage runs with (``stage.run`` passes ``--params``)."""
+    global _params_file
+    before, _params_file = _params_file, (Path(path) if path else None)
+    try:
+        yield
+    finally:
+        _params_file = before
+
+
+def params_file() -> Path:
+    if _params_file is not None:
+        return _params_file if _params_file.is_absolute() else Path.cwd() / _params_file
+    return project_root() / DEFAULT_PARAMS
+
+
+def log_run_files(run_id: str, client: Any = None, root: str | Path | None = None) -> None:
+    """The params file and ``dvc.lock``, as artifacts of ``run_id``.
+
+    A stage logs them to its parent as it starts (DVC has by then locked every stage
+    before it); whoever ends a pipeline run logs them once more, complete.
+    """
+    from mlflow.tracking import MlflowClient
+
+    client = client or MlflowClient()
+    files = [params_file(), project_root() / "dvc.lock"] if root is None else [
+        Path(root) / DEFAULT_PARAMS, Path(root) / "dvc.lock"]
+    for path in files:
+        if path.is_file():
+            client.log_artifact(run_id, str(path))
+
+
+def _batches(client: Any, run_id: str, metrics: list, params: list) -> None:
+    for lo in range(0, max(len(params), len(metrics)), 100):  # log_batch: 100 params a call
+        client.log_batch(run_id, metrics=metrics[lo:lo + 100], params=params[lo:lo + 100])
+
+
+def log_pipeline_params(run_id: str, client: Any = None) -> None:
+    """Every param of the params file, resolved and flattened (``finetune.lr``), on ``run_id``.
+
+    The pipeline run so holds the whole configuration whichever stages DVC reran, and two
+    pipeline runs line up key by key in the MLflow compare view. A key the run already
+    has with another value (a parent reused by hand across param changes) keeps its first
+    value, with a warning: MLflow params cannot change.
+    """
+    from mlflow.entities import Param
+    from mlflow.tracking import MlflowClient
+
+    from lmops.config import load_params
+
+    client = client or MlflowClient()
+    if not params_file().is_file():  # a stage run outside a project
+        return
+    try:
+        flat = flatten(load_params(params_file()))
+    except LmopsError as err:  # the stage itself reports a bad params file
+        warnings.warn(f"pipeline params not logged: {err}", stacklevel=2)
+        return
+    had = client.get_run(run_id).data.params
+    wanted = {k: _param(v) for k, v in flat.items()}
+    clashes = sorted(k for k, v in wanted.items() if k in had and had[k] != v)
+    if clashes:
+        warnings.warn(f"MLflow run {run_id} already has other values for {clashes}; "
+                      "they keep their first values", stacklevel=2)
+    _batches(client, run_id, [], [Param(k, v) for k, v in wanted.items() if k not in had])
+
+
+def roll_up(client: Any, child_id: str, parent_id: str) -> None:
+    """Copy a stage run's latest metrics onto the pipeline run.
+
+    Their names carry the stage (``evaluate/bleu``), so in the MLflow UI's compare view
+    the pipeline runs line up key by key; the curves stay on the stage runs.
+    """
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    metrics = [Metric(k, v, now, 0) for k, v in client.get_run(child_id).data.metrics.items()]
+    _batches(client, parent_id, metrics, [])
 
 
 def _param(value: Any) -> str:
