@@ -143,9 +143,9 @@ def main() -> None:
          rows},
         extra={"rounds": runs, "build_seconds": build_s, "profile": args.profile},
         notes=["Goals: a no-op `dvc repro` within 3 s; the Prefect flow's overhead within 15 s.",
-               "The flow runs `dvc repro --single-item <stage>` once per stage (one Prefect "
-               "task each) and creates the MLflow parent run, so its overhead grows with the "
-               "number of stages."])
+               "On a no-op the flow runs one `dvc status --quiet` (stale stages would each run "
+               "as a Prefect task, `dvc repro --single-item`), creates and ends the MLflow "
+               "parent run and reports to Prefect; the temporary server adds its start-up."])
 
 
 if __name__ == "__main__":
