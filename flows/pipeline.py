@@ -24,11 +24,13 @@ from prefect.cache_policies import NO_CACHE
 from lmops import orchestrate as orch
 
 # DVC owns caching: a task never skips on Prefect's cache, every call asks `dvc repro`.
-_TASK = dict(retries=2, retry_delay_seconds=[20, 60], retry_condition_fn=orch.retry_condition,
-             cache_policy=NO_CACHE, persist_result=False)
+# Retries only for transient I/O (orch.retry_condition). flows/retrain.py uses these too.
+TASK_OPTIONS = dict(retries=2, retry_delay_seconds=[20, 60],
+                    retry_condition_fn=orch.retry_condition, cache_policy=NO_CACHE,
+                    persist_result=False)
 
 
-@task(name="dvc-repro-stage", **_TASK)
+@task(name="dvc-repro-stage", **TASK_OPTIONS)
 def run_stage(repo: str, stage: str, parent_run_id: str) -> orch.StageResult:
     logger = get_run_logger()
     result = orch.repro_stage(repo, stage, parent_run_id, log=logger.info)
@@ -36,12 +38,12 @@ def run_stage(repo: str, stage: str, parent_run_id: str) -> orch.StageResult:
     return result
 
 
-@task(name="dvc-status", **_TASK)
+@task(name="dvc-status", **TASK_OPTIONS)
 def check_up_to_date(repo: str, target: str | None) -> bool:
     return orch.up_to_date(repo, target)
 
 
-@task(name="dvc-exp-run", **_TASK)
+@task(name="dvc-exp-run", **TASK_OPTIONS)
 def run_experiment(repo: str, stages: list[str], target: str | None,
                    params: list[str] | dict[str, Any] | None, experiment: str | None,
                    parent_run_id: str) -> orch.RunResult:

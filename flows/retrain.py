@@ -20,26 +20,22 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipeline import pipeline  # flows/ is on sys.path: Prefect and python both put it there
+# flows/ is on sys.path: Prefect and python both put it there
+from pipeline import TASK_OPTIONS, pipeline
 from prefect import flow, get_run_logger, runtime, task
 from prefect.artifacts import create_markdown_artifact
-from prefect.cache_policies import NO_CACHE
 
-from lmops import orchestrate as orch
 from lmops import registry
 from lmops import retrain as rt
 from lmops.config import load_params
 
-_TASK = dict(retries=2, retry_delay_seconds=[20, 60], retry_condition_fn=orch.retry_condition,
-             cache_policy=NO_CACHE, persist_result=False)
 
-
-@task(name="source-digest", **_TASK)
+@task(name="source-digest", **TASK_OPTIONS)
 def source_digest(repo: str) -> str:
     return rt.source_digest(load_params(Path(repo) / "params.yaml").clean)
 
 
-@task(name="champion-challenger", **_TASK)
+@task(name="champion-challenger", **TASK_OPTIONS)
 def champion_challenger(repo: str, run_id: str, digest: str) -> dict[str, Any]:
     decision = rt.champion_challenger(
         repo, run_id, digest, extra_tags={"prefect.flow_run_id": str(runtime.flow_run.id)})

@@ -96,7 +96,7 @@ def register(cand: Candidate, run_id: str, name: str = MODEL_NAME,
     except MlflowException as err:
         if "RESOURCE_ALREADY_EXISTS" not in str(err.error_code):
             raise
-    md5 = tracking.dvc_md5(cand.model_dir) or tracking.file_digest(cand.model_dir)
+    md5 = tracking.digest(cand.model_dir)
     tags = {MD5_TAG: md5, **{f"metric.{k}": str(v) for k, v in cand.metrics.items()
                              if isinstance(v, int | float) and not isinstance(v, bool)},
             **(extra_tags or {})}

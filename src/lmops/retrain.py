@@ -196,7 +196,7 @@ def champion_challenger(root: str | Path, run_id: str, digest: str,
     cand = registry.candidate(root, dvc_yaml)
     with in_dir(root):
         champ = registry.version_by_alias(cfg.model_name, registry.CHAMPION)
-        md5 = tracking.dvc_md5(cand.model_dir) or tracking.file_digest(cand.model_dir)
+        md5 = tracking.digest(cand.model_dir)
         if champ is not None and champ.tags.get(registry.MD5_TAG) == md5:
             decision = {"action": "unchanged", "champion": str(champ.version),
                         "reason": "the pipeline produced the champion's model again"}

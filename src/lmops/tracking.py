@@ -308,6 +308,11 @@ def file_digest(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def digest(path: str | Path) -> str:
+    """The DVC md5 of a tracked output, or our own md5 of anything else."""
+    return dvc_md5(path) or file_digest(path)
+
+
 def log_data_input(path: str | Path, name: str, context: str = "input") -> str:
     """Reference data by its DVC md5 (no copy): ``mlflow.log_input`` with that digest."""
     import mlflow
@@ -316,16 +321,16 @@ def log_data_input(path: str | Path, name: str, context: str = "input") -> str:
 
     if not Path(path).exists():
         raise DataError(f"{path}: not found (run the stage that writes it: dvc repro)")
-    digest = dvc_md5(path) or file_digest(path)
+    md5 = digest(path)
     if mlflow.active_run() is None:
-        return digest
+        return md5
     with warnings.catch_warnings():
         # MLflow registers its local-file source twice and warns that the URI is ambiguous.
         warnings.simplefilter("ignore", UserWarning)
         source = resolve_dataset_source(Path(path).resolve().as_uri())
-    mlflow.log_input(MetaDataset(source=source, name=name, digest=digest), context=context)
-    mlflow.set_tag(f"data.{name}.md5", digest)
-    return digest
+    mlflow.log_input(MetaDataset(source=source, name=name, digest=md5), context=context)
+    mlflow.set_tag(f"data.{name}.md5", md5)
+    return md5
 
 
 def log_stage_outputs(stage: str, metrics: dict[str, Any], model_dir: str | Path | None = None,
