@@ -146,9 +146,19 @@ def test_a_corrupted_checkpoint_stops_the_rerun_naming_the_file(tmp_path):
 
 
 def test_rerunning_a_finished_run_does_no_more_steps(tmp_path):
-    _, first = run(tmp_path, config(max_steps=3, warmup_steps=1))
-    model, again = run(tmp_path, config(max_steps=3, warmup_steps=1), model=TinyLM())
+    x, y = window_batches(tokens(), BLOCK, seed=99)(0, 32)
+    evals = []
+
+    def evaluate(model, step):
+        evals.append(step)
+        return {"val_loss": lm_loss(model, (x, y)).item()}
+
+    cfg = config(max_steps=3, warmup_steps=1, eval_interval=2)
+    _, first = run(tmp_path, cfg, evaluate=evaluate)
+    model, again = run(tmp_path, cfg, model=TinyLM(), evaluate=evaluate)
     assert again.resumed_from == 3 and again.step == 3 and losses(again) == losses(first)
+    assert evals == [2, 3]  # none on the rerun, yet it reports the last evaluation
+    assert again.metrics == first.metrics and first.metrics["val_loss"] > 0
 
 
 @pytest.mark.parametrize("bad", [math.inf, math.nan, 25.0])

@@ -338,17 +338,18 @@ class _State:
     best_metric: float | None = None
     best_step: int | None = None
     history: dict[int, dict[str, float]] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)  # the last evaluation
 
     def to_json(self) -> dict[str, Any]:
         return {"step": self.step, "tokens_seen": self.tokens_seen,
                 "best_metric": self.best_metric, "best_step": self.best_step,
-                "history": list(self.history.values())}
+                "history": list(self.history.values()), "metrics": self.metrics}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> _State:
         history = {int(row["step"]): row for row in data.get("history", [])}
         return cls(int(data["step"]), int(data["tokens_seen"]), data.get("best_metric"),
-                   data.get("best_step"), history)
+                   data.get("best_step"), history, dict(data.get("metrics", {})))
 
     def record(self, step: int, values: dict[str, float]) -> None:
         self.history.setdefault(step, {"step": step}).update(values)
@@ -430,6 +431,7 @@ class _Trainer:
                     f"{err}; delete {last} to start {self.stage} afresh") from None
             if saved == self.config:
                 self.state = _State.from_json(checkpoint.load(last, self.raw, self.optimizer))
+                self.metrics = dict(self.state.metrics)  # a finished run evaluates no more
                 self.last_ckpt = last
                 self.best_ckpt = checkpoint.latest(self.root, "best")
                 log.info("%s: resuming from %s at step %d", self.stage, last, self.state.step)
@@ -490,7 +492,7 @@ class _Trainer:
                 metrics = {k: float(v) for k, v in self.evaluate_fn(self.raw, step).items()}
         finally:
             self.raw.train()
-        self.metrics = metrics
+        self.metrics = self.state.metrics = metrics
         self.state.record(step, metrics)
         mlflow = _active_mlflow()
         if mlflow is not None:
