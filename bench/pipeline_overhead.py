@@ -18,50 +18,23 @@ The flow's overhead is its wall time minus the no-op `dvc repro`'s, paired per r
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
-import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 import yaml
 from common import interleaved, machine, median, paired_ratio, spread, write_results
 
-from lmops.config import load_profile
+from lmops import workspace
 
 ROOT = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
 
 
 def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("MLFLOW_", "DVC_", "LMOPS_", "PREFECT_"))}
-    env.update(PATH=f"{BIN}{os.pathsep}{env['PATH']}", GX_ANALYTICS_ENABLED="false",
-               TQDM_DISABLE="1", **extra)
-    return env
-
-
-def workspace(root: Path, profile: Path) -> None:
-    """A git + DVC repo with the project's pipeline, flows and the profile's params."""
-    for name in ("dvc.yaml", "prefect.yaml"):
-        shutil.copy(ROOT / name, root)
-    for folder in ("stages", "src", "flows"):
-        shutil.copytree(ROOT / folder, root / folder,
-                        ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-    params = load_profile(profile, ROOT / "params.yaml")
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    (root / ".gitignore").write_text("mlruns/\n")
-    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["git", "add", "-A"],
-                ["git", "-c", "user.name=b", "-c", "user.email=b@b", "commit", "-qm", "init"]):
-        subprocess.run(cmd, cwd=root, check=True, env=_env())
+    return workspace.clean_env(TQDM_DISABLE="1", **extra)
 
 
 def timed(cmd: list[str], root: Path, env: dict[str, str], expect: str | None = None) -> float:
@@ -75,36 +48,6 @@ def timed(cmd: list[str], root: Path, env: dict[str, str], expect: str | None = 
     return seconds
 
 
-@contextlib.contextmanager
-def prefect_server(home: Path) -> Iterator[dict[str, str]]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = _env(PREFECT_HOME=str(home), PREFECT_API_URL=f"http://127.0.0.1:{port}/api",
-               PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{home}/prefect.db",
-               PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_UI_ENABLED="false")
-    proc = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1",
-                             "--port", str(port)], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            with contextlib.suppress(OSError), \
-                    urllib.request.urlopen(f"{env['PREFECT_API_URL']}/health", timeout=2):
-                break
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit("the Prefect server did not start")
-            time.sleep(0.5)
-        yield env
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=3)
@@ -113,9 +56,7 @@ def main() -> None:
     args = p.parse_args()
     info = machine(torch.device("cpu"))
     with tempfile.TemporaryDirectory(prefix="lmops-bench-overhead-") as tmp:
-        root = Path(tmp) / "repo"
-        root.mkdir()
-        workspace(root, Path(args.profile))
+        root = workspace.make(Path(tmp) / "repo", Path(args.profile).resolve(), source=ROOT)
         print("building the pipeline once (dvc repro) ...")
         start = time.perf_counter()
         subprocess.run(["dvc", "repro", "-q"], cwd=root, env=_env(), check=True)
@@ -124,7 +65,7 @@ def main() -> None:
         flow = [sys.executable, "flows/pipeline.py"]
         temp_env = _env(PREFECT_HOME=str(Path(tmp) / "prefect-temp"),
                         PREFECT_SERVER_ANALYTICS_ENABLED="false")
-        with prefect_server(Path(tmp) / "prefect-server") as server_env:
+        with workspace.prefect_server(Path(tmp) / "prefect-server") as server_env:
             runs = interleaved({
                 "dvc repro": lambda: timed(["dvc", "repro"], root, _env(),
                                            "Data and pipelines are up to date"),

@@ -6,12 +6,12 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
-import yaml
+
+from lmops import workspace
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -48,14 +48,9 @@ def mlflow_store(tmp_path, monkeypatch, mlflow_template):
 
 
 def dvc_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """This environment without MLflow/DVC/lmops settings (the workspace's own store is
-    used unless ``extra`` names one), with this venv's tools first on PATH."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("MLFLOW_", "DVC_", "LMOPS_"))}
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
-    env["GX_ANALYTICS_ENABLED"] = "false"
-    env.update(extra or {})
-    return env
+    """This environment without MLflow/DVC/Prefect/lmops settings (the workspace's own store
+    is used unless ``extra`` names one), with this venv's tools first on PATH."""
+    return workspace.clean_env(**(extra or {}))
 
 
 def dvc(root: Path, *args: str, env: Mapping[str, str] | None = None) -> str:
@@ -69,17 +64,4 @@ def dvc(root: Path, *args: str, env: Mapping[str, str] | None = None) -> str:
 def make_tiny_repo(root: Path) -> Path:
     """A fresh git + DVC repo in ``root`` holding the project's pipeline, code and the tiny
     profile as its params.yaml."""
-    from lmops.config import load_profile
-
-    shutil.copy(REPO / "dvc.yaml", root)
-    for folder in ("stages", "src"):
-        shutil.copytree(REPO / folder, root / folder,
-                        ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-    params = load_profile(REPO / "params.tiny.yaml", REPO / "params.yaml")
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"]):
-        subprocess.run(cmd, cwd=root, check=True, env=dvc_env())
-    subprocess.run(["git", "add", "-A"], cwd=root, check=True)
-    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"],
-                   cwd=root, check=True)
-    return root
+    return workspace.make(root, "params.tiny.yaml", source=REPO)

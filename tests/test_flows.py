@@ -3,24 +3,18 @@ Prefect server + process worker running a deployment of the tiny pipeline."""
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path, PurePosixPath
 
 import pytest
 import yaml
 
 from lmops import orchestrate as orch
-from lmops.config import load_profile
+from lmops import workspace
 from lmops.errors import LmopsError
 from tests.conftest import REPO
 
@@ -230,35 +224,7 @@ def test_the_metrics_table_lists_each_declared_file(tmp_path):
 # ------------------------------------------- a real server, worker and deployment
 
 
-def _clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("MLFLOW_", "DVC_", "LMOPS_", "PREFECT_"))}
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
-    env["GX_ANALYTICS_ENABLED"] = "false"
-    env.update(extra)
-    return env
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """Stop a process group we started: SIGTERM, then SIGKILL if it lingers."""
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        except ProcessLookupError:
-            pass
-    # children that outlived their leader (uvicorn, flow-run subprocesses)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
+_clean_env = workspace.clean_env
 
 
 def _prefect(env: dict[str, str], cwd: Path, *args: str, timeout: int = 120) -> str:
@@ -271,58 +237,15 @@ def _prefect(env: dict[str, str], cwd: Path, *args: str, timeout: int = 120) -> 
 @pytest.fixture
 def flow_repo(tmp_path) -> Path:
     """A git + DVC repo with the project's pipeline, flows, prefect.yaml and tiny params."""
-    root = tmp_path / "repo"
-    root.mkdir()
-    for name in ("dvc.yaml", "prefect.yaml"):
-        shutil.copy(REPO / name, root)
-    for folder in ("stages", "src", "flows"):
-        shutil.copytree(REPO / folder, root / folder,
-                        ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-    params = load_profile(REPO / "params.tiny.yaml", REPO / "params.yaml")
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    (root / ".gitignore").write_text("mlruns/\n")
-    env = _clean_env()
-    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["git", "add", "-A"],
-                ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"]):
-        subprocess.run(cmd, cwd=root, check=True, env=env)
-    return root
+    return workspace.make(tmp_path / "repo", "params.tiny.yaml", source=REPO)
 
 
 @pytest.fixture
 def prefect_server(tmp_path):
     """`prefect server start` on 127.0.0.1 with its own home and database; stopped after."""
-    port = _free_port()
-    env = _clean_env(
-        PREFECT_HOME=str(tmp_path / "prefect-home"),
-        PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{tmp_path}/prefect.db",
-        PREFECT_API_URL=f"http://127.0.0.1:{port}/api",
-        PREFECT_SERVER_ANALYTICS_ENABLED="false",
-        PREFECT_UI_ENABLED="false",
-        PREFECT_CLI_PROMPT="false",
-        PREFECT_WORKER_QUERY_SECONDS="1",
-        PREFECT_LOGGING_LEVEL="INFO",
-    )
-    log = open(tmp_path / "server.log", "w")  # noqa: SIM115 - closed in finally
-    proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1",
-         "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT,
-        start_new_session=True)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{env['PREFECT_API_URL']}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert proc.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "no Prefect server within 120 s"
-            time.sleep(0.5)
-        yield env
-    finally:
-        _stop(proc)
-        log.close()
+    with workspace.prefect_server(tmp_path / "prefect-home", tmp_path / "server.log") as env:
+        yield {**env, "PREFECT_CLI_PROMPT": "false", "PREFECT_WORKER_QUERY_SECONDS": "1",
+               "PREFECT_LOGGING_LEVEL": "INFO"}
 
 
 @pytest.mark.slow
@@ -353,7 +276,7 @@ def test_a_deployment_runs_the_pipeline_on_a_process_worker(flow_repo, prefect_s
         metrics = _prefect(env, flow_repo, "artifact", "inspect", "lmops-pipeline-metrics")
         link = _prefect(env, flow_repo, "artifact", "inspect", "lmops-mlflow-run")
     finally:
-        _stop(worker)
+        workspace.stop(worker)
         log.close()
 
     from mlflow.tracking import MlflowClient
