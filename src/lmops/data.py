@@ -48,8 +48,8 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from lmops.config import CleanConfig, SourceConfig
-from lmops.errors import DataError
-from lmops.io import atomic_output, write_json
+from lmops.errors import DataError, DiskFullError
+from lmops.io import atomic_output, disk_full_reason, write_json
 
 log = logging.getLogger(__name__)
 
@@ -365,6 +365,9 @@ def _load_files(builder: str, files: list[Path], cache_dir: str | None) -> datas
             cache_dir=cache_dir, keep_in_memory=True,
         )
     except Exception as err:  # datasets wraps parser errors in many types; keep the cause
+        reason = disk_full_reason(err)
+        if reason is not None:  # its Arrow cache, not the file, could not be written
+            raise DiskFullError(cache_dir or "the datasets cache", reason) from err
         cause = err.__cause__ or err
         raise DataError(f"{', '.join(map(str, files))}: cannot be read as {builder}: "
                         f"{type(cause).__name__}: {cause}") from None

@@ -115,7 +115,8 @@ def write_stream(encoded: datasets.Dataset, path: Path, vocab_size: int, text_by
             # An id past the dtype would wrap around silently and corrupt the stream.
             if ids.size and int(ids.max()) >= vocab_size:
                 raise LmopsError(f"{path}: token id {int(ids.max())} >= vocab_size {vocab_size}")
-            ids.astype(dtype).tofile(fh)
+            # fh.write, not ndarray.tofile: a short write (disk full) raises with its errno
+            fh.write(ids.astype(dtype).tobytes())
             length += int(ids.size)
             bar.update(table.num_rows)
     sidecar = {
