@@ -45,6 +45,7 @@ from typing import Any
 import datasets
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 from tqdm.auto import tqdm
 
 from lmops.config import CleanConfig, SourceConfig
@@ -73,11 +74,17 @@ def split_path(data_dir: str | Path, name: str) -> Path:
 
 
 def read_split(data_dir: str | Path, name: str) -> pd.DataFrame:
-    """Read one split written by the clean stage."""
+    """Read one split written by the clean stage; DataError names a file it cannot read."""
     path = split_path(data_dir, name)
-    if path.suffix == ".parquet":
-        return pd.read_parquet(path)
-    return pd.read_json(path, lines=True, dtype=False)
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: file is empty (0 bytes); rerun the clean stage")
+    try:
+        if path.suffix == ".parquet":
+            return pd.read_parquet(path)
+        return pd.read_json(path, lines=True, dtype=False)
+    except (OSError, ValueError, pa.ArrowException) as err:  # truncated, corrupted, not ours
+        raise DataError(f"{path}: cannot be read as {path.suffix[1:]} ({type(err).__name__}: "
+                        f"{err}); rerun the clean stage") from None
 
 
 def write_split(df: pd.DataFrame, data_dir: str | Path, name: str, fmt: str) -> Path:
