@@ -14,6 +14,10 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+# The code under test is this tree's, also where the installed lmops is another checkout's
+# (a git worktree sharing a virtualenv): here first, and (dvc_env) for the stage scripts
+# that tests start as subprocesses.
+sys.path.insert(0, str(REPO / "src"))
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("TQDM_MININTERVAL", "5")
@@ -49,10 +53,13 @@ def mlflow_store(tmp_path, monkeypatch, mlflow_template):
 
 def dvc_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """This environment without MLflow/DVC/lmops settings (the workspace's own store is
-    used unless ``extra`` names one), with this venv's tools first on PATH."""
+    used unless ``extra`` names one), with this venv's tools first on PATH and this tree's
+    ``src`` first on PYTHONPATH."""
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("MLFLOW_", "DVC_", "LMOPS_"))}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(REPO / "src"), *filter(None, [env.get("PYTHONPATH")])])
     env["GX_ANALYTICS_ENABLED"] = "false"
     env.update(extra or {})
     return env
