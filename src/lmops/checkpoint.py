@@ -33,7 +33,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
-from lmops.errors import LmopsError
+from lmops.errors import DiskFullError, LmopsError
+from lmops.io import disk_full_reason
 
 WEIGHTS = "model.safetensors"
 OPTIMIZER = "optimizer.safetensors"
@@ -118,6 +119,11 @@ def save(path: str | Path, model: nn.Module, config: dict[str, Any], *,
         else:
             os.replace(tmp, path)
         _fsync(path.parent)
+    except Exception as err:
+        reason = disk_full_reason(err)  # safetensors wraps the OS error in its own
+        if reason is None:
+            raise
+        raise DiskFullError(path, reason) from err
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -130,6 +130,12 @@ class CleanConfig(_Section):
     split: SplitConfig = Field(default_factory=SplitConfig)
     min_chars: int = Field(default=3, ge=1, description="Drop texts shorter than this.")
     max_chars: int = Field(default=2000, ge=1, description="Drop texts longer than this.")
+    max_line_bytes: int = Field(
+        default=1 << 20, ge=1,
+        description="text sources: a line longer than this (bytes) stops the stage, naming "
+        "the line; a file without line breaks is not one text a line. Longer than max_chars "
+        "but within this, a text is dropped and counted as too_long.",
+    )
     max_length_ratio: float = Field(
         default=3.0, gt=1, description="Drop pairs whose char-length ratio exceeds this."
     )
@@ -140,6 +146,9 @@ class CleanConfig(_Section):
     def _check(self) -> CleanConfig:
         if self.min_chars >= self.max_chars:
             raise ValueError("clean.min_chars must be below clean.max_chars")
+        if self.max_line_bytes < 4 * self.max_chars:  # UTF-8: up to 4 bytes a character
+            raise ValueError(f"clean.max_line_bytes ({self.max_line_bytes}) must be at least "
+                             f"4 x clean.max_chars ({4 * self.max_chars})")
         if self.source_lang == self.target_lang:
             raise ValueError("clean.source_lang and clean.target_lang must differ")
         if not self.sources:

@@ -45,11 +45,12 @@ from typing import Any
 import datasets
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 from tqdm.auto import tqdm
 
 from lmops.config import CleanConfig, SourceConfig
-from lmops.errors import DataError
-from lmops.io import atomic_output, write_json
+from lmops.errors import DataError, DiskFullError
+from lmops.io import atomic_output, disk_full_reason, write_json
 
 log = logging.getLogger(__name__)
 
@@ -73,11 +74,17 @@ def split_path(data_dir: str | Path, name: str) -> Path:
 
 
 def read_split(data_dir: str | Path, name: str) -> pd.DataFrame:
-    """Read one split written by the clean stage."""
+    """Read one split written by the clean stage; DataError names a file it cannot read."""
     path = split_path(data_dir, name)
-    if path.suffix == ".parquet":
-        return pd.read_parquet(path)
-    return pd.read_json(path, lines=True, dtype=False)
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: file is empty (0 bytes); rerun the clean stage")
+    try:
+        if path.suffix == ".parquet":
+            return pd.read_parquet(path)
+        return pd.read_json(path, lines=True, dtype=False)
+    except (OSError, ValueError, pa.ArrowException) as err:  # truncated, corrupted, not ours
+        raise DataError(f"{path}: cannot be read as {path.suffix[1:]} ({type(err).__name__}: "
+                        f"{err}); rerun the clean stage") from None
 
 
 def write_split(df: pd.DataFrame, data_dir: str | Path, name: str, fmt: str) -> Path:
@@ -182,8 +189,28 @@ def _clean_batch(batch: dict[str, list], columns: list[str], min_chars: int, max
 # -------------------------------------------------------- checking files
 
 
-def check_text_file(path: str | Path) -> None:
-    """Refuse a file that is missing, empty, binary or not UTF-8, before anything parses it."""
+_BOMS = ((b"\xff\xfe\x00\x00", "UTF-32LE"), (b"\x00\x00\xfe\xff", "UTF-32BE"),
+         (b"\xff\xfe", "UTF-16LE"), (b"\xfe\xff", "UTF-16BE"))
+
+
+def _wide_encoding(head: bytes) -> str | None:
+    """UTF-16/32 by its byte order mark, or UTF-16 by ASCII text with every other byte NUL."""
+    for bom, name in _BOMS:
+        if head.startswith(bom):
+            return name
+    if len(head) >= 8:
+        even, odd = head[0::2], head[1::2]
+        if odd.count(0) >= 0.9 * len(odd) and not even.count(0):
+            return "UTF-16LE"
+        if even.count(0) >= 0.9 * len(even) and not odd.count(0):
+            return "UTF-16BE"
+    return None
+
+
+def check_text_file(path: str | Path, max_line_bytes: int | None = None) -> None:
+    """Refuse a file that is missing, empty, binary or not UTF-8, before anything parses it;
+    and, given ``max_line_bytes``, one with a longer line (read in bounded pieces, so a
+    file without line breaks cannot exhaust memory)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found")
@@ -191,12 +218,22 @@ def check_text_file(path: str | Path) -> None:
         raise DataError(f"{path}: file is empty (0 bytes)")
     with open(path, "rb") as fh:
         head = fh.read(8192)
+        wide = _wide_encoding(head)
+        if wide is not None:
+            raise DataError(f"{path}: encoded as {wide}, expected UTF-8; re-encode the file: "
+                            f"iconv -f {wide} -t UTF-8")
         if b"\0" in head:
             raise DataError(f"{path}: binary file (NUL byte at byte offset {head.index(0)}); "
                             "expected UTF-8 text")
         fh.seek(0)
-        offset, has_text = 0, False
-        for lineno, line in enumerate(fh, start=1):
+        offset, has_text, lineno = 0, False, 0
+        while line := fh.readline(max_line_bytes + 2 if max_line_bytes else -1):  # + CRLF
+            lineno += 1
+            if max_line_bytes and len(line.rstrip(b"\r\n")) > max_line_bytes:
+                raise DataError(
+                    f"{path}: line {lineno} is over {max_line_bytes} bytes "
+                    "(clean.max_line_bytes): a text source holds one text per line; split "
+                    "the file into lines, or raise clean.max_line_bytes")
             if b"\0" in line:
                 raise DataError(f"{path}: line {lineno}: binary data (NUL byte at byte offset "
                                 f"{offset + line.index(0)}); expected UTF-8 text")
@@ -343,7 +380,10 @@ def check_source(src: SourceConfig, cfg: CleanConfig) -> None:
         embedded_path(src.dataset)
     elif src.type != "hub":
         for path in source_files(src):
-            (_check_binary_file if src.type == "parquet" else check_text_file)(path)
+            if src.type == "parquet":
+                _check_binary_file(path)
+            else:  # json and csv records may span lines: the line limit is for text alone
+                check_text_file(path, cfg.max_line_bytes if src.type == "text" else None)
     if src.role == "monolingual":
         lang = source_lang(src)
         if lang not in cfg.languages:
@@ -365,6 +405,9 @@ def _load_files(builder: str, files: list[Path], cache_dir: str | None) -> datas
             cache_dir=cache_dir, keep_in_memory=True,
         )
     except Exception as err:  # datasets wraps parser errors in many types; keep the cause
+        reason = disk_full_reason(err)
+        if reason is not None:  # its Arrow cache, not the file, could not be written
+            raise DiskFullError(cache_dir or "the datasets cache", reason) from err
         cause = err.__cause__ or err
         raise DataError(f"{', '.join(map(str, files))}: cannot be read as {builder}: "
                         f"{type(cause).__name__}: {cause}") from None

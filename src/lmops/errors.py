@@ -11,3 +11,15 @@ class DataError(LmopsError):
 
 class QualityError(LmopsError):
     """A Great Expectations check failed; the message summarises which and where."""
+
+
+class DiskFullError(LmopsError):
+    """An output could not be written: no space left, file size or quota limit reached."""
+
+    def __init__(self, path: object, reason: str):
+        self.path, self.reason = path, reason
+        super().__init__(f"disk full writing {path}: {reason}; free some space (or raise the "
+                         "quota or file size limit) and rerun")
+
+    def __reduce__(self) -> tuple:  # survives pickling (worker processes)
+        return type(self), (self.path, self.reason)

@@ -84,7 +84,8 @@ def finetune(tokens_dir: str | Path, vocab_dir: str | Path, init_model: str | Pa
                     for name in ("parallel_train", "parallel_valid")},
                  TRAIN_STREAM: file_digest(tokens_dir / f"{TRAIN_STREAM}.bin")},
     }
-    text = window_batches(load_stream(tokens_dir / TRAIN_STREAM), block, params.seed + 1,
+    text = window_batches(load_stream(tokens_dir / TRAIN_STREAM, tok.vocab_size), block,
+                          params.seed + 1,
                           str(tokens_dir / f"{TRAIN_STREAM}.bin"))
     batches = mix_batches(pair_batches(train, tok, tgt_lang, block, params.seed), text,
                           cfg.lm_mix, params.seed)

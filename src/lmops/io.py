@@ -3,13 +3,48 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from lmops.errors import DiskFullError, LmopsError
+
+# no space left, a file over RLIMIT_FSIZE / the filesystem's largest file, quota exceeded
+DISK_FULL_ERRNOS = frozenset(
+    code for code in (errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", None)) if code)
+# libraries that wrap the OS error in their own (safetensors, pyarrow) keep its number
+_WRAPPED_ERRNO = re.compile(r"(?:os error|errno)\s*(\d+)", re.IGNORECASE)
+
+
+def disk_full_reason(err: BaseException | None) -> str | None:
+    """``"No space left on device"`` etc. when ``err`` means the disk (or quota, or file
+    size limit) is full, else None. Looks through the causes that libraries chain."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, DiskFullError):
+            return err.reason
+        code = err.errno if isinstance(err, OSError) else None
+        if code is None and not isinstance(err, LmopsError):
+            match = _WRAPPED_ERRNO.search(str(err))
+            code = int(match.group(1)) if match else None
+        if code in DISK_FULL_ERRNOS:
+            return os.strerror(code)
+        err = err.__cause__ or (None if err.__suppress_context__ else err.__context__)
+    return None
+
+
+def _within(path: Any, folder: Path) -> bool:
+    try:
+        return Path(os.fsdecode(path)).resolve().is_relative_to(folder.resolve())
+    except (TypeError, ValueError, OSError):  # an fd number, or not a path at all
+        return False
 
 
 def _remove(path: Path) -> None:
@@ -25,7 +60,8 @@ def atomic_output(path: str | Path, *, is_dir: bool = False) -> Iterator[Path]:
 
     A stage that fails (or is killed) never leaves a half-written output that
     DVC could cache as valid: the old output is removed up front, and the new
-    one appears under its real name only once it is complete.
+    one appears under its real name only once it is complete. A write that fails
+    for want of space raises :class:`DiskFullError` naming ``path``.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -44,6 +80,18 @@ def atomic_output(path: str | Path, *, is_dir: bool = False) -> Iterator[Path]:
             with open(target, "rb") as fh:
                 os.fsync(fh.fileno())
         os.replace(target, path)
+    except Exception as err:
+        reason = disk_full_reason(err)
+        if reason is None:
+            raise
+        # a write into the temporary dir is named after this output (the outermost wins);
+        # one elsewhere (a cache under TMPDIR: perhaps another disk) keeps its own name
+        where = err.path if isinstance(err, DiskFullError) else getattr(err, "filename", None)
+        if where is not None and not _within(where, tmp):
+            if isinstance(err, DiskFullError):
+                raise
+            raise DiskFullError(where, reason) from err
+        raise DiskFullError(path, reason) from err
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

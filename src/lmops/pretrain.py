@@ -69,8 +69,8 @@ def pretrain(tokens_dir: str | Path, vocab_dir: str | Path, work_dir: str | Path
     tokens_dir = Path(tokens_dir)
     tok = Tokenizer.load(vocab_dir)
     cfg, mcfg = params.pretrain, params.model
-    train = load_stream(tokens_dir / TRAIN_STREAM)
-    valid = load_stream(tokens_dir / VALID_STREAM)
+    train = load_stream(tokens_dir / TRAIN_STREAM, tok.vocab_size)
+    valid = load_stream(tokens_dir / VALID_STREAM, tok.vocab_size)
     valid_batches = fixed_windows(valid, mcfg.block_size, cfg.batch_size, cfg.eval_batches)
 
     seed_everything(params.seed)

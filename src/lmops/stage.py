@@ -17,10 +17,14 @@ import argparse
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Callable
+from typing import NoReturn
 
 from lmops import tracking
-from lmops.errors import LmopsError
+from lmops.config import ConfigError, load_params
+from lmops.errors import DiskFullError, LmopsError
+from lmops.io import disk_full_reason
 
 
 def parser(description: str) -> argparse.ArgumentParser:
@@ -31,13 +35,40 @@ def parser(description: str) -> argparse.ArgumentParser:
 
 def run(name: str, main: Callable[[argparse.Namespace], None],
         argp: argparse.ArgumentParser, argv: list[str] | None = None) -> None:
-    """Parse arguments and run ``main``; a user error exits 1 with one readable message."""
+    """Parse arguments and run ``main``; a user error exits 1 with one readable message.
+
+    A params file that fails the schema is recorded as a FAILED run of the stage too
+    (``main`` reads it before it opens its run); a full disk is a user error like any other.
+    """
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
     logging.basicConfig(level=logging.INFO, format=f"[{name}] %(message)s")
     args = argp.parse_args(argv)
+    params = getattr(args, "params", None)
     try:
-        with tracking.using_params_file(getattr(args, "params", None)):
+        with tracking.using_params_file(params):
+            if params is not None:
+                check_params(name, params)
             main(args)
     except LmopsError as err:
-        print(f"lmops {name}: error: {err}", file=sys.stderr)
-        sys.exit(1)
+        fail(name, err)
+    except OSError as err:
+        reason = disk_full_reason(err)
+        if reason is None:
+            raise
+        fail(name, DiskFullError(err.filename or "an output", reason))
+
+
+def fail(name: str, err: LmopsError) -> NoReturn:
+    print(f"lmops {name}: error: {err}", file=sys.stderr)
+    sys.exit(1)
+
+
+def check_params(name: str, path: str) -> None:
+    """Validate the params file; if it fails, record a FAILED ``name`` run with the error."""
+    try:
+        load_params(path)
+    except ConfigError:
+        with warnings.catch_warnings():  # the run would warn that it cannot log them either
+            warnings.filterwarnings("ignore", "pipeline params not logged")
+            with tracking.stage_run(name):
+                raise

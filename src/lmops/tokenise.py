@@ -115,7 +115,8 @@ def write_stream(encoded: datasets.Dataset, path: Path, vocab_size: int, text_by
             # An id past the dtype would wrap around silently and corrupt the stream.
             if ids.size and int(ids.max()) >= vocab_size:
                 raise LmopsError(f"{path}: token id {int(ids.max())} >= vocab_size {vocab_size}")
-            ids.astype(dtype).tofile(fh)
+            # fh.write, not ndarray.tofile: a short write (disk full) raises with its errno
+            fh.write(ids.astype(dtype).tobytes())
             length += int(ids.size)
             bar.update(table.num_rows)
     sidecar = {
@@ -129,8 +130,12 @@ def write_stream(encoded: datasets.Dataset, path: Path, vocab_size: int, text_by
     return sidecar
 
 
-def load_stream(path: str | Path) -> np.ndarray:
-    """Memory-map a token stream; ``path`` may name the .bin or leave the extension off."""
+def load_stream(path: str | Path, vocab_size: int | None = None) -> np.ndarray:
+    """Memory-map a token stream; ``path`` may name the .bin or leave the extension off.
+
+    Given ``vocab_size`` (the vocabulary it will be read with), a stream made with another
+    vocabulary is refused: its ids would mean other pieces, or index past the embedding.
+    """
     path = Path(path)
     bin_path = path if path.suffix == ".bin" else path.with_name(path.name + ".bin")
     side_path = bin_path.with_suffix(".json")
@@ -142,6 +147,10 @@ def load_stream(path: str | Path) -> np.ndarray:
         expected = int(side["length"]) * dtype.itemsize
     except (ValueError, TypeError, KeyError) as err:
         raise LmopsError(f"{side_path}: not a token stream sidecar ({err!r})") from None
+    if vocab_size is not None and side.get("vocab_size") != vocab_size:
+        raise LmopsError(
+            f"{side_path}: tokens made with a vocabulary of {side.get('vocab_size')} pieces, "
+            f"but this vocabulary has {vocab_size}; rerun the tokenise stage")
     if not bin_path.is_file():
         raise LmopsError(f"{bin_path}: token stream not found (run the tokenise stage)")
     actual = bin_path.stat().st_size
@@ -158,6 +167,9 @@ def load_stream(path: str | Path) -> np.ndarray:
 def _encode_mono(data_dir: Path, name: str, tok: Tokenizer,
                  cfg: TokeniseConfig) -> tuple[datasets.Dataset, int]:
     df, path = _read(data_dir, name, ("text", "lang"))
+    if df.empty and name == "mono_train":
+        raise DataError(f"{path}: no rows, so no pretraining text to tokenise; check the "
+                        "clean stage's sources and filters (data/metrics/clean.json)")
     unknown = ~df["lang"].isin(tok.languages)
     if unknown.any():
         row = int(unknown.idxmax())

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -103,7 +104,11 @@ def read_pairs(path: str | Path) -> pd.DataFrame:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: not found (run the tokenise stage)")
-    df = pd.read_parquet(path)
+    try:
+        df = pd.read_parquet(path)
+    except (OSError, ValueError, pa.ArrowException) as err:  # truncated, corrupted, not ours
+        raise DataError(f"{path}: cannot be read as parquet ({type(err).__name__}: {err}); "
+                        "rerun the tokenise stage") from None
     missing = {"src", "tgt", "src_ids", "tgt_ids"} - set(df.columns)
     if missing:
         raise DataError(f"{path}: missing columns {sorted(missing)}; rerun the tokenise stage")
