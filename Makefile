@@ -1,7 +1,8 @@
 # make run   set up .venv (first time only) and rebuild the pipeline with dvc repro
 # make test  set up .venv (first time only) and run the test suite
 # make lint  ruff over the code
-# make bench install the bench extra and run the benchmarks (bench/README.md), ~15 min
+# make bench install the bench extra and run the benchmarks (bench/README.md), ~20 min
+# make chaos kill -9 the training stages at 20 random moments; prints survived/total
 
 PYTHON ?= python3
 VENV   := .venv
@@ -11,7 +12,7 @@ export PATH := $(BIN):$(PATH)
 export GX_ANALYTICS_ENABLED := false
 export PYTHONUNBUFFERED := 1
 
-.PHONY: run test lint bench setup clean-venv
+.PHONY: run test lint bench chaos setup clean-venv
 
 setup: $(STAMP)
 
@@ -36,8 +37,14 @@ bench: $(STAMP)
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[bench]'
 	TQDM_DISABLE=1 $(BIN)/python bench/train_throughput.py
 	TQDM_DISABLE=1 $(BIN)/python bench/decode.py
+	TQDM_DISABLE=1 $(BIN)/python bench/quantise.py
+	TQDM_DISABLE=1 $(BIN)/python bench/profile.py
 	TQDM_DISABLE=1 $(BIN)/python bench/data_stages.py
 	TQDM_DISABLE=1 $(BIN)/python bench/pipeline_overhead.py
+
+# Each kill is followed by `dvc repro`, which must resume to the uninterrupted run's weights.
+chaos: $(STAMP)
+	$(BIN)/python -m lmops.chaos --kills 20
 
 clean-venv:
 	rm -rf $(VENV)

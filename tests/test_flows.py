@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path, PurePosixPath
 
 import pytest
@@ -248,45 +249,79 @@ def prefect_server(tmp_path):
                "PREFECT_LOGGING_LEVEL": "INFO"}
 
 
+_FLOW_RUNS = """
+import asyncio, json, sys
+from prefect.client.orchestration import get_client
+
+async def main():
+    async with get_client() as client:
+        out = {}
+        for run_id in sys.argv[1:]:
+            run = await client.read_flow_run(run_id)
+            states = await client.read_flow_run_states(run_id)
+            out[run_id] = {"state": run.state.type.value, "start": run.start_time.timestamp()
+                           if run.start_time else None, "end": run.end_time.timestamp()
+                           if run.end_time else None, "states": [s.name for s in states]}
+        print(json.dumps(out))
+
+asyncio.run(main())
+"""
+
+
+def _flow_runs(env: dict[str, str], ids: list[str]) -> dict[str, dict]:
+    out = subprocess.run([sys.executable, "-c", _FLOW_RUNS, *ids], env=env,
+                         capture_output=True, text=True, timeout=60, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 @pytest.mark.slow
 def test_a_deployment_runs_the_pipeline_on_a_process_worker(flow_repo, prefect_server,
                                                             tmp_path):
+    """Two runs of the pipeline deployment submitted at once, on a worker that would take
+    both: the deployment's concurrency limit makes the second wait for the first."""
     env = prefect_server
     _prefect(env, flow_repo, "work-pool", "create", "lmops-gpu", "--type", "process")
-    _prefect(env, flow_repo, "work-pool", "set-concurrency-limit", "lmops-gpu", "1")
     deployed = _prefect(env, flow_repo, "deploy", "--all")
     assert "lmops-pipeline/pipeline" in deployed
     nightly = _prefect(env, flow_repo, "deployment", "inspect", "lmops-retrain/nightly-retrain")
     assert "0 2 * * *" in nightly and "Europe/Paris" in nightly
+    ids = [re.search(r"UUID:\s*([0-9a-f-]{36})", _prefect(
+        env, flow_repo, "deployment", "run", "lmops-pipeline/pipeline", "--param",
+        "target=vocab")).group(1) for _ in range(2)]
     log = open(tmp_path / "worker.log", "w")  # noqa: SIM115 - closed in finally
     worker = subprocess.Popen(
         [str(Path(sys.executable).parent / "prefect"), "worker", "start", "--pool", "lmops-gpu",
-         "--type", "process", "--limit", "1"], cwd=tmp_path, env=env, stdout=log,
+         "--type", "process"], cwd=tmp_path, env=env, stdout=log,
         stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        out = subprocess.run(
-            [str(Path(sys.executable).parent / "prefect"), "deployment", "run",
-             "lmops-pipeline/pipeline", "--param", "target=vocab", "--watch",
-             "--watch-interval", "2", "--watch-timeout", "240"],
-            cwd=flow_repo, env=env, capture_output=True, text=True, timeout=300)
-        worker_log = (tmp_path / "worker.log").read_text()
-        assert out.returncode == 0 and "Completed" in out.stdout, (
-            f"{out.stdout}\n{out.stderr}\n--- worker\n{worker_log[-6000:]}")
-        flow_run_id = re.search(r"UUID:\s*([0-9a-f-]{36})", out.stdout).group(1)
+        deadline = time.monotonic() + 300
+        while True:
+            runs = _flow_runs(env, ids)
+            if all(r["state"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
+                   for r in runs.values()):
+                break
+            assert time.monotonic() < deadline, f"flow runs not done in 300 s: {runs}\n" + (
+                tmp_path / "worker.log").read_text()[-6000:]
+            time.sleep(2)
         metrics = _prefect(env, flow_repo, "artifact", "inspect", "lmops-pipeline-metrics")
         link = _prefect(env, flow_repo, "artifact", "inspect", "lmops-mlflow-run")
     finally:
         workspace.stop(worker)
         log.close()
+    worker_log = (tmp_path / "worker.log").read_text()
+    assert all(r["state"] == "COMPLETED" for r in runs.values()), f"{runs}\n{worker_log[-6000:]}"
+    first, second = sorted(runs.values(), key=lambda r: r["start"])
+    assert first["end"] <= second["start"], runs  # serialised, not overlapping
+    assert "AwaitingConcurrencySlot" in first["states"] + second["states"], runs
+    flow_run_id = next(i for i, r in runs.items() if r is first)
 
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(f"sqlite:///{flow_repo}/mlruns/mlflow.db")
     exp = client.get_experiment_by_name("lmops")
     parents = client.search_runs([exp.experiment_id], "tags.`lmops.kind` = 'pipeline'")
-    assert len(parents) == 1
-    parent = parents[0]
-    assert parent.data.tags["prefect.flow_run_id"] == flow_run_id
+    assert sorted(p.data.tags["prefect.flow_run_id"] for p in parents) == sorted(ids)
+    parent = next(p for p in parents if p.data.tags["prefect.flow_run_id"] == flow_run_id)
     assert parent.data.tags["prefect.deployment"] == "pipeline"
     assert parent.info.status == "FINISHED"
     stages = client.search_runs([exp.experiment_id], "tags.`lmops.kind` = 'stage'")
@@ -294,8 +329,10 @@ def test_a_deployment_runs_the_pipeline_on_a_process_worker(flow_repo, prefect_s
     for run in stages:
         assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert run.info.status == "FINISHED"
+    later = next(p for p in parents if p is not parent)
     for stage in ("clean", "validate", "vocab"):
         assert parent.data.tags[f"lmops.stage_status.{stage}"] == "ran"
+        assert later.data.tags[f"lmops.stage_status.{stage}"] == "skipped"  # found up to date
     assert (flow_repo / "data/vocab/meta.json").is_file()
     assert not (flow_repo / "data/tokens").exists()  # the target stops at vocab
     assert parent.info.run_id in link

@@ -19,6 +19,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from lmops import chaos
 from tests.conftest import dvc, dvc_env, make_tiny_repo
 
 DATA_STAGES = ["clean", "validate", "vocab", "tokenise"]
@@ -248,34 +249,100 @@ def test_distil_and_quantise_compare_smaller_faster_models(repo, first_run):
         a.path for a in client.list_artifacts(run.info.run_id, "quantise")}
 
 
-def test_killed_pretrain_resumes_to_the_same_weights(repo, first_run):
-    """kill -9 mid-run, then `dvc repro`: it resumes from the checkpoint, bit for bit."""
-    weights = repo / "data/models/pretrain/model.safetensors"
-    uninterrupted = weights.read_bytes()
-    ckpt = repo / "data/train/pretrain/ckpt"
+@pytest.mark.parametrize("stage", ["pretrain", "finetune", "distil"])
+def test_a_killed_training_stage_resumes_to_the_same_weights(repo, first_run, stage):
+    """kill -9 mid-run, then `dvc repro`: it resumes from the checkpoint, bit for bit, with
+    the same metrics (timings aside)."""
+    weights = repo / "data/models" / stage / "model.safetensors"
+    uninterrupted = chaos.fingerprint(repo, stage)
+    ckpt = repo / "data/train" / stage / "ckpt"
     shutil.rmtree(ckpt.parent)
-    proc = subprocess.Popen(["dvc", "repro", "--force", "--single-item", "pretrain"], cwd=repo,
+    proc = subprocess.Popen(["dvc", "repro", "--force", "--single-item", stage], cwd=repo,
                             env=_env(repo), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.monotonic() + 300
         while not list(ckpt.glob("step-*")) and proc.poll() is None:
             assert time.monotonic() < deadline, "no checkpoint within 300 s"
-            time.sleep(0.05)
+            time.sleep(0.02)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     first = sorted(ckpt.glob("step-*"))
-    assert first, "pretrain finished before it could be killed"
+    assert first, f"{stage} finished before it could be killed"
     killed_at = int(first[-1].name.split("-")[1])
-    assert killed_at < params_of(repo)["pretrain"]["max_steps"]
+    assert killed_at < params_of(repo)[stage]["max_steps"]
     assert not weights.exists()  # dvc removed the old output; none was half-written
 
-    out = dvc(repo, "repro", "pretrain")
-    assert "pretrain" in ran(out)
-    metrics = json.loads((repo / "data/metrics/pretrain.json").read_text())
+    out = dvc(repo, "repro", stage)
+    assert stage in ran(out)
+    metrics = json.loads((repo / "data/metrics" / f"{stage}.json").read_text())
     assert metrics["resumed_from"] >= killed_at > 0
-    assert weights.read_bytes() == uninterrupted
+    assert chaos.fingerprint(repo, stage) == uninterrupted
+
+
+def test_a_second_repro_in_the_workspace_fails_fast_naming_the_lock(repo, first_run):
+    ckpt = repo / "data/train/pretrain"
+    shutil.rmtree(ckpt)
+    first = subprocess.Popen(["dvc", "repro", "--force", "--single-item", "pretrain"], cwd=repo,
+                             env=_env(repo), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not ckpt.exists():  # the stage runs: dvc holds the workspace lock
+            assert first.poll() is None and time.monotonic() < deadline
+            time.sleep(0.02)
+        start = time.monotonic()
+        second = subprocess.run(["dvc", "repro"], cwd=repo, env=_env(repo),
+                                capture_output=True, text=True, timeout=120)
+        waited = time.monotonic() - start
+        assert first.poll() is None, "the first repro ended before the second tried"
+    finally:
+        first.wait(timeout=300)
+    assert second.returncode != 0
+    # DVC locks the paths a running stage reads and writes; the second run stops at the
+    # first stage that needs one, naming the process that holds it
+    assert "is busy, it is being blocked by" in second.stderr, second.stderr
+    assert f"(PID {first.pid}): " in second.stderr and "rwlock" in second.stderr
+    assert waited < 15
+    assert first.returncode == 0  # the first one was not disturbed
+    dvc(repo, "status")
+
+
+def test_two_queued_experiments_run_at_once_with_their_own_runs_and_equal_metrics(
+        repo, first_run):
+    """`dvc exp run --queue` twice with the same params, both run by two workers: each is
+    a pipeline run of its own in MLflow, and both give identical metrics (determinism)."""
+    for _ in range(2):
+        dvc(repo, "exp", "run", "--queue", "-S", "finetune.lr=0.0011", "evaluate")
+    dvc(repo, "exp", "run", "--run-all", "--jobs", "2")
+    shown = json.loads(subprocess.run(["dvc", "exp", "show", "--json"], cwd=repo,
+                                      env=_env(repo), capture_output=True, text=True,
+                                      check=True).stdout)
+    exps = {rev["name"]: rev["data"]["metrics"]
+            for base in shown for exp in (base.get("experiments") or []) for rev in exp["revs"]}
+    assert len(exps) == 2, exps
+    stable = [{path: {k: v for k, v in m["data"].items() if k not in chaos.VOLATILE}
+               for path, m in metrics.items() if path.endswith(("finetune.json",
+                                                                "evaluate.json"))}
+              for metrics in exps.values()]
+    assert stable[0] == stable[1]
+    assert stable[0]["data/metrics/finetune.json"]["valid_loss"] > 0
+    assert "bleu" in stable[0]["data/metrics/evaluate.json"]
+
+    client = MlflowClient(f"sqlite:///{repo}/mlruns/mlflow.db")
+    exp = client.get_experiment_by_name("lmops")
+    for name in exps:
+        parents = client.search_runs([exp.experiment_id],
+                                     f"tags.`lmops.kind` = 'pipeline' and "
+                                     f"tags.`DVC_EXP_NAME` = '{name}'")
+        assert len(parents) == 1 and parents[0].info.run_name == name
+        children = client.search_runs(
+            [exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parents[0].info.run_id}'")
+        assert sorted(r.data.tags["lmops.stage"] for r in children) == ["evaluate", "finetune"]
+        assert all(r.info.status == "FINISHED" for r in children)
+        assert parents[0].info.status == "FINISHED"
+    dvc(repo, "exp", "remove", "--all")
 
 
 def _stage(repo: Path, script: str, params: dict, *args: str) -> subprocess.CompletedProcess:

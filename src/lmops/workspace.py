@@ -37,11 +37,13 @@ def checkout() -> Path:
 
 def clean_env(**extra: str) -> dict[str, str]:
     """This environment without MLflow, DVC, Prefect or lmops settings (a workspace uses its
-    own stores unless ``extra`` names one), with this interpreter's tools first on PATH."""
+    own stores unless ``extra`` names one), with this interpreter's tools first on PATH and
+    no analytics."""
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("MLFLOW_", "DVC_", "LMOPS_", "PREFECT_"))}
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     env["GX_ANALYTICS_ENABLED"] = "false"
+    env["DVC_NO_ANALYTICS"] = "1"  # no background daemon trying to reach the network
     env.update(extra)
     return env
 
