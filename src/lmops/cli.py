@@ -18,6 +18,7 @@ import yaml
 
 from lmops import config
 from lmops.errors import LmopsError
+from lmops.redact import redact
 
 
 def _params_check(args: argparse.Namespace) -> None:
@@ -106,5 +107,5 @@ def main(argv: list[str] | None = None) -> None:
     try:
         args.func(args)
     except LmopsError as err:
-        print(f"lmops: error: {err}", file=sys.stderr)
+        print(f"lmops: error: {redact(str(err))}", file=sys.stderr)
         sys.exit(1)
