@@ -66,8 +66,11 @@ DEFAULT_RETRY_SECONDS = 30.0
 DEFAULT_FLUSH_WAIT = 60.0
 PROBE_TIMEOUT = 4.0
 # MLflow retries a failed request with a back-off that adds up to minutes; a stage sends
-# with these unless they are set: one immediate retry, and no request waits over 15 s
-HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "15"}
+# with these unless they are set: one immediate retry, and no request waits over 15 s ...
+TIMEOUT_ENV = "MLFLOW_HTTP_REQUEST_TIMEOUT"
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", TIMEOUT_ENV: "15"}
+# ... but an artifact upload, whose answer comes once the server has stored the file
+ARTIFACT_TIMEOUT = "120"
 SPOOL_DIR = Path("mlruns") / "spool"
 LOGGED_ARTIFACTS_TAG = "mlflow.loggedArtifacts"  # where MLflow lists a run's tables
 _MAX_METRICS, _MAX_PARAMS, _MAX_TAGS = 1000, 100, 100  # log_batch limits
@@ -188,6 +191,12 @@ def fail_fast_http() -> contextlib.AbstractContextManager[None]:
     return http_settings(HTTP_DEFAULTS)
 
 
+def _upload_timeout() -> contextlib.AbstractContextManager[None]:
+    if os.environ.get(TIMEOUT_ENV) != HTTP_DEFAULTS[TIMEOUT_ENV]:  # the user's, or MLflow's
+        return contextlib.nullcontext()
+    return http_settings({TIMEOUT_ENV: ARTIFACT_TIMEOUT}, override=True)
+
+
 def leave_active_run(status: str) -> None:
     """``mlflow.end_run``, waiting at most a few seconds for a server that is away: the run
     leaves MLflow's stack first, so it is left even when its status update fails."""
@@ -286,9 +295,12 @@ class RunBuffer:
             frame.to_json(self.spool_dir / rel, orient="split", index=False, date_format="iso")
             entry["path"] = rel
 
+        def send() -> None:
+            with _upload_timeout():
+                self.client.log_table(run_id, frame, artifact_file)
+
         self._submit({"run_id": run_id, "kind": "table", "artifact_file": artifact_file},
-                     send=lambda: self.client.log_table(run_id, frame, artifact_file),
-                     stage=stage)
+                     send=send, stage=stage)
 
     def log_input(self, dataset: Mapping[str, Any], context: str,
                   run_id: str | None = None) -> None:
@@ -411,11 +423,14 @@ class RunBuffer:
             for lo in range(0, len(tags), _MAX_TAGS):
                 client.log_batch(run_id, tags=tags[lo:lo + _MAX_TAGS])
         elif kind == "artifact":
-            client.log_artifact(run_id, self._path(first), first.get("artifact_path"))
+            with _upload_timeout():
+                client.log_artifact(run_id, self._path(first), first.get("artifact_path"))
         elif kind == "artifacts":
-            client.log_artifacts(run_id, self._path(first), first.get("artifact_path"))
+            with _upload_timeout():
+                client.log_artifacts(run_id, self._path(first), first.get("artifact_path"))
         elif kind == "table":
-            self._send_table(first)
+            with _upload_timeout():
+                self._send_table(first)
         elif kind == "input":
             data = first["dataset"]
             client.log_inputs(run_id, [DatasetInput(
