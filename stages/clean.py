@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import argparse
 
-import mlflow
-
 from lmops import data, stage, tracking
 from lmops.config import flatten, load_params
 
@@ -26,8 +24,8 @@ def main(args: argparse.Namespace) -> None:
     params = load_params(args.params)
     with tracking.stage_run("clean", {**flatten(params.clean), "seed": params.seed}):
         stats = data.build_clean(params.clean, params.seed, args.out, args.stats)
-        mlflow.log_metrics({f"clean/{k}": v for k, v in stats.items()})
-        mlflow.log_artifact(args.stats, artifact_path="clean")
+        tracking.log_metrics({f"clean/{k}": v for k, v in stats.items()})
+        tracking.log_artifact(args.stats, artifact_path="clean")
 
 
 if __name__ == "__main__":

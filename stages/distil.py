@@ -14,8 +14,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import mlflow
-
 from lmops import distil, evaluate, stage, tracking
 from lmops.config import flatten, load_params
 from lmops.io import write_json
@@ -51,7 +49,7 @@ def main(args: argparse.Namespace) -> None:
         tracking.log_stage_outputs(
             "distil", metrics, model_dir=args.out,
             files=(Path(args.eval_out) / evaluate.TRANSLATIONS_FILE,))
-        mlflow.log_table(samples, "distil/samples.json")
+        tracking.log_table(samples, "distil/samples.json")
         retained = metrics["bleu_retained"]
         print(f"student BLEU {metrics['bleu']:.2f}, teacher {metrics['teacher_bleu']:.2f} "
               f"(retained {'n/a' if retained is None else f'{retained:.1%}'}), "

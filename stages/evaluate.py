@@ -11,8 +11,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import mlflow
-
 from lmops import evaluate, stage, tracking
 from lmops.config import flatten, load_params
 from lmops.io import write_json
@@ -41,7 +39,7 @@ def main(args: argparse.Namespace) -> None:
         write_json(args.metrics, metrics)
         tracking.log_stage_outputs(
             "evaluate", metrics, files=(Path(args.out) / evaluate.TRANSLATIONS_FILE,))
-        mlflow.log_table(samples, "evaluate/samples.json")
+        tracking.log_table(samples, "evaluate/samples.json")
         print(f"BLEU {metrics['bleu']:.2f}  chrF {metrics['chrf']:.2f}  "
               f"({metrics['bleu_signature']})")
         for _, row in samples.head(5).iterrows():

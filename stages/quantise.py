@@ -15,8 +15,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import mlflow
-
 from lmops import quantise, stage, tracking
 from lmops.config import flatten, load_params
 from lmops.io import atomic_output, write_json
@@ -54,7 +52,7 @@ def main(args: argparse.Namespace) -> None:
         write_json(args.metrics, metrics)
         tracking.log_stage_outputs("quantise", metrics, model_dir=args.out,
                                    files=(Path(args.work) / quantise.COMPARISON_PNG,))
-        mlflow.log_table(table, "quantise/comparison.json")
+        tracking.log_table(table, "quantise/comparison.json")
         print(table.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
 
 

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import argparse
 
-import mlflow
-
 from lmops import stage, tokenise, tracking
 from lmops.config import flatten, load_params
 from lmops.io import write_json
@@ -31,7 +29,7 @@ def main(args: argparse.Namespace) -> None:
         stats = tokenise.tokenise(args.data, args.vocab, args.out, params.tokenise)
         tracking.log_data_input(args.vocab, "vocab")
         write_json(args.stats, stats)
-        mlflow.log_metrics({f"tokenise/{k}": v for k, v in flatten(stats).items()})
+        tracking.log_metrics({f"tokenise/{k}": v for k, v in flatten(stats).items()})
 
 
 if __name__ == "__main__":

@@ -10,8 +10,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import mlflow
-
 from lmops import quality, stage, tracking
 from lmops.config import flatten, load_params
 
@@ -35,9 +33,9 @@ def main(args: argparse.Namespace) -> None:
             if Path(args.data).is_dir():
                 tracking.log_data_input(args.data, "clean")
             if (Path(args.report) / "index.html").is_file():
-                mlflow.log_artifacts(args.report, artifact_path="gx_report")
-        mlflow.log_dict(summary, "validate/summary.json")
-        mlflow.log_metrics({f"validate/{k}": float(v) for k, v in flatten(summary).items()})
+                tracking.log_artifacts(args.report, artifact_path="gx_report")
+        tracking.log_dict(summary, "validate/summary.json")
+        tracking.log_metrics({f"validate/{k}": float(v) for k, v in flatten(summary).items()})
 
 
 if __name__ == "__main__":

@@ -10,8 +10,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import mlflow
-
 from lmops import data, stage, tracking, vocab
 from lmops.config import flatten, load_params
 
@@ -31,10 +29,10 @@ def main(args: argparse.Namespace) -> None:
         tracking.log_data_input(data.split_path(args.data, vocab.TRAIN_SPLIT), "mono_train")
         meta = vocab.build_vocab(args.data, args.out, params.vocab,
                                  params.clean.languages, params.seed)
-        mlflow.log_dict(meta, "vocab/meta.json")
+        tracking.log_dict(meta, "vocab/meta.json")
         for name in (vocab.MODEL_FILE, vocab.VOCAB_FILE):
-            mlflow.log_artifact(str(Path(args.out) / name), artifact_path="vocab")
-        mlflow.log_metrics({
+            tracking.log_artifact(str(Path(args.out) / name), artifact_path="vocab")
+        tracking.log_metrics({
             "vocab/size": meta["vocab_size"],
             "vocab/train_sentences": meta["train_sentences"],
         })

@@ -10,9 +10,9 @@ once to ``distil`` uninterrupted as the reference, then repeats: pick a training
 discard its checkpoints, start ``dvc repro --force`` of it, ``SIGKILL`` the whole process
 group (dvc and the stage) at a random moment (mostly a random time after a randomly chosen
 checkpoint, so in a step, an evaluation or a checkpoint write; sometimes in start-up),
-sometimes kill the rerun too, and finally let ``dvc repro`` finish. A kill survived when the rerun's weights (``model.safetensors``)
-and metrics, timings aside, equal the reference's. Prints ``survived/total``; exits 1 if
-any kill was not survived.
+sometimes kill the rerun too, and finally let ``dvc repro`` finish. A kill survived when
+the rerun's weights (``model.safetensors``) and metrics, timings aside, equal the
+reference's. Prints ``survived/total``; exits 1 if any kill was not survived.
 """
 
 from __future__ import annotations

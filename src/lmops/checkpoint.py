@@ -171,10 +171,28 @@ def read_config(path: str | Path) -> dict[str, Any]:
     return _read_json(path / CONFIG)
 
 
+_NOT_SAFETENSORS = ((b"PK\x03\x04", "a zip archive (torch.save writes those)"),
+                    (b"\x80", "a pickle"))
+
+
+def check_safetensors(file: Path) -> None:
+    """Refuse, before any parser sees it, a weights file without a safetensors header: a
+    ``torch.save`` archive or a pickle in its place would run code if it were unpickled."""
+    with open(file, "rb") as fh:
+        head = fh.read(9)
+    size = int.from_bytes(head[:8], "little") if len(head) == 9 else 0
+    if 0 < size <= file.stat().st_size - 8 and head[8:9] == b"{":
+        return
+    what = next((w for magic, w in _NOT_SAFETENSORS if head.startswith(magic)), "unknown data")
+    raise CheckpointError(f"{file}: not a safetensors file ({what}); lmops never unpickles "
+                          "weights: save them with safetensors")
+
+
 def _load_model(model: nn.Module, path: Path) -> None:
     file = path / WEIGHTS
     if not file.is_file():
         raise CheckpointError(f"{file}: no weights in this checkpoint")
+    check_safetensors(file)
     try:
         load_model(model, file, strict=True)
     except (RuntimeError, SafetensorError) as err:
@@ -199,6 +217,7 @@ def load(path: str | Path, model: nn.Module,
         file = path / OPTIMIZER
         if not file.is_file():
             raise CheckpointError(f"{file}: no optimizer state in this checkpoint")
+        check_safetensors(file)
         state: dict[int, dict[str, torch.Tensor]] = {}
         for key, tensor in load_file(file).items():
             index, name = key.split(".", 1)

@@ -6,6 +6,8 @@
         --model data/models/finetune --vocab data/vocab      a local model directory
         --model-uri models:/lmops-translator@champion        or a logged MLflow model
     lmops compare [RUN_ID ...] [--last N]   pipeline runs side by side (params, metrics)
+    lmops tracking sync [SPOOL_FILE ...]    upload what stages kept in mlruns/spool/ while
+                                            the tracking server was away
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import yaml
 
 from lmops import config
 from lmops.errors import LmopsError
+from lmops.redact import redact
 
 
 def _params_check(args: argparse.Namespace) -> None:
@@ -66,6 +69,13 @@ def _compare(args: argparse.Namespace) -> None:
                           all_rows=args.all, volatile=args.timings))
 
 
+def _tracking_sync(args: argparse.Namespace) -> None:
+    from lmops import tracking
+
+    for line in tracking.sync(args.files):
+        print(line)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lmops", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -98,6 +108,14 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--timings", action="store_true",
                       help="include timing metrics (they differ on every run)")
     cmp_.set_defaults(func=_compare)
+
+    trk = sub.add_parser("tracking", help="MLflow tracking housekeeping")
+    tsub = trk.add_subparsers(dest="action", required=True)
+    sync = tsub.add_parser("sync", help="upload the metrics, tags and artifacts stages kept "
+                                        "in mlruns/spool/ while the tracking server was away")
+    sync.add_argument("files", nargs="*",
+                      help="spool files (default: every mlruns/spool/*.jsonl)")
+    sync.set_defaults(func=_tracking_sync)
     return p
 
 
@@ -106,5 +124,5 @@ def main(argv: list[str] | None = None) -> None:
     try:
         args.func(args)
     except LmopsError as err:
-        print(f"lmops: error: {err}", file=sys.stderr)
+        print(f"lmops: error: {redact(str(err))}", file=sys.stderr)
         sys.exit(1)

@@ -29,6 +29,7 @@ import yaml
 from lmops import tracking
 from lmops.config import dvc_set_args, flatten
 from lmops.errors import LmopsError
+from lmops.redact import public_url
 
 # Stages that train a model and want an accelerator: the flows tag them "gpu". The only
 # list of them; a test checks every name is a stage of dvc.yaml.
@@ -47,6 +48,7 @@ TRANSIENT_PATTERNS = (
     r"API request to .* failed",
     r"\b(502|503|504)\b.*(Bad Gateway|Service Unavailable|Gateway Time-?out)",
     r"database is locked",
+    r"tracking server .* is not answering",
 )
 # Failures that a rerun cannot fix: the data or the params must change first.
 PERMANENT_PATTERNS = (
@@ -352,7 +354,8 @@ def run_url(root: str | Path, experiment_id: str, run_id: str) -> str:
     """The run's page in the MLflow UI: the tracking server, or a local `mlflow ui`."""
     with in_dir(root):
         uri = tracking.tracking_uri()
-    base = uri if uri.startswith(("http://", "https://")) else os.environ.get(
+    # the link is shown in Prefect: never with the URI's user and password
+    base = public_url(uri) if uri.startswith(("http://", "https://")) else os.environ.get(
         "LMOPS_MLFLOW_UI_URL", "http://127.0.0.1:5000")
     return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
 

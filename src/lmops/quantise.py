@@ -234,6 +234,7 @@ def load_quantised(path: str | Path, num_threads: int = 0) -> Transformer:
         raise CheckpointError(f"{path / checkpoint.CONFIG}: not a model config ({err})") from None
     if config["format"] == TORCH_INT8:
         file = path / WEIGHTS
+        checkpoint.check_safetensors(file)
         try:
             tensors = load_file(file)
             return Int8Transformer(cfg, vocab, tensors)

@@ -17,6 +17,7 @@ import argparse
 import logging
 import os
 import sys
+import traceback
 import warnings
 from collections.abc import Callable
 from typing import NoReturn
@@ -25,12 +26,18 @@ from lmops import tracking
 from lmops.config import ConfigError, load_params
 from lmops.errors import DiskFullError, LmopsError
 from lmops.io import disk_full_reason
+from lmops.redact import redact
 
 
 def parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--params", default="params.yaml", help="parameters file")
     return p
+
+
+def _redacted_traceback(exc_type: type[BaseException], exc: BaseException, tb: object) -> None:
+    # a traceback may quote the tracking URI, user and password included, or a token
+    sys.stderr.write(redact("".join(traceback.format_exception(exc_type, exc, tb))))
 
 
 def run(name: str, main: Callable[[argparse.Namespace], None],
@@ -41,6 +48,7 @@ def run(name: str, main: Callable[[argparse.Namespace], None],
     (``main`` reads it before it opens its run); a full disk is a user error like any other.
     """
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+    sys.excepthook = _redacted_traceback
     logging.basicConfig(level=logging.INFO, format=f"[{name}] %(message)s")
     args = argp.parse_args(argv)
     params = getattr(args, "params", None)
@@ -59,7 +67,7 @@ def run(name: str, main: Callable[[argparse.Namespace], None],
 
 
 def fail(name: str, err: LmopsError) -> NoReturn:
-    print(f"lmops {name}: error: {err}", file=sys.stderr)
+    print(f"lmops {name}: error: {redact(str(err))}", file=sys.stderr)
     sys.exit(1)
 
 

@@ -38,7 +38,6 @@ import math
 import os
 import random
 import shutil
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -52,7 +51,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from lmops import checkpoint
+from lmops import checkpoint, tracking
 from lmops.config import TrainConfig, flatten
 from lmops.errors import DataError, LmopsError
 from lmops.io import atomic_output
@@ -261,13 +260,6 @@ def plot_curves(history: list[dict[str, float]], png_path: str | Path) -> Path:
     with atomic_output(png_path) as tmp:
         fig.savefig(tmp)
     return Path(png_path)
-
-
-def _active_mlflow() -> Any:
-    # a run can only be active if the caller imported mlflow; not importing it here keeps
-    # untracked runs (tests, quick checks) free of its import time
-    mlflow = sys.modules.get("mlflow")
-    return mlflow if mlflow is not None and mlflow.active_run() is not None else None
 
 
 # -------------------------------------------------------------- distributed
@@ -494,9 +486,8 @@ class _Trainer:
             self.raw.train()
         self.metrics = self.state.metrics = metrics
         self.state.record(step, metrics)
-        mlflow = _active_mlflow()
-        if mlflow is not None:
-            mlflow.log_metrics({f"{self.stage}/{k}": v for k, v in metrics.items()}, step=step)
+        # through the stage run's buffer: a tracking server that went away loses nothing
+        tracking.log_metrics({f"{self.stage}/{k}": v for k, v in metrics.items()}, step=step)
         if self.select_metric is None:
             return
         if self.select_metric not in metrics:
@@ -548,11 +539,9 @@ class _Trainer:
                     values = {"train_loss": sum(window_losses) / len(window_losses),
                               "lr": lr_at(step, cfg), "grad_norm": grad_norm.item()}
                     state.record(step, values)
-                    mlflow = _active_mlflow()
-                    if mlflow is not None:
-                        mlflow.log_metrics({f"{self.stage}/{k}": v for k, v in
-                                            {**values, "tokens_per_sec": speed}.items()},
-                                           step=step)
+                    tracking.log_metrics({f"{self.stage}/{k}": v for k, v in
+                                          {**values, "tokens_per_sec": speed}.items()},
+                                         step=step)
                     window_tokens, window_losses, window_start = 0, [], now
                 if self.evaluate_fn is not None and env.is_main and (
                         step % cfg.eval_interval == 0 or final):
@@ -568,9 +557,9 @@ class _Trainer:
         if env.is_main:
             if self.curve_path is not None:
                 write_curve(history, self.curve_path)
-            mlflow = _active_mlflow()
-            if mlflow is not None and history:
-                self._log_plot(mlflow, history)
+            # mlflow_active_run_id does not import mlflow: untracked runs skip its import time
+            if history and tracking.mlflow_active_run_id() is not None:
+                self._log_plot(history)
         env.barrier()
         train_losses = [row["train_loss"] for row in history if "train_loss" in row]
         return TrainResult(
@@ -583,7 +572,7 @@ class _Trainer:
             resumed_from=start,
         )
 
-    def _log_plot(self, mlflow: Any, history: list[dict[str, float]]) -> None:
+    def _log_plot(self, history: list[dict[str, float]]) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             png = plot_curves(history, Path(tmp) / f"{self.stage}_loss_curves.png")
-            mlflow.log_artifact(str(png))
+            tracking.log_artifact(png)
