@@ -38,7 +38,7 @@ bench: $(STAMP)
 	TQDM_DISABLE=1 $(BIN)/python bench/train_throughput.py
 	TQDM_DISABLE=1 $(BIN)/python bench/decode.py
 	TQDM_DISABLE=1 $(BIN)/python bench/quantise.py
-	TQDM_DISABLE=1 $(BIN)/python bench/profile.py
+	TQDM_DISABLE=1 $(BIN)/python bench/op_profile.py
 	TQDM_DISABLE=1 $(BIN)/python bench/data_stages.py
 	TQDM_DISABLE=1 $(BIN)/python bench/pipeline_overhead.py
 

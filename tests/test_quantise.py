@@ -139,7 +139,9 @@ def test_onnx_runtime_matches_torch_and_its_int8_agrees(tmp_path):
     x = WINDOWS
     torch.testing.assert_close(fp32(x), m(x), rtol=1e-4, atol=1e-4)
     ref = m.generate_greedy(PROMPTS, 10, 3, 0)
+    threads = torch.get_num_threads()
     assert fp32.generate_greedy(PROMPTS, 10, 3, 0) == ref
+    assert torch.get_num_threads() == threads  # one torch thread while decoding, then back
     assert fp32.generate_beam(PROMPTS[:4], 8, 3, 0, beam_size=3) == m.generate_beam(
         PROMPTS[:4], 8, 3, 0, beam_size=3)
     int8_dir = quantise.export_onnx(m, tmp_path / "onnx8")

@@ -31,12 +31,13 @@ variants interleaved round by round.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import statistics
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -406,6 +407,19 @@ def _share_embedding(path: Path, n_embd: int, vocab_size: int) -> None:
     onnx.save(model, str(path))
 
 
+def _on_one_torch_thread(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` with torch limited to one thread while it runs (restored after)."""
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.set_num_threads(threads)
+    return wrapper
+
+
 class OrtTransformer(nn.Module):
     """An exported model run by onnxruntime behind the :class:`Transformer` interface.
 
@@ -420,8 +434,10 @@ class OrtTransformer(nn.Module):
     _left_pad = Transformer._left_pad
     new_cache = Transformer.new_cache
     _span_start = Transformer._span_start
-    generate_greedy = Transformer.generate_greedy
-    generate_beam = Transformer.generate_beam
+    # the decoding loop's own torch ops (argmax, masks, cache bookkeeping) are tiny: on one
+    # torch thread, so idle torch worker threads do not spin on the cores onnxruntime needs
+    generate_greedy = _on_one_torch_thread(Transformer.generate_greedy)
+    generate_beam = _on_one_torch_thread(Transformer.generate_beam)
 
     def __init__(self, onnx_path: str | Path, cfg: ModelConfig, vocab_size: int,
                  num_params: int, num_threads: int = 0):

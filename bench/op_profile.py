@@ -1,6 +1,6 @@
 """Where the time goes: torch.profiler tables of lmops' training step and decoding.
 
-Run with: make bench   (or: python bench/profile.py)
+Run with: make bench   (or: python bench/op_profile.py)
 
 The figures in train_throughput.md and decode.md say how fast; these say why. For the
 default model size (the same set-up as those scripts): a training step in fp32 and in bf16
@@ -81,7 +81,7 @@ def main() -> None:
     tables[f"greedy decoding, batch 16, {args.new_tokens} new tokens, fp32"] = rows
     summaries.append({"case": "greedy decoding b16, fp32", **summary})
     write_results(
-        "profile", "Profile: where lmops' training step and decoding spend their time", info,
+        "op_profile", "Profile: where lmops' training step and decoding spend their time", info,
         {"Summary": summaries, **tables},
         notes=["default model size (4 layers, width 256, 4 heads, context 128, vocab 8000), "
                "random weights; torch.profiler, CPU activities, self time per operator",
