@@ -57,9 +57,21 @@ def lmops_generate(model: Transformer) -> Generate:
     return generate
 
 
+def lmops_bf16_generate(model: Transformer) -> Generate:
+    """The same model with bf16 autocast: what the bf16 matmul peak buys decoding."""
+    generate = lmops_generate(model)
+
+    def bf16(prompts: list[list[int]], mode: str, new_tokens: int) -> list[list[int]]:
+        with torch.autocast(model.device.type, dtype=torch.bfloat16):
+            return generate(prompts, mode, new_tokens)
+
+    return bf16
+
+
 # name -> builder from the shared lmops model; add a variant here (e.g. "lmops int8")
 VARIANTS: dict[str, Callable[[Transformer], Generate]] = {
     "lmops": lmops_generate,
+    "lmops bf16": lmops_bf16_generate,
 }
 
 
