@@ -7,7 +7,7 @@ Both sides are the default-size model with random weights (the HF side a
 ``--new-tokens`` new tokens per prompt: lmops gets an eos id the model can never emit (the
 vocab size), HF gets ``min_new_tokens = max_new_tokens``. Tokens/s counts the new tokens of
 the returned sequences (batch x new tokens; beam search's extra hypotheses are work, not
-output). fp32 eager on both sides.
+output). fp32 eager on both sides, plus lmops with bf16 autocast (``lmops bf16``).
 
 Variants: :data:`VARIANTS` maps a row name to a function building the ``generate``
 callable from the shared lmops model, so another lmops variant (an int8-quantised model,
@@ -147,7 +147,8 @@ def main() -> None:
         {"Decoding throughput (median of interleaved rounds)": rows, "Goals": goals},
         extra={"prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
                "rounds": args.rounds, "vocab": VOCAB},
-        notes=[f"default model size, random weights, fp32, prompt {args.prompt_len} tokens, "
+        notes=[f"default model size, random weights, fp32 (lmops bf16: bf16 autocast), "
+               f"prompt {args.prompt_len} tokens, "
                f"exactly {args.new_tokens} new tokens per prompt on both sides",
                "new tokens/s = batch x new tokens / wall time of one generate call; "
                "best = the fastest round; x hf = median of the paired per-round ratios"],
