@@ -3,12 +3,15 @@ Prefect server + process worker running a deployment of the tiny pipeline."""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import re
 import shutil
 import subprocess
 import sys
 import time
+import urllib.parse
+import urllib.request
 from pathlib import Path, PurePosixPath
 
 import pytest
@@ -249,29 +252,20 @@ def prefect_server(tmp_path):
                "PREFECT_LOGGING_LEVEL": "INFO"}
 
 
-_FLOW_RUNS = """
-import asyncio, json, sys
-from prefect.client.orchestration import get_client
-
-async def main():
-    async with get_client() as client:
-        out = {}
-        for run_id in sys.argv[1:]:
-            run = await client.read_flow_run(run_id)
-            states = await client.read_flow_run_states(run_id)
-            out[run_id] = {"state": run.state.type.value, "start": run.start_time.timestamp()
-                           if run.start_time else None, "end": run.end_time.timestamp()
-                           if run.end_time else None, "states": [s.name for s in states]}
-        print(json.dumps(out))
-
-asyncio.run(main())
-"""
-
-
 def _flow_runs(env: dict[str, str], ids: list[str]) -> dict[str, dict]:
-    out = subprocess.run([sys.executable, "-c", _FLOW_RUNS, *ids], env=env,
-                         capture_output=True, text=True, timeout=60, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    """State, start and end time and state history of flow runs, from the server's REST API
+    (no Prefect client process to start per poll)."""
+    api = env["PREFECT_API_URL"]
+    out = {}
+    for run_id in ids:
+        with urllib.request.urlopen(f"{api}/flow_runs/{run_id}", timeout=10) as r:
+            run = json.load(r)
+        query = urllib.parse.urlencode({"flow_run_id": run_id})
+        with urllib.request.urlopen(f"{api}/flow_run_states/?{query}", timeout=10) as r:
+            states = [s["name"] for s in json.load(r)]
+        out[run_id] = {"state": run["state"]["type"], "start": run["start_time"],
+                       "end": run["end_time"], "states": states}
+    return out
 
 
 @pytest.mark.slow
@@ -287,7 +281,7 @@ def test_a_deployment_runs_the_pipeline_on_a_process_worker(flow_repo, prefect_s
     assert "0 2 * * *" in nightly and "Europe/Paris" in nightly
     ids = [re.search(r"UUID:\s*([0-9a-f-]{36})", _prefect(
         env, flow_repo, "deployment", "run", "lmops-pipeline/pipeline", "--param",
-        "target=vocab")).group(1) for _ in range(2)]
+        "target=clean")).group(1) for _ in range(2)]
     log = open(tmp_path / "worker.log", "w")  # noqa: SIM115 - closed in finally
     worker = subprocess.Popen(
         [str(Path(sys.executable).parent / "prefect"), "worker", "start", "--pool", "lmops-gpu",
@@ -310,8 +304,10 @@ def test_a_deployment_runs_the_pipeline_on_a_process_worker(flow_repo, prefect_s
         log.close()
     worker_log = (tmp_path / "worker.log").read_text()
     assert all(r["state"] == "COMPLETED" for r in runs.values()), f"{runs}\n{worker_log[-6000:]}"
-    first, second = sorted(runs.values(), key=lambda r: r["start"])
-    assert first["end"] <= second["start"], runs  # serialised, not overlapping
+    first, second = sorted(runs.values(), key=lambda r: dt.datetime.fromisoformat(r["start"]))
+    # serialised, not overlapping
+    assert dt.datetime.fromisoformat(first["end"]) <= dt.datetime.fromisoformat(
+        second["start"]), runs
     assert "AwaitingConcurrencySlot" in first["states"] + second["states"], runs
     flow_run_id = next(i for i, r in runs.items() if r is first)
 
@@ -325,18 +321,17 @@ def test_a_deployment_runs_the_pipeline_on_a_process_worker(flow_repo, prefect_s
     assert parent.data.tags["prefect.deployment"] == "pipeline"
     assert parent.info.status == "FINISHED"
     stages = client.search_runs([exp.experiment_id], "tags.`lmops.kind` = 'stage'")
-    assert sorted(r.data.tags["lmops.stage"] for r in stages) == ["clean", "validate", "vocab"]
+    assert [r.data.tags["lmops.stage"] for r in stages] == ["clean"]
     for run in stages:
         assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert run.info.status == "FINISHED"
     later = next(p for p in parents if p is not parent)
-    for stage in ("clean", "validate", "vocab"):
-        assert parent.data.tags[f"lmops.stage_status.{stage}"] == "ran"
-        assert later.data.tags[f"lmops.stage_status.{stage}"] == "skipped"  # found up to date
-    assert (flow_repo / "data/vocab/meta.json").is_file()
-    assert not (flow_repo / "data/tokens").exists()  # the target stops at vocab
+    assert parent.data.tags["lmops.stage_status.clean"] == "ran"
+    assert later.data.tags["lmops.stage_status.clean"] == "skipped"  # found up to date
+    assert (flow_repo / "data/clean/parallel_test.parquet").is_file()
+    assert not (flow_repo / "data/validate").exists()  # the target stops at clean
     assert parent.info.run_id in link
-    assert "| validate | ran |" in metrics and "mono_train.rows" in metrics
+    assert "| clean | ran |" in metrics and "mono_train.rows" in metrics
 
 
 @pytest.mark.slow
