@@ -11,7 +11,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,7 +22,7 @@ from unittest import mock
 import pytest
 import yaml
 
-from lmops import compare, registry, retrain
+from lmops import compare, registry, retrain, workspace
 from lmops.config import load_params
 from tests.conftest import dvc, dvc_env, make_tiny_repo
 
@@ -35,10 +34,7 @@ SOURCES = ["In the beginning God created the heaven and the earth.", "And God sa
 BIN = Path(sys.executable).parent
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+free_port = workspace.free_port
 
 
 def wait_for(url: str, proc: subprocess.Popen, log: Path, timeout: float = 180) -> None:

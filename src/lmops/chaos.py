@@ -18,7 +18,6 @@ reference's. Prints ``survived/total``; exits 1 if any kill was not survived.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import random
 import shutil
@@ -34,6 +33,7 @@ from typing import Any
 import yaml
 
 from lmops import workspace
+from lmops.checkpoint import sha256
 
 STAGES = ("pretrain", "finetune", "distil")
 # longer training than the tiny profile so that the kills spread over the training loop
@@ -56,10 +56,6 @@ class Kill:
     kills: int            # 1, or 2 when the rerun was killed too
     survived: bool
     detail: str = ""
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def stable_metrics(path: Path) -> dict[str, Any]:

@@ -324,16 +324,8 @@ class RunBuffer:
             self.end_run(status)
             return
         entry = {"run_id": self.run_id, "kind": "end", "status": status, "end_time": now_ms()}
-        if not self.pending:
-            try:
-                mlflow.end_run(status)  # pops the run from the stack, then sets its status
-                return
-            except Exception as err:
-                reason = unreachable_reason(err)
-                if reason is None:
-                    raise
-                self._went_away(reason)
-            self._keep(entry)
+        if not self.pending:  # mlflow.end_run pops the run from the stack, then sets status
+            self._submit(entry, send=lambda: mlflow.end_run(status))
             return
         self._keep(entry)
         leave_active_run(status)
