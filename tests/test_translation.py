@@ -69,6 +69,25 @@ def test_pair_batches_are_a_function_of_the_step():
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     assert not torch.equal(get(6, 8)[0], a[0])
     assert a[0].shape[0] == 8
+    assert get(0, 30)[0].shape[0] == 30  # fewer pairs than a batch: pairs repeat
+
+
+def test_pair_batches_see_each_pair_once_per_epoch_in_batches_of_like_lengths():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 120, size=400)
+    pairs = pd.DataFrame({"src_ids": [[7 + i % 20] * n for i, n in enumerate(lengths)],
+                          "tgt_ids": [[9, 10 + i % 20] for i in range(400)]})
+    tok = FakeTok()
+    get = translation.pair_batches(pairs, tok, "fr", 256, seed=3)
+    epoch = [get(step, 16) for step in range(25)]  # 400 pairs / 16 = 25 batches per epoch
+    seen = sorted(int(n) for x, _ in epoch for n in x.ne(tok.pad_id).sum(1))
+    sizes = np.array([len(translation.example(tok, s, t, "fr", 256)[0])
+                      for s, t in zip(pairs["src_ids"], pairs["tgt_ids"], strict=True)])
+    assert seen == sorted(sizes)  # every pair once
+    padded = sum(x.numel() for x, _ in epoch)
+    random_width = 16 * np.mean([max(rng.choice(sizes, 16)) for _ in range(200)])
+    assert padded < 0.75 * 25 * random_width  # like lengths pad far less than random ones
+    assert not torch.equal(get(25, 16)[0], epoch[0][0])  # the next epoch is reshuffled
 
 
 def test_model_dir_round_trip_and_clear_errors(tmp_path):
@@ -130,15 +149,18 @@ def test_bleu_and_chrf_with_signatures():
     assert poor["bleu"] < 20 and 0 < poor["chrf"] < 60
 
 
-def test_mixed_batches_hold_the_share_of_text_rows_shuffled_and_padded():
+def test_mixed_batches_hold_the_share_of_text_rows_cut_to_the_pairs_width():
     pairs = lambda step, n: translation.collate(  # noqa: E731
         [([5, 7, 6, 9], [-100, -100, 9, 3])] * n, pad_id=0)
     text = lambda step, n: (torch.full((n, 24), 11), torch.full((n, 24), 12))  # noqa: E731
     get = translation.mix_batches(pairs, text, share=0.25, seed=1)
     x, y = get(3, 16)
-    assert x.shape == y.shape == (16, 24)
+    assert x.shape == y.shape == (16, 16)  # the pairs pad to 16; text windows are cut to it
     is_text = x[:, 0].eq(11)
-    assert int(is_text.sum()) == 4
-    assert y[~is_text][:, 16:].eq(IGNORE_INDEX).all()  # pair rows padded, not scored
+    assert int(is_text.sum()) == 4 and y[is_text].eq(12).all()
+    assert y[~is_text][:, 4:].eq(IGNORE_INDEX).all()  # pair rows padded, not scored
     assert torch.equal(get(3, 16)[0], x) and not torch.equal(get(4, 16)[0][:, 0], x[:, 0])
+    short_text = lambda step, n: (torch.full((n, 8), 11), torch.full((n, 8), 12))  # noqa: E731
+    x, y = translation.mix_batches(pairs, short_text, share=0.25, seed=1)(3, 16)
+    assert x.shape == (16, 16) and y[x[:, 0].eq(11)][:, 8:].eq(IGNORE_INDEX).all()
     assert translation.mix_batches(pairs, text, 0.0, seed=1) is pairs

