@@ -1,4 +1,4 @@
-"""Knowledge distillation: the loss as defined, layer-dropped students, cached teacher data."""
+"""Knowledge distillation: the loss as defined, pruned students, cached teacher data."""
 
 from __future__ import annotations
 
@@ -83,10 +83,10 @@ def test_word_loss_trains_the_student_not_the_teacher():
     assert student.lm_head.weight is student.tok_emb.weight
 
 
-def test_layer_dropped_student_copies_the_chosen_layers():
+def test_a_student_of_the_teachers_width_is_the_teacher_with_layers_dropped():
     teacher = tiny(n_layer=4)
     cfg = ModelConfig(n_layer=2, n_embd=16, n_head=2, block_size=16)
-    student = distil.student_from_teacher(teacher, cfg, [0, 3])
+    student = distil.pruned_student(teacher, cfg, [0, 3])
     for mine, theirs in ((0, 0), (1, 3)):
         a, b = student.blocks[mine].state_dict(), teacher.blocks[theirs].state_dict()
         assert all(torch.equal(a[k], b[k]) for k in b)
@@ -96,9 +96,48 @@ def test_layer_dropped_student_copies_the_chosen_layers():
     assert student.tok_emb.weight.data_ptr() != teacher.tok_emb.weight.data_ptr()  # a copy
     # a one-layer student of a one-layer teacher is the teacher
     one = tiny(n_layer=1, seed=5)
-    same = distil.student_from_teacher(one, one.cfg)
+    same = distil.pruned_student(one, one.cfg)
     x = torch.randint(0, 40, (2, 7))
     torch.testing.assert_close(same(x), one(x), rtol=0, atol=0)
+
+
+def half_used_teacher() -> Transformer:
+    """A 32-wide, 4-head teacher that uses only 16 residual channels, 2 heads per layer and
+    half its MLP neurons: nothing writes to the other channels, the other heads' values and
+    the other neurons' gates are zero."""
+    torch.manual_seed(3)
+    teacher = Transformer(ModelConfig(n_layer=2, n_embd=32, n_head=4, block_size=16), 40)
+    g = torch.Generator().manual_seed(0)
+    dead = torch.randperm(32, generator=g)[:16]
+    with torch.no_grad():
+        for p in teacher.parameters():  # far from the default init: a stronger check
+            p.normal_(0, 0.3, generator=g)
+        teacher.tok_emb.weight[:, dead] = 0
+        for i, block in enumerate(teacher.blocks):
+            block.attn.proj.weight[dead] = 0
+            block.mlp.down.weight[dead] = 0
+            for head in ((1, 2), (0, 3))[i]:  # value rows of the unused heads
+                block.attn.qkv.weight[64 + 8 * head : 64 + 8 * head + 8] = 0
+            hidden = block.mlp.down.weight.shape[1]
+            unused = torch.randperm(hidden, generator=g)[: hidden // 2]
+            block.mlp.gate_up.weight[unused] = 0
+    return teacher
+
+
+def test_pruning_keeps_what_the_teacher_uses_and_then_computes_what_it_computes():
+    teacher = half_used_teacher()
+    calibration = [torch.randint(1, 40, (4, 16), generator=torch.Generator().manual_seed(s))
+                   for s in range(3)]
+    scores = distil.Importance(teacher, calibration, pad_id=0)
+    cfg = ModelConfig(n_layer=2, n_embd=16, n_head=2, block_size=16)
+    student = distil.pruned_student(teacher, cfg, importance=scores)
+    assert student.num_params() < 0.4 * teacher.num_params()
+    assert set(scores.heads[0].topk(2).indices.tolist()) == {0, 3}
+    assert set(scores.heads[1].topk(2).indices.tolist()) == {1, 2}
+    x = torch.randint(1, 40, (3, 11))
+    # the RMSNorm gains were rescaled: the kept channels hold all of the signal
+    torch.testing.assert_close(student(x), teacher(x), rtol=1e-4, atol=1e-4)
+    assert scores.channels.count_nonzero() == 16  # the dead channels scored nothing
 
 
 def test_default_layers_are_evenly_spaced():
@@ -109,14 +148,22 @@ def test_default_layers_are_evenly_spaced():
     assert distil.default_keep_layers(4, 4) == [0, 1, 2, 3]
 
 
-def test_layer_dropping_needs_the_teachers_width_and_valid_layers():
+def test_pruning_needs_whole_heads_no_larger_shapes_and_valid_layers():
     teacher = tiny(n_layer=4)
-    with pytest.raises(distil.DistilError, match=r"distil.model.n_embd is 32, the teacher's is 16"):
-        distil.student_from_teacher(teacher, ModelConfig(n_layer=2, n_embd=32, n_head=2,
-                                                         block_size=16))
+    with pytest.raises(distil.DistilError, match=r"distil.model.n_embd is 32, more than the "
+                       r"teacher's 16"):
+        distil.pruned_student(teacher, ModelConfig(n_layer=2, n_embd=32, n_head=4,
+                                                   block_size=16))
+    with pytest.raises(distil.DistilError, match=r"head width n_embd / n_head is 4, the "
+                       r"teacher's is 8"):
+        distil.pruned_student(teacher, ModelConfig(n_layer=2, n_embd=16, n_head=4,
+                                                   block_size=16))
     with pytest.raises(distil.DistilError, match=r"\[7\] out of range, the teacher has 4"):
-        distil.student_from_teacher(teacher, ModelConfig(n_layer=2, n_embd=16, n_head=2,
-                                                         block_size=16), [0, 7])
+        distil.pruned_student(teacher, ModelConfig(n_layer=2, n_embd=16, n_head=2,
+                                                   block_size=16), [0, 7])
+    with pytest.raises(distil.DistilError, match="needs importance scores"):
+        distil.pruned_student(teacher, ModelConfig(n_layer=2, n_embd=8, n_head=1,
+                                                   block_size=16))
 
 
 def test_a_missing_or_corrupted_teacher_is_named(tmp_path):

@@ -322,12 +322,14 @@ class DistilConfig(TrainConfig):
     temperature: float = Field(
         default=2.0, gt=0, description="word: softmax temperature of teacher and student.",
     )
-    init: Literal["scratch", "teacher_layers"] = Field(
-        default="scratch", description="scratch: random weights; teacher_layers: a copy of "
-        "the teacher keeping keep_layers (needs the teacher's width and heads).",
+    init: Literal["scratch", "pruned"] = Field(
+        default="pruned", description="scratch: random weights; pruned: a copy of the "
+        "teacher cut to the student's shape: the layers keep_layers and, in them, the "
+        "residual channels, heads and MLP neurons the teacher uses most (needs the "
+        "teacher's head width, no dimension larger than the teacher's).",
     )
     keep_layers: list[int] | None = Field(
-        default=None, description="teacher_layers: teacher block indices to keep, in order "
+        default=None, description="pruned: teacher block indices to keep, in order "
         "(None: model.n_layer evenly spaced ones, first and last included).",
     )
     sequence_decode: DecodeConfig = Field(

@@ -14,8 +14,9 @@ Two methods (``distil.method``):
     cross-entropy. The translations are cached in the stage's work directory under a
     digest of everything that shapes them, so a resumed or repeated run reuses them.
 
-The student starts from random weights or as a copy of the teacher that keeps some of its
-layers (``distil.init``). Training goes through the shared loop (:func:`lmops.train.fit`:
+The student starts from random weights or as a copy of the teacher pruned to its shape
+(``distil.init``): some of its layers and, in those, the residual channels, heads and MLP
+neurons the teacher uses most (Minitron-style activation importance). Training goes through the shared loop (:func:`lmops.train.fit`:
 resume, checkpoints, divergence guard, curves); as in finetune, each evaluation scores the
 validation BLEU of greedy translations and the best-BLEU weights are the stage's output.
 The student is then scored by the same :func:`lmops.evaluate.evaluate_model` as the
@@ -49,7 +50,7 @@ from lmops.evaluate import (
 )
 from lmops.finetune import SELECT_METRIC, bleu_validation
 from lmops.io import atomic_output
-from lmops.model import Transformer
+from lmops.model import Transformer, mlp_hidden
 from lmops.pretrain import summary
 from lmops.tracking import file_digest
 from lmops.train import IGNORE_INDEX, DistEnv, LossFn, fit, lm_loss, seed_everything
@@ -67,6 +68,7 @@ log = logging.getLogger(__name__)
 
 N_SAMPLES = 20  # sample translations kept (MLflow table); evaluate.n_samples is evaluate's
 SEQKD_PREFIX = "seqkd-"
+CALIBRATION_BATCHES = 8  # training batches the teacher runs to rank what pruning keeps
 
 
 class DistilError(LmopsError):
@@ -147,19 +149,105 @@ def default_keep_layers(n_teacher: int, n_student: int) -> list[int]:
     return [round(i * (n_teacher - 1) / (n_student - 1)) for i in range(n_student)]
 
 
-def student_from_teacher(teacher: Transformer, cfg: ModelConfig,
-                         keep: list[int] | None = None) -> Transformer:
-    """A copy of ``teacher`` with only the blocks ``keep`` (in that order); the rest as is.
+def _shape_errors(teacher: ModelConfig, student: ModelConfig) -> list[str]:
+    errors = [f"distil.model.{key} is {getattr(student, key)}, the teacher's is "
+              f"{getattr(teacher, key)}; a pruned copy keeps it"
+              for key in ("block_size", "rope_theta")
+              if getattr(student, key) != getattr(teacher, key)]
+    if student.n_embd // student.n_head != teacher.n_embd // teacher.n_head:
+        errors.append(f"distil.model head width n_embd / n_head is "
+                      f"{student.n_embd // student.n_head}, the teacher's is "
+                      f"{teacher.n_embd // teacher.n_head}; a pruned copy keeps whole heads")
+    for key in ("n_layer", "n_embd", "n_head"):
+        if getattr(student, key) > getattr(teacher, key):
+            errors.append(f"distil.model.{key} is {getattr(student, key)}, more than the "
+                          f"teacher's {getattr(teacher, key)}")
+    if mlp_hidden(student) > mlp_hidden(teacher):
+        errors.append(f"distil.model MLP width {mlp_hidden(student)} (mlp_ratio "
+                      f"{student.mlp_ratio}) is more than the teacher's {mlp_hidden(teacher)}")
+    return errors
 
-    The embedding (tied to the output head) and the final norm are copied; ``cfg`` must
-    describe the teacher's blocks except for their number.
+
+class Importance:
+    """How much the teacher uses each residual channel, head and MLP neuron (Minitron).
+
+    Measured on calibration batches (Muralidharan et al. 2024, "Compact language models
+    via pruning and knowledge distillation"): a channel by the mean magnitude of every
+    RMSNorm's output in it, a head by the mean norm of its attention output, a neuron by
+    the mean magnitude of its SwiGLU activation; padding positions do not count. The mean
+    square of each norm's input per channel is kept as well: cutting channels changes the
+    root mean square a norm divides by, and :func:`pruned_student` rescales for it.
+    """
+
+    def __init__(self, teacher: Transformer, batches: list[Tensor], pad_id: int):
+        cfg = teacher.cfg
+        self.head_dim = cfg.n_embd // cfg.n_head
+        norms = [n for b in teacher.blocks for n in (b.attn_norm, b.mlp_norm)] + [teacher.norm]
+        self.channels = torch.zeros(cfg.n_embd)
+        self.norm_inputs = torch.zeros(len(norms), cfg.n_embd)  # mean x^2 per channel
+        self.heads = torch.zeros(cfg.n_layer, cfg.n_head)
+        self.neurons = torch.zeros(cfg.n_layer, mlp_hidden(cfg))
+        keep: Tensor | None = None  # real-token positions of the batch being run
+        hooks = []
+
+        def rows(x: Tensor) -> Tensor:
+            return x.detach().float()[keep]
+
+        def on_norm(i: int, inputs: Tensor, out: Tensor) -> None:
+            self.channels.add_(rows(out).abs().sum(0))
+            self.norm_inputs[i].add_(rows(inputs).square().sum(0))
+
+        def on_heads(i: int, y: Tensor) -> None:  # attn.proj's input: heads side by side
+            self.heads[i].add_(rows(y).unflatten(-1, (cfg.n_head, self.head_dim))
+                               .norm(dim=-1).sum(0))
+
+        def on_neurons(i: int, h: Tensor) -> None:  # mlp.down's input: silu(gate) * up
+            self.neurons[i].add_(rows(h).abs().sum(0))
+
+        # hooks return None: a forward hook that returns a value replaces the output
+        for i, norm in enumerate(norms):
+            hooks.append(norm.register_forward_hook(
+                lambda _m, args, out, i=i: on_norm(i, args[0], out)))
+        for i, block in enumerate(teacher.blocks):
+            hooks.append(block.attn.proj.register_forward_pre_hook(
+                lambda _m, args, i=i: on_heads(i, args[0])))
+            hooks.append(block.mlp.down.register_forward_pre_hook(
+                lambda _m, args, i=i: on_neurons(i, args[0])))
+        tokens = 0
+        try:
+            with torch.no_grad():
+                for inputs in batches:
+                    keep = inputs != pad_id
+                    tokens += int(keep.sum())
+                    teacher(inputs)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        if not tokens:
+            raise DistilError("distil.init pruned: the calibration batches hold no tokens")
+        self.norm_inputs /= tokens
+
+
+def _top(scores: Tensor, k: int) -> Tensor:
+    """Indices of the ``k`` largest scores, in their original order."""
+    return scores.topk(k).indices.sort().values
+
+
+def pruned_student(teacher: Transformer, cfg: ModelConfig, keep: list[int] | None = None,
+                   importance: Importance | None = None) -> Transformer:
+    """A copy of ``teacher`` cut to the shape ``cfg``: its layers ``keep`` (in that order,
+    evenly spaced by default) and, within them, its most important residual channels,
+    attention heads and MLP neurons (``importance``; needed only where ``cfg`` is narrower).
+
+    Every weight is the teacher's own, sliced; each RMSNorm's gain is scaled by the ratio
+    of the root mean squares of its input over the kept and over all channels, so the
+    normalised activations keep the teacher's scale. A student of the teacher's width is
+    the teacher with layers dropped, exactly.
     """
     t = teacher.cfg
-    for key in ("n_embd", "n_head", "mlp_ratio", "rope_theta", "block_size"):
-        if getattr(cfg, key) != getattr(t, key):
-            raise DistilError(f"distil.init teacher_layers: distil.model.{key} is "
-                              f"{getattr(cfg, key)}, the teacher's is {getattr(t, key)}; "
-                              "a layer-dropped copy keeps the teacher's shape")
+    errors = _shape_errors(t, cfg)
+    if errors:
+        raise DistilError("distil.init pruned: " + "; ".join(errors))
     keep = default_keep_layers(t.n_layer, cfg.n_layer) if keep is None else list(keep)
     if len(keep) != cfg.n_layer:
         raise DistilError(f"distil.keep_layers has {len(keep)} entries for "
@@ -168,26 +256,55 @@ def student_from_teacher(teacher: Transformer, cfg: ModelConfig,
     if bad:
         raise DistilError(f"distil.keep_layers: {bad} out of range, the teacher has "
                           f"{t.n_layer} layers (0..{t.n_layer - 1})")
+    hidden_t, hidden = mlp_hidden(t), mlp_hidden(cfg)
+    narrower = (cfg.n_embd, cfg.n_head, hidden) != (t.n_embd, t.n_head, hidden_t)
+    if narrower and importance is None:
+        raise DistilError("distil.init pruned: a narrower student needs importance scores")
+    if narrower:
+        assert importance is not None
+        ch = _top(importance.channels, cfg.n_embd)
+        share = importance.norm_inputs[:, ch].mean(1) / importance.norm_inputs.mean(1)
+        gain = share.clamp_min(1e-12).sqrt()  # rms(kept) / rms(all), per norm
+    else:
+        ch, gain = torch.arange(t.n_embd), torch.ones(2 * t.n_layer + 1)
+    hd = t.n_embd // t.n_head
+    src = teacher.state_dict()
+    state = {"tok_emb.weight": src["tok_emb.weight"][:, ch],
+             "norm.weight": src["norm.weight"][ch] * gain[-1]}
+    for j, i in enumerate(keep):
+        heads = _top(importance.heads[i], cfg.n_head) if narrower else torch.arange(t.n_head)
+        cols = (heads[:, None] * hd + torch.arange(hd)).flatten()  # the heads' dims
+        neurons = _top(importance.neurons[i], hidden) if narrower else torch.arange(hidden_t)
+        qkv = torch.cat([part * t.n_embd + cols for part in range(3)])
+        theirs, mine = f"blocks.{i}.", f"blocks.{j}."
+        state.update({
+            mine + "attn_norm.weight": src[theirs + "attn_norm.weight"][ch] * gain[2 * i],
+            mine + "attn.qkv.weight": src[theirs + "attn.qkv.weight"][qkv][:, ch],
+            mine + "attn.proj.weight": src[theirs + "attn.proj.weight"][ch][:, cols],
+            mine + "mlp_norm.weight": src[theirs + "mlp_norm.weight"][ch] * gain[2 * i + 1],
+            mine + "mlp.gate_up.weight": src[theirs + "mlp.gate_up.weight"][
+                torch.cat([neurons, hidden_t + neurons])][:, ch],
+            mine + "mlp.down.weight": src[theirs + "mlp.down.weight"][ch][:, neurons],
+        })
     student = Transformer(cfg, teacher.vocab_size)
-    state = {}
-    for name, value in teacher.state_dict().items():
-        if name.startswith("blocks."):
-            _, index, rest = name.split(".", 2)
-            if int(index) not in keep:
-                continue
-            name = f"blocks.{keep.index(int(index))}.{rest}"
-        state[name] = value.detach().clone()
-    student.load_state_dict(state, strict=True)
+    student.load_state_dict({k: v.detach().clone() for k, v in state.items()}, strict=False)
+    missing = set(student.state_dict()) - set(state) - {"lm_head.weight"}
+    if missing:  # a model change this function does not know about yet
+        raise DistilError(f"distil.init pruned: no rule for {sorted(missing)}")
     return student
 
 
-def build_student(teacher: Transformer, params: Params) -> Transformer:
+def build_student(teacher: Transformer, params: Params,
+                  calibration: list[Tensor] | None = None, pad_id: int = 0) -> Transformer:
+    """The student ``distil.model``: random (``init: scratch``) or pruned from the teacher
+    (``init: pruned``, its importance measured on ``calibration`` input batches)."""
     cfg = params.distil
     if cfg.model.block_size != teacher.cfg.block_size:
         raise DistilError(f"distil.model.block_size ({cfg.model.block_size}) must equal the "
                           f"teacher's ({teacher.cfg.block_size}): both read the same examples")
-    if cfg.init == "teacher_layers":
-        return student_from_teacher(teacher, cfg.model, cfg.keep_layers)
+    if cfg.init == "pruned":
+        scores = Importance(teacher, calibration, pad_id) if calibration else None
+        return pruned_student(teacher, cfg.model, cfg.keep_layers, scores)
     return Transformer(cfg.model, teacher.vocab_size)
 
 
@@ -281,10 +398,14 @@ def distil(tokens_dir: str | Path, vocab_dir: str | Path, clean_dir: str | Path,
     teacher_scores = score_translations(teacher_translations)
     tok = Tokenizer.load(vocab_dir)
     check_vocab(teacher, tok, teacher_dir)
-    seed_everything(params.seed)
-    student = build_student(teacher, params)
-    block = student.cfg.block_size
+    block = cfg.model.block_size
     train = read_pairs(tokens_dir / "parallel_train.parquet")
+    seed_everything(params.seed)
+    calibration = None
+    if cfg.init == "pruned":  # the first training batches: what the student will see
+        batches = pair_batches(train, tok, tgt_lang, block, params.seed)
+        calibration = [batches(step, cfg.batch_size)[0] for step in range(CALIBRATION_BATCHES)]
+    student = build_student(teacher, params, calibration, tok.pad_id)
     evaluate, greedy = bleu_validation(tok, tokens_dir / "parallel_valid.parquet", tgt_lang,
                                        block, cfg, params.evaluate.decode)
     teacher_digest = file_digest(teacher_dir / "model.safetensors")
@@ -302,7 +423,6 @@ def distil(tokens_dir: str | Path, vocab_dir: str | Path, clean_dir: str | Path,
         train_pairs = teacher_translations(teacher, tok, chosen, tgt_lang, cfg.sequence_decode,
                                            work_dir, key)
         loss_fn = lm_loss
-
 
     resolved = {
         "model": student.cfg.model_dump(), "vocab_size": tok.vocab_size,
