@@ -61,7 +61,7 @@ PARAMS: dict[str, Any] = {
                  "bleu_samples": 2, "device": "cpu"},
     "evaluate": {"decode": {"beam_size": 1, "max_new_tokens": 4, "batch_size": 64},
                  "max_test_pairs": 8, "n_samples": 2, "device": "cpu"},
-    "distil": {"model": {"n_layer": 1, "n_embd": 16, "n_head": 2, "block_size": 32},
+    "distil": {"model": {"n_layer": 1, "n_embd": 16, "n_head": 1, "block_size": 32},
                "max_steps": 2, "batch_size": 2, "warmup_steps": 0, "eval_interval": 1,
                "eval_batches": 1, "checkpoint_interval": 1, "log_interval": 1,
                "bleu_samples": 2, "device": "cpu"},
