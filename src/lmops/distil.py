@@ -226,7 +226,8 @@ class Importance:
                 hook.remove()
         if not tokens:
             raise DistilError("distil.init pruned: the calibration batches hold no tokens")
-        self.norm_inputs /= tokens
+        for sums in (self.channels, self.norm_inputs, self.heads, self.neurons):
+            sums /= tokens  # means per real token, as the doc says
 
 
 def _top(scores: Tensor, k: int) -> Tensor:
@@ -401,12 +402,6 @@ def distil(tokens_dir: str | Path, vocab_dir: str | Path, clean_dir: str | Path,
     check_vocab(teacher, tok, teacher_dir)
     block = cfg.model.block_size
     train = read_pairs(tokens_dir / "parallel_train.parquet")
-    seed_everything(params.seed)
-    calibration = None
-    if cfg.init == "pruned":  # the first training batches: what the student will see
-        batches = pair_batches(train, tok, tgt_lang, block, params.seed)
-        calibration = [batches(step, cfg.batch_size)[0] for step in range(CALIBRATION_BATCHES)]
-    student = build_student(teacher, params, calibration, tok.pad_id)
     evaluate, greedy = bleu_validation(tok, tokens_dir / "parallel_valid.parquet", tgt_lang,
                                        block, cfg, params.evaluate.decode)
     teacher_digest = file_digest(teacher_dir / "model.safetensors")
@@ -425,13 +420,18 @@ def distil(tokens_dir: str | Path, vocab_dir: str | Path, clean_dir: str | Path,
                                            work_dir, key)
         loss_fn = lm_loss
 
+    batches = pair_batches(train_pairs, tok, tgt_lang, block, params.seed)
+    calibration = None
+    if cfg.init == "pruned":  # the first training batches: what the student will see
+        calibration = [batches(step, cfg.batch_size)[0] for step in range(CALIBRATION_BATCHES)]
+    seed_everything(params.seed)
+    student = build_student(teacher, params, calibration, tok.pad_id)
     resolved = {
         "model": student.cfg.model_dump(), "vocab_size": tok.vocab_size,
         "target_lang": tgt_lang, "bleu_decode": greedy.model_dump(),
         "teacher": teacher_digest, "data": data_digests,
     }
-    result = fit(student, pair_batches(train_pairs, tok, tgt_lang, block, params.seed),
-                 loss_fn, cfg, work_dir, seed=params.seed, stage="distil",
+    result = fit(student, batches, loss_fn, cfg, work_dir, seed=params.seed, stage="distil",
                  resolved_config=resolved, evaluate=evaluate, select_metric=SELECT_METRIC,
                  select_mode="max", curve_path=curve_path)
     student = student.cpu()
