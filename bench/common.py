@@ -20,6 +20,8 @@ from typing import Any
 import psutil
 import torch
 
+from lmops import hardware
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -62,6 +64,8 @@ def machine(device: torch.device) -> dict[str, Any]:
         "physical_cores": psutil.cpu_count(logical=False),
         "logical_cpus": psutil.cpu_count(logical=True),
         "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "cpu_capability": hardware.cpu_capability(),
+        "cpu_bf16": hardware.cpu_native_bf16(),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),

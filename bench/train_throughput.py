@@ -35,8 +35,9 @@ from common import (
 )
 
 from lmops.config import ModelConfig, TrainConfig
+from lmops.hardware import autocast_dtype
 from lmops.model import NORM_EPS, Transformer, flops_per_token, mlp_hidden
-from lmops.train import autocast_dtype, lm_loss, make_optimizer, window_batches
+from lmops.train import lm_loss, make_optimizer, window_batches
 
 VOCAB = 8000  # params.yaml vocab.vocab_size
 BATCH = 16  # TrainConfig.batch_size default

@@ -31,6 +31,9 @@ class RunSummary:
     metrics: dict[str, float] = field(default_factory=dict)
     tags: dict[str, str] = field(default_factory=dict)
     stages: list[str] = field(default_factory=list)
+    # what each stage ran on (device, precision, compile, CPU, GPUs): explains speed and
+    # last digits; from the stage runs' lmops.hardware.* tags, as <stage>.hardware.<key>
+    hardware: dict[str, str] = field(default_factory=dict)
 
 
 def _client() -> Any:
@@ -63,6 +66,9 @@ def summarise(run_id: str, client: Any = None) -> RunSummary:
             out.params.update(child.data.params)
         out.metrics.update(child.data.metrics)
         stage = child.data.tags.get("lmops.stage")
+        out.hardware.update({f"{stage}.hardware.{k.removeprefix(tracking.HARDWARE_TAG)}": v
+                             for k, v in child.data.tags.items()
+                             if stage and k.startswith(tracking.HARDWARE_TAG)})
         if stage and stage not in out.stages:
             out.stages.append(stage)
     return out
@@ -95,12 +101,12 @@ def _same(values: Sequence[Any]) -> bool:
 
 def table(runs: Sequence[RunSummary], all_rows: bool = False,
           volatile: bool = False) -> list[tuple[str, str, list[Any]]]:
-    """Rows ``(kind, key, values per run)``: params first, then metrics, sorted by key.
+    """Rows ``(kind, key, values per run)``: params, hardware, then metrics, sorted by key.
 
     A key a run lacks (its stage did not run) is ``None`` there and counts as differing.
     """
     rows: list[tuple[str, str, list[Any]]] = []
-    for kind, attr in (("param", "params"), ("metric", "metrics")):
+    for kind, attr in (("param", "params"), ("hardware", "hardware"), ("metric", "metrics")):
         keys = sorted(set().union(*(getattr(r, attr) for r in runs)))
         for key in keys:
             if kind == "metric" and not volatile and key.endswith(VOLATILE_SUFFIXES):

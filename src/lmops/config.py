@@ -9,7 +9,7 @@ overrides them.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -224,6 +224,12 @@ class ModelConfig(_Section):
         return self
 
 
+Precision = Literal["auto", "fp32", "bf16"]
+PRECISION_HELP = ("auto: bf16 autocast where the hardware has bf16 arithmetic (CUDA that "
+                  "reports it, CPUs with AVX-512 BF16 or AMX, Arm BF16), else fp32; a forced "
+                  "bf16 on a CPU without it is emulated, about 80x slower than fp32.")
+
+
 class TrainConfig(_Section):
     """One training run; shared by pretrain, finetune and distil."""
 
@@ -241,11 +247,18 @@ class TrainConfig(_Section):
     eval_batches: int = Field(default=20, ge=1, description="Batches per evaluation.")
     checkpoint_interval: int = Field(default=200, ge=1, description="Steps between checkpoints.")
     log_interval: int = Field(default=10, ge=1, description="Steps between metric logs.")
-    precision: Literal["auto", "fp32", "bf16"] = Field(
-        default="auto", description="auto: bf16 autocast where supported (cuda, cpu), else fp32."
+    precision: Precision = Field(default="auto", description=PRECISION_HELP)
+    compile: bool | Literal["auto"] = Field(
+        default=False, description="torch.compile the model. auto: where it pays (CUDA, and "
+        "CPUs training in bf16); on a CPU in fp32 it was slower than eager.",
     )
-    compile: bool = Field(default=False, description="torch.compile the model.")
     device: Literal["auto", "cpu", "cuda", "mps"] = Field(default="auto", description="Device.")
+    nproc: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        default="auto", description="Data-parallel processes; the stage relaunches itself under "
+        "torchrun for more than 1. auto: one per visible CUDA device when the device is "
+        "cuda, else 1. The result is that of one process (the global batch stays "
+        "batch_size x grad_accum).",
+    )
     max_loss: float = Field(
         default=20.0, gt=0, description="Stop as diverged when the loss exceeds this."
     )
@@ -287,9 +300,7 @@ class EvaluateConfig(_Section):
     )
     n_samples: int = Field(default=20, ge=0, description="Sample translations to show.")
     ppl_batch_size: int = Field(default=16, ge=1, description="Sequences per perplexity batch.")
-    precision: Literal["auto", "fp32", "bf16"] = Field(
-        default="auto", description="auto: bf16 autocast where supported (cuda, cpu), else fp32."
-    )
+    precision: Precision = Field(default="auto", description=PRECISION_HELP)
     device: Literal["auto", "cpu", "cuda", "mps"] = Field(default="auto", description="Device.")
 
 

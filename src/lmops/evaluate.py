@@ -29,9 +29,9 @@ import torch.nn.functional as F
 from lmops import data
 from lmops.config import EvaluateConfig
 from lmops.errors import DataError
+from lmops.hardware import autocast_dtype, facts, resolve_device
 from lmops.io import atomic_output, write_json
 from lmops.model import Transformer
-from lmops.train import autocast_dtype, resolve_device
 from lmops.translation import check_vocab, load_model, read_pairs, translate_ids
 from lmops.vocab import Tokenizer
 
@@ -42,7 +42,7 @@ TRANSLATIONS_FILE = "translations.tsv"
 
 
 def _autocast(model: Transformer, precision: str) -> contextlib.AbstractContextManager:
-    dtype = autocast_dtype(precision, model.device)
+    dtype = autocast_dtype(precision, model.device, key="evaluate.precision")
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(model.device.type, dtype=dtype)
@@ -154,6 +154,7 @@ def evaluate_model(model: Transformer, tok: Tokenizer, clean_dir: str | Path,
     metrics.update({
         "test_pairs": len(pairs), "num_params": model.num_params(),
         "decode_seconds": seconds, "ms_per_sentence": 1000 * seconds / len(pairs),
+        "hardware": facts(device, autocast_dtype(cfg.precision, device), compiled=False),
     })
     table = pd.DataFrame({"source": pairs["src"], "reference": pairs["tgt"],
                           "hypothesis": hyps})

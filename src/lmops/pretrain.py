@@ -59,6 +59,7 @@ def summary(result: TrainResult, model: Transformer) -> dict[str, Any]:
         "flops_per_token": flops_per_token(model.cfg, model.vocab_size),
     }
     out.update(result.metrics)
+    out["hardware"] = result.hardware
     return out
 
 

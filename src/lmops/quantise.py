@@ -53,6 +53,7 @@ from lmops import checkpoint
 from lmops.checkpoint import CheckpointError
 from lmops.config import ModelConfig, Params
 from lmops.errors import LmopsError
+from lmops.hardware import facts
 from lmops.io import atomic_output, read_json
 from lmops.model import KVCache, Transformer, _rotate
 
@@ -680,6 +681,8 @@ def quantise_stage(student_dir: str | Path, teacher_dir: str | Path, vocab_dir: 
         plot_comparison(table, tmp / COMPARISON_PNG)
     _copy_dir(work_dir / dirs[shipped].name, out_model)
     metrics = _metrics(table, shipped, speed_cols)
+    # every variant is timed on the cpu in fp32 activations (see decode_speed)
+    metrics["hardware"] = facts(torch.device("cpu"), None, compiled=False)
     return metrics, table
 
 

@@ -48,6 +48,7 @@ EXPERIMENT_ENV = "MLFLOW_EXPERIMENT_NAME"
 PARENT_ENV = "LMOPS_PARENT_RUN_ID"
 DEFAULT_EXPERIMENT = "lmops"
 KEY_TAG = "lmops.pipeline_key"
+HARDWARE_TAG = "lmops.hardware."  # + a key of lmops.hardware.facts: what ran where
 DVC_ENV_TAGS = ("DVC_STAGE", "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV", "DVC_ROOT")
 # the params file of this process (stage.run sets it from --params); params.yaml otherwise
 _params_file: Path | None = None
@@ -301,6 +302,13 @@ def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
         buffer.log_metrics(metrics, step)
     elif (mlflow := _fluent()) is not None:
         mlflow.log_metrics(dict(metrics), step=step)
+
+
+def log_params(params: Mapping[str, str]) -> None:
+    if (buffer := active_buffer()) is not None:
+        buffer.log_params(params)
+    elif (mlflow := _fluent()) is not None:
+        mlflow.log_params(dict(params))
 
 
 def set_tags(tags: Mapping[str, str]) -> None:
@@ -575,10 +583,19 @@ def log_data_input(path: str | Path, name: str, context: str = "input") -> str:
 def log_stage_outputs(stage: str, metrics: dict[str, Any], model_dir: str | Path | None = None,
                       files: tuple[str | Path, ...] = ()) -> None:
     """Numeric metrics as ``<stage>/<name>``, string ones as tags, a model dir and files as
-    artifacts, to the active stage run (nothing without one, e.g. on a torchrun worker)."""
+    artifacts, to the active stage run (nothing without one, e.g. on a torchrun worker).
+
+    The ``hardware`` block (:func:`lmops.hardware.facts`) becomes params
+    ``<stage>.hardware.<key>`` and tags ``lmops.hardware.<key>``.
+    """
     run_id = mlflow_active_run_id()
     if run_id is None:
         return
+    hardware = metrics.get("hardware")
+    if isinstance(hardware, dict):
+        metrics = {k: v for k, v in metrics.items() if k != "hardware"}
+        log_params({f"{stage}.hardware.{k}": _param(v) for k, v in hardware.items()})
+        set_tags({f"{HARDWARE_TAG}{k}": str(v) for k, v in hardware.items()})
     # a metric the training loop logged step by step keeps its history, not an extra point
     buffer = active_buffer()
     if buffer is not None:

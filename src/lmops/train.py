@@ -4,18 +4,22 @@
 
 ``get_batch(step, size) -> batch``
     The *global* batch of optimiser step ``step`` (1-based): ``size`` rows, where ``size``
-    is ``batch_size * grad_accum * world_size``. It must be a pure function of the step
-    and the seed (see :func:`window_batches`), which is what makes a resumed run, or one
-    spread over several processes, see exactly the batches of an uninterrupted single
-    process. A batch is a tensor, or a tuple/list/dict of tensors, with rows first.
+    is ``batch_size * grad_accum`` whatever the number of processes. It must be a pure
+    function of the step and the seed (see :func:`window_batches`), which is what makes a
+    resumed run, or one spread over several processes, see exactly the batches of an
+    uninterrupted single process. A batch is a tensor, or a tuple/list/dict of tensors,
+    with rows first.
 ``loss_fn(model, micro_batch) -> loss``
-    The scalar mean loss of ``batch_size`` rows (see :func:`lm_loss`).
+    The scalar mean loss of one micro-batch (see :func:`lm_loss`).
 
-Each global batch is cut into ``world_size * grad_accum`` micro-batches; process ``rank``
-takes micro-batches ``rank * grad_accum`` to ``rank * grad_accum + grad_accum - 1``, and
-the gradient is the mean over all of them. Under ``torchrun`` (``WORLD_SIZE`` > 1) the
-same code runs data-parallel (DDP; gloo on cpu, nccl on cuda); only rank 0 writes
-checkpoints, curves and MLflow metrics.
+The global batch is the same for 1 or N processes, so N processes train the model one
+process would, up to the rounding of a different summation order. Under ``torchrun``
+(``WORLD_SIZE`` = N > 1; a stage relaunches itself so when ``nproc`` asks for it, see
+:mod:`lmops.stage`) each process takes one N-th of the rows: ``grad_accum / N`` whole
+micro-batches of ``batch_size`` rows when N divides ``grad_accum``, else ``grad_accum``
+micro-batches of ``batch_size / N`` rows. The gradient is the mean over all of them
+(DDP; gloo on cpu, nccl on cuda); only rank 0 writes checkpoints, curves and MLflow
+metrics. A checkpoint written by N processes resumes under any other count.
 
 Everything random is seeded from ``(seed, step, rank)`` at the start of each step, so
 dropout and any randomness in the callbacks replay exactly after a resume without
@@ -54,6 +58,7 @@ from tqdm import tqdm
 from lmops import checkpoint, tracking
 from lmops.config import TrainConfig, flatten
 from lmops.errors import DataError, LmopsError
+from lmops.hardware import autocast_dtype, compile_enabled, facts, resolve_device
 from lmops.io import atomic_output
 
 log = logging.getLogger(__name__)
@@ -102,36 +107,6 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> 
         # the fused kernel (cuda and cpu) does the whole update in one pass over each tensor
         fused=True if device.type in ("cuda", "cpu") else None,
     )
-
-
-def resolve_device(name: str = "auto", local_rank: int = 0, key: str = "device") -> torch.device:
-    """``auto`` picks cuda, then mps, then cpu; a named device must exist."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            name = "cuda"
-        elif torch.backends.mps.is_available():
-            name = "mps"
-        else:
-            name = "cpu"
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise LmopsError(f"{key}: 'cuda' requested but no CUDA device is available")
-        return torch.device("cuda", local_rank)
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise LmopsError(f"{key}: 'mps' requested but MPS is not available")
-    return torch.device(name)
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for ``precision`` on ``device``; None means plain fp32."""
-    if precision == "fp32":
-        return None
-    if precision == "auto":
-        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            return None
-        if device.type not in ("cuda", "cpu"):
-            return None
-    return torch.bfloat16
 
 
 # ---------------------------------------------------------- data and losses
@@ -289,6 +264,18 @@ class DistEnv:
             dist.barrier()
 
 
+def split_batch(cfg: TrainConfig, world_size: int, stage: str = "train") -> tuple[int, int]:
+    """Each process's share of the global batch: (rows per micro-batch, micro-batches)."""
+    if cfg.grad_accum % world_size == 0:
+        return cfg.batch_size, cfg.grad_accum // world_size
+    if cfg.batch_size % world_size == 0:
+        return cfg.batch_size // world_size, cfg.grad_accum
+    raise LmopsError(f"{stage}.batch_size ({cfg.batch_size}) x {stage}.grad_accum "
+                     f"({cfg.grad_accum}) rows cannot be shared evenly by {world_size} "
+                     f"processes: make batch_size or grad_accum a multiple of {world_size}, "
+                     f"or set {stage}.nproc")
+
+
 @contextlib.contextmanager
 def _process_group(env: DistEnv, device: torch.device) -> Iterator[None]:
     if env.world_size == 1 or dist.is_initialized():
@@ -321,6 +308,7 @@ class TrainResult:
     checkpoint: Path | None  # the last training checkpoint
     best_checkpoint: Path | None  # weights with the best selected metric
     resumed_from: int  # 0 for a fresh start
+    hardware: dict[str, Any] = field(default_factory=dict)  # lmops.hardware.facts
 
 
 @dataclass
@@ -389,21 +377,24 @@ class _Trainer:
         self.select_metric, self.select_mode = select_metric, select_mode
         self.curve_path = Path(curve_path) if curve_path is not None else None
         self.root = out_dir / CKPT_DIR
-        self.global_batch = cfg.batch_size * cfg.grad_accum * env.world_size
-        # a JSON round trip, so the comparison with a stored config is like for like
+        self.global_batch = cfg.batch_size * cfg.grad_accum
+        self.micro_size, self.micro_count = split_batch(cfg, env.world_size, stage)
+        # a JSON round trip, so the comparison with a stored config is like for like; the
+        # process count changes no result, so a run resumes under another one
         self.config = json.loads(json.dumps({**resolved_config, "fit": {
-            "stage": stage, "seed": seed, "world_size": env.world_size,
-            "train": cfg.model_dump(),
+            "stage": stage, "seed": seed, "train": cfg.model_dump(exclude={"nproc"}),
         }}, sort_keys=True))
         self.raw = model.to(device)
         self.optimizer = make_optimizer(self.raw, cfg, device)
-        dtype = autocast_dtype(cfg.precision, device)
+        dtype = autocast_dtype(cfg.precision, device, key=f"{stage}.precision")
+        compiled = compile_enabled(cfg.compile, device, dtype)
+        self.hardware = facts(device, dtype, compiled, env.world_size)
         self.autocast = lambda: torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
         self.ddp = (nn.parallel.DistributedDataParallel(
             self.raw, device_ids=[device.index] if device.type == "cuda" else None)
             if env.world_size > 1 else None)
         self.train_model = self.ddp or self.raw
-        if cfg.compile:
+        if compiled:
             self.train_model = torch.compile(self.train_model)
         self.state = _State()
         self.last_ckpt: Path | None = None
@@ -451,21 +442,22 @@ class _Trainer:
         if rows != self.global_batch:
             raise ValueError(f"get_batch({step}, {self.global_batch}) returned {rows} rows")
         total = torch.zeros((), device=self.device)
-        for micro in range(cfg.grad_accum):
-            lo = (env.rank * cfg.grad_accum + micro) * cfg.batch_size
-            part = _map(batch, lambda t, lo=lo: t[lo : lo + cfg.batch_size].to(self.device))
+        size, count = self.micro_size, self.micro_count
+        for micro in range(count):
+            lo = (env.rank * count + micro) * size
+            part = _map(batch, lambda t, lo=lo: t[lo : lo + size].to(self.device))
             # DDP all-reduces gradients on the last micro-batch only
-            last = micro == cfg.grad_accum - 1
+            last = micro == count - 1
             sync = self.ddp.no_sync() if self.ddp is not None and not last else (
                 contextlib.nullcontext())
             with sync:
                 with self.autocast():
                     loss = self.loss_fn(self.train_model, part)
-                (loss / cfg.grad_accum).backward()
+                (loss / count).backward()
             total += loss.detach().float()
         if env.world_size > 1:
             dist.all_reduce(total)  # gloo has no AVG: sum, then divide below
-        loss_value = total.item() / (cfg.grad_accum * env.world_size)
+        loss_value = total.item() / (count * env.world_size)
         if not math.isfinite(loss_value) or loss_value > cfg.max_loss:
             where = self.last_ckpt or "none written yet"
             raise LmopsError(f"{self.stage}: loss diverged at step {step}: {loss_value} "
@@ -569,7 +561,7 @@ class _Trainer:
             tokens_per_sec=run_tokens / wall if wall > 0 else 0.0, history=history,
             checkpoint=self.last_ckpt or checkpoint.latest(self.root),
             best_checkpoint=self.best_ckpt or checkpoint.latest(self.root, "best"),
-            resumed_from=start,
+            resumed_from=start, hardware=self.hardware,
         )
 
     def _log_plot(self, history: list[dict[str, float]]) -> None:
