@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lmops import distil, evaluate, stage, tracking
+from lmops import distil, estimate, evaluate, hardware, stage, tracking
 from lmops.config import flatten, load_params
 from lmops.io import write_json
 
@@ -39,12 +39,15 @@ def main(args: argparse.Namespace) -> None:
     params = load_params(args.params)
     logged = {"seed": params.seed, "target_lang": params.clean.target_lang,
               **flatten(params.distil), **flatten(params.evaluate, "evaluate.")}
+    estimate.log_stage_estimate("distil", args.params)
     with tracking.stage_run("distil", logged):
         tracking.log_data_input(args.tokens, "tokens")
         tracking.log_data_input(args.teacher, "teacher_model")
         metrics, samples = distil.distil(args.tokens, args.vocab, args.clean, args.teacher,
                                          args.teacher_translations, args.work, args.out,
                                          args.eval_out, params, curve_path=args.curve)
+        if tracking.is_worker_rank():  # torchrun: rank 0 writes the outputs
+            return
         write_json(args.metrics, metrics)
         tracking.log_stage_outputs(
             "distil", metrics, model_dir=args.out,
@@ -57,4 +60,4 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    stage.run("distil", main, build_parser())
+    stage.run("distil", main, build_parser(), relaunch=hardware.relaunch_data_parallel)

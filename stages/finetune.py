@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from lmops import finetune, stage, tracking
+from lmops import estimate, finetune, hardware, stage, tracking
 from lmops.config import flatten, load_params
 from lmops.io import write_json
 
@@ -32,14 +32,17 @@ def main(args: argparse.Namespace) -> None:
     params = load_params(args.params)
     logged = {"seed": params.seed, "target_lang": params.clean.target_lang,
               **flatten(params.finetune)}
+    estimate.log_stage_estimate("finetune", args.params)
     with tracking.stage_run("finetune", logged):
         tracking.log_data_input(args.tokens, "tokens")
         tracking.log_data_input(args.init, "pretrained_model")
         metrics = finetune.finetune(args.tokens, args.vocab, args.init, args.work, args.out,
                                     params, curve_path=args.curve)
+        if tracking.is_worker_rank():  # torchrun: rank 0 writes the outputs
+            return
         write_json(args.metrics, metrics)
         tracking.log_stage_outputs("finetune", metrics, model_dir=args.out)
 
 
 if __name__ == "__main__":
-    stage.run("finetune", main, build_parser())
+    stage.run("finetune", main, build_parser(), relaunch=hardware.relaunch_data_parallel)

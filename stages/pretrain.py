@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 
-from lmops import pretrain, stage, tracking
+from lmops import estimate, hardware, pretrain, stage, tracking
 from lmops.config import flatten, load_params
 from lmops.io import write_json
 
@@ -32,13 +32,16 @@ def main(args: argparse.Namespace) -> None:
     params = load_params(args.params)
     logged = {"seed": params.seed, **flatten(params.model, "model."),
               **flatten(params.pretrain)}
+    estimate.log_stage_estimate("pretrain", args.params)
     with tracking.stage_run("pretrain", logged):
         tracking.log_data_input(args.tokens, "tokens")
         metrics = pretrain.pretrain(args.tokens, args.vocab, args.work, args.out, params,
                                     curve_path=args.curve)
+        if tracking.is_worker_rank():  # torchrun: rank 0 writes the outputs
+            return
         write_json(args.metrics, metrics)
         tracking.log_stage_outputs("pretrain", metrics, model_dir=args.out)
 
 
 if __name__ == "__main__":
-    stage.run("pretrain", main, build_parser())
+    stage.run("pretrain", main, build_parser(), relaunch=hardware.relaunch_data_parallel)
