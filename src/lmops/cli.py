@@ -5,6 +5,8 @@
     lmops translate "Hello." ...            translate sentences (args, or stdin lines)
         --model data/models/finetune --vocab data/vocab      a local model directory
         --model-uri models:/lmops-translator@champion        or a logged MLflow model
+    lmops estimate [--target STAGE]         how long `dvc repro` will take on this machine
+        --profile params.fast.yaml          ... or `dvc exp run` with a profile
     lmops compare [RUN_ID ...] [--last N]   pipeline runs side by side (params, metrics)
     lmops tracking sync [SPOOL_FILE ...]    upload what stages kept in mlruns/spool/ while
                                             the tracking server was away
@@ -69,6 +71,20 @@ def _compare(args: argparse.Namespace) -> None:
                           all_rows=args.all, volatile=args.timings))
 
 
+def _estimate(args: argparse.Namespace) -> None:
+    from lmops import estimate, orchestrate
+
+    params, changed = None, []
+    if args.profile:  # as `dvc exp run $(lmops params set-args PROFILE)` would run
+        params = config.parse_params(config.load_profile(args.profile, args.params),
+                                     f"{args.params} + {args.profile}")
+        with open(args.profile, encoding="utf-8") as fh:
+            changed = list(config.flatten(yaml.safe_load(fh) or {}))
+    stages = (args.stages.split(",") if args.stages
+              else orchestrate.stages_to_run(".", args.target, changed))
+    print(estimate.render(estimate.estimate(stages, ".", args.params, params)))
+
+
 def _tracking_sync(args: argparse.Namespace) -> None:
     from lmops import tracking
 
@@ -98,6 +114,14 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--beam-size", type=int, help="beam width (1 = greedy)")
     tr.add_argument("--max-new-tokens", type=int, help="longest translation, in tokens")
     tr.set_defaults(func=_translate)
+
+    est = sub.add_parser("estimate", help="predict how long `dvc repro` will take here")
+    est.add_argument("--params", default=config.DEFAULT_PARAMS, help="parameters file")
+    est.add_argument("--profile", help="a profile merged over --params, e.g. params.fast.yaml")
+    est.add_argument("--target", help="a stage: only it and what it needs, as dvc repro")
+    est.add_argument("--stages", help="comma-separated stages to estimate, whether or not "
+                                      "they would run")
+    est.set_defaults(func=_estimate)
 
     cmp_ = sub.add_parser("compare", help="pipeline runs side by side, from MLflow")
     cmp_.add_argument("runs", nargs="*", help="parent run ids (default: the last --last runs)")

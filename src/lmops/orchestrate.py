@@ -167,6 +167,38 @@ def dag_order(dvc_yaml: Mapping[str, Any], target: str | None = None) -> list[st
     return order
 
 
+def _reads_param(spec: Mapping[str, Any], key: str) -> bool:
+    """Whether a stage's ``params:`` (of params.yaml) include the dotted ``key``."""
+    return any(isinstance(name, str) and (key == name or key.startswith(f"{name}.")
+                                          or name.startswith(f"{key}."))
+               for name in spec.get("params") or [])
+
+
+def stages_to_run(root: str | Path, target: str | None = None,
+                  params_changed: Iterable[str] = ()) -> list[str]:
+    """The stages ``dvc repro`` would run: those ``dvc status`` reports changed, those
+    that read one of ``params_changed`` (dotted keys a profile would set), and all that
+    follow them (their inputs are about to change), in DAG order."""
+    spec = load_dvc_yaml(root)
+    order = dag_order(spec, target)
+    beside = Path(sys.executable).with_name("dvc")  # this environment's dvc, activated or not
+    dvc = str(beside) if beside.is_file() else "dvc"
+    out = subprocess.run([dvc, "status", "--json", *(["--with-deps", target] if target else [])],
+                         cwd=root, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise LmopsError(f"dvc status failed: {(out.stderr or out.stdout).strip()[-500:]}")
+    changed = {name.split(":")[-1] for name in json.loads(out.stdout or "{}")}
+    stages = spec.get("stages") or {}
+    changed |= {name for name in order for key in params_changed
+                if _reads_param(stages[name], key)}
+    graph = stage_graph(spec)
+    run: set[str] = set()
+    for stage in order:
+        if stage in changed or graph[stage] & run:
+            run.add(stage)
+    return [s for s in order if s in run]
+
+
 def retry_condition(task: Any, task_run: Any, state: Any) -> bool:
     """Prefect ``retry_condition_fn``: retry a failed stage task only for transient I/O.
 
