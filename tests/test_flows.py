@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import time
+import tomllib
 import urllib.parse
 import urllib.request
 from pathlib import Path, PurePosixPath
@@ -120,12 +121,29 @@ def test_plain_network_errors_retry_and_bugs_do_not():
     assert not orch.retry_condition(None, None, Failed(message="crashed: KeyError 'x'"))
 
 
+def _ephemeral_startup_timeout() -> int:
+    """The project's own setting for Prefect's temporary server (pyproject.toml)."""
+    table = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["prefect"]
+    return int(table["server"]["ephemeral"]["startup_timeout_seconds"])
+
+
 @pytest.fixture(scope="module")
 def prefect_harness():
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness(server_startup_timeout=120):
+    with prefect_test_harness(server_startup_timeout=_ephemeral_startup_timeout()):
         yield
+
+
+def test_prefects_temporary_server_gets_the_projects_start_up_timeout(flow_repo):
+    """`python flows/pipeline.py` with no server: Prefect reads pyproject.toml in the
+    working directory, so a slow machine gets more than Prefect's default 20 s."""
+    code = ("from prefect.settings import get_current_settings; "
+            "print(get_current_settings().server.ephemeral.startup_timeout_seconds)")
+    for cwd in (REPO, flow_repo):
+        out = subprocess.run([sys.executable, "-c", code], cwd=cwd, env=_clean_env(),
+                             capture_output=True, text=True, check=True)
+        assert int(out.stdout) == _ephemeral_startup_timeout() > 20
 
 
 def test_the_stage_task_retries_a_held_lock_but_not_bad_data(prefect_harness, monkeypatch):

@@ -25,7 +25,7 @@ import yaml
 from lmops.config import load_profile
 
 # what a workspace needs: the pipeline, its code and the deployments
-FILES = ("dvc.yaml", "prefect.yaml")
+FILES = ("dvc.yaml", "prefect.yaml", "pyproject.toml")
 FOLDERS = ("stages", "src", "flows")
 BIN = Path(sys.executable).parent
 
