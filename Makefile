@@ -1,4 +1,4 @@
-# make run   set up .venv (first time only) and rebuild the pipeline with dvc repro
+# make run   set up .venv (first time only), print the time estimate, rebuild with dvc repro
 # make test  set up .venv (first time only) and run the test suite
 # make lint  ruff over the code
 # make bench install the bench extra and run the benchmarks (bench/README.md), ~20 min
@@ -23,11 +23,16 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
+# The estimate measures this machine for a few seconds first; it never stops the run.
 run: $(STAMP)
+	-$(BIN)/lmops estimate
 	$(BIN)/dvc repro
 
+# One worker per CPU, each taking whole test files (a file's fixtures, such as the tiny
+# pipeline run that test_pipeline.py shares, are built once): the end-to-end files spend
+# much of their time waiting on servers and subprocesses.
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n auto --dist loadfile
 
 lint: $(STAMP)
 	$(BIN)/ruff check src stages flows tests bench

@@ -397,3 +397,121 @@ def test_a_missing_teacher_stops_distil_with_its_name(repo, first_run):
     assert "lmops distil: error: data/models/no-teacher: not found" in out.stderr
     assert not (repo / "scratch/dm").exists() and not (repo / "scratch/d.json").exists()
     assert _last_run(repo, "distil").info.status == "FAILED"
+
+
+# ------------------------------------------------------------------ hardware
+
+
+def test_model_stages_record_the_hardware_they_ran_on(repo, first_run, monkeypatch):
+    """Device, resolved precision, compile, CPU and GPUs: in each metrics file, as params
+    and tags of the stage run, and in `lmops compare`."""
+    import torch
+
+    from lmops import hardware
+
+    expected = hardware.precision_name(hardware.autocast_dtype("auto", torch.device("cpu")))
+    for stage in MODEL_STAGES:
+        hw = json.loads((repo / f"data/metrics/{stage}.json").read_text())["hardware"]
+        assert hw["device"] == "cpu" and hw["cpu_capability"] == hardware.cpu_capability()
+        assert hw["cpu"] == hardware.cpu_model() and hw["gpu_count"] == 0
+        # quantise times every variant in fp32 activations; the others resolve auto
+        assert hw["precision"] == ("fp32" if stage == "quantise" else expected), stage
+    assert json.loads((repo / "data/metrics/pretrain.json").read_text())["hardware"][
+        "processes"] == 1
+    client = MlflowClient(f"sqlite:///{repo}/mlruns/mlflow.db")
+    exp = client.get_experiment_by_name("lmops")
+    (run,) = client.search_runs(
+        [exp.experiment_id], "tags.`lmops.stage` = 'pretrain' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"], max_results=1)
+    assert run.data.params["pretrain.hardware.precision"] == expected
+    assert run.data.tags["lmops.hardware.cpu_capability"] == hardware.cpu_capability()
+    assert run.data.tags["lmops.hardware.compile"] == "False"  # the tiny profile's own
+    from lmops import compare
+
+    monkeypatch.chdir(repo)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    # the pipeline run that holds this stage run (later tests make runs of other stages)
+    text = compare.compare([run.data.tags["mlflow.parentRunId"]], all_rows=True)
+    assert re.search(rf"pretrain\.hardware\.precision\s+{expected}\b", text)
+
+
+def test_each_training_stage_printed_its_estimate_first(repo, first_run):
+    for stage in ("pretrain", "finetune", "distil"):
+        assert re.search(rf"\[{stage}\] estimated [\d.]+ (s|min) on this machine: \d+ steps x ",
+                         first_run), stage
+
+
+def test_estimate_names_what_repro_would_run_and_its_time(repo, first_run):
+    from lmops import estimate
+    from lmops.orchestrate import stages_to_run
+
+    dvc(repo, "repro")  # earlier tests reran single stages: bring the rest up to date
+    assert stages_to_run(repo) == []
+    assert "nothing to run" in estimate.render(estimate.estimate([], repo))
+    params = params_of(repo)
+    params["evaluate"]["decode"]["beam_size"] += 1
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    # evaluate reads it, and distil and quantise score with the same decoding
+    assert stages_to_run(repo) == ["evaluate", "distil", "quantise"]
+    assert stages_to_run(repo, "evaluate") == ["evaluate"]
+    ests = estimate.estimate(stages_to_run(repo), repo)
+    assert [e.stage for e in ests] == ["evaluate", "distil", "quantise"]
+    assert all(e.seconds > 0 for e in ests)
+    # distil resumes at its last step: only the scoring is left
+    assert "0 steps x" in ests[1].detail and f"resuming at step {params['distil']['max_steps']}" \
+        in ests[1].detail
+    text = estimate.render(ests)
+    total = re.search(r"total\s+([\d.]+) (s|min)", text)
+    assert total and "over 45 minutes" not in text
+    # a run ten thousand times longer is named as such, with the faster option
+    steps, params["pretrain"]["max_steps"] = params["pretrain"]["max_steps"], 10**6
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (long,) = estimate.estimate(["pretrain"], repo)
+    assert long.seconds > 45 * 60 and "1000000 steps x" in long.detail
+    assert "dvc exp run $(lmops params set-args params.fast.yaml)" in estimate.render([long])
+    params["pretrain"]["max_steps"] = steps
+    params["evaluate"]["decode"]["beam_size"] -= 1
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert stages_to_run(repo) == [] and ran(dvc(repo, "repro")) == []
+
+
+def test_nproc_2_trains_pretrain_under_torchrun_as_one_process_does(repo, first_run):
+    """`dvc repro` alone: pretrain relaunches itself under torchrun (gloo, 2 CPU processes)
+    and ends with the weights one process gets from the same params, in fp32."""
+    import torch
+    from safetensors.torch import load_file
+
+    dvc(repo, "repro")  # earlier tests reran single stages: bring the rest up to date
+    model = repo / "data/models/pretrain/model.safetensors"
+    # what the first run wrote: put back at the end, so later `dvc repro`s run nothing
+    kept = ["dvc.lock", "params.yaml", "data/models/pretrain", "data/train/pretrain",
+            "data/metrics/pretrain.json", "data/plots/pretrain.csv"]
+    backup = repo.parent / "nproc-backup"
+
+    def copy(src: Path, dst: Path) -> None:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        (shutil.copytree if src.is_dir() else shutil.copy2)(src, dst)
+
+    for path in kept:
+        copy(repo / path, backup / path)
+    params = params_of(repo)
+    params["pretrain"]["precision"] = "fp32"
+    results = {}
+    for nproc in (1, 2):
+        params["pretrain"]["nproc"] = nproc
+        (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        shutil.rmtree(repo / "data/train/pretrain", ignore_errors=True)  # train, not resume
+        out = dvc(repo, "repro", "pretrain")
+        assert ran(out) == ["pretrain"]
+        metrics = json.loads((repo / "data/metrics/pretrain.json").read_text())
+        assert metrics["hardware"]["processes"] == nproc
+        results[nproc] = (load_file(model), metrics["train_loss"])
+    assert "torchrun" in out and "2 data-parallel processes" in out
+    (one, loss1), (two, loss2) = results[1], results[2]
+    assert loss2 == pytest.approx(loss1, rel=1e-4)
+    for name, weight in one.items():
+        torch.testing.assert_close(two[name], weight, atol=1e-4, rtol=1e-4)
+    for path in kept:
+        shutil.rmtree(repo / path, ignore_errors=True)
+        copy(backup / path, repo / path)
+    assert ran(dvc(repo, "repro")) == []
