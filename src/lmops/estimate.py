@@ -37,18 +37,25 @@ from lmops.config import ModelConfig, Params, TrainConfig, load_params
 from lmops.errors import LmopsError
 
 # ------------------------------------------------------------- constants
-# Reference machine for the data-stage rates: AMD EPYC (Zen 4, AVX-512 BF16), 2 cores,
-# where the scalar probe below takes REFERENCE_PROBE_S.
-REFERENCE_PROBE_S = 0.155
-# seconds per MB of raw corpus (clean, validate, tokenise) and fixed seconds (vocab,
-# sentencepiece's input is capped by vocab.input_sentence_size), measured on the default
-# corpora (23.4 MB of text in clean's splits) on the reference machine
-DATA_SECONDS_PER_MB = {"clean": 0.9, "validate": 1.2, "tokenise": 0.35}
-DATA_FIXED_SECONDS = {"vocab": 15.0}
-# a stage's process start, imports and MLflow run, on the reference machine
-STAGE_OVERHEAD_S = 7.0
+# Measured with bench/estimate.py on the reference machine: a 2-core AMD EPYC (Zen 3,
+# AVX2, no native bf16), where the scalar probe below takes REFERENCE_PROBE_S. Other
+# machines scale the data stages and the fixed costs by their probe time over this one.
+REFERENCE_PROBE_S = 0.015
+# data stages: seconds per MB of raw corpus (the text clean keeps, 23.4 MB for the
+# embedded corpora) on top of the fixed cost of a stage; vocab reads a capped sample
+# (vocab.input_sentence_size), so its time is fixed
+DATA_SECONDS_PER_MB = {"clean": 0.53, "validate": 0.41, "tokenise": 0.175}
+DATA_FIXED_SECONDS = {"vocab": 35.5}
+# a stage's fixed cost: dvc, the process and its imports, the MLflow run, the outputs
+STAGE_OVERHEAD_S = 10.0
+# a model stage's on top of that: torch, the estimate it prints, exports and logging
+MODEL_STAGE_OVERHEAD_S = 10.5
+# quantise: the ONNX export and int8 conversion of each model; the ONNX int8 student
+# decodes in about 0.4 of the fp32 student's time (bench/quantise.py: 2.0-2.8x as fast)
+QUANTISE_EXPORT_S = 10.0
+ONNX_INT8_SHARE = 0.4
 # compile: steps this much faster after a compile of COMPILE_SECONDS (cold cache), bf16
-# on the reference CPU (bench/train_throughput.py); on CUDA the speed-up is larger,
+# on an AVX-512 BF16 CPU (bench/train_throughput.py); on CUDA the speed-up is larger,
 # this is the conservative figure
 COMPILE_STEP_FACTOR = 0.9
 COMPILE_SECONDS = 40.0
@@ -56,9 +63,9 @@ COMPILE_SECONDS = 40.0
 DEFAULT_SIZES = {"corpus_mb": 23.4, "test_pairs": 663, "valid_pairs": 133,
                  "src_tokens": 30.0, "tgt_tokens": 33.0, "pair_tokens": 75.0,
                  "mono_test_tokens": 46062}
-# a decoding batch runs until its longest sentence ends: ~1.7x the mean length for 32
-# sentences; a model early in training often runs to max_new_tokens instead
-DECODE_LENGTH_FACTOR = 1.7
+# a translation decoded alone runs this many times the mean target length (the quantise
+# stage's batch-1 timings of the fast profile's student: 149 ms a sentence)
+SINGLE_LENGTH_FACTOR = 1.5
 LONG_RUN_MINUTES = 45
 FAST_PROFILE = "params.fast.yaml"
 
@@ -75,12 +82,13 @@ class StageEstimate:
 
 def scalar_probe() -> float:
     """Seconds for a fixed pure-Python workload (string and dict work, as in the data
-    stages); best of three."""
+    stages): the best of 10 short runs, since a shared machine's speed varies by half
+    from one moment to the next."""
     best = math.inf
-    for _ in range(3):
+    for _ in range(10):
         started = time.perf_counter()
         counts: dict[str, int] = {}
-        for i in range(60_000):
+        for i in range(20_000):
             word = f"mot{i % 997} Wort{i % 113}".lower().strip()
             counts[word] = counts.get(word, 0) + len(word.split())
         best = min(best, time.perf_counter() - started)
@@ -127,26 +135,34 @@ def _autocast(device: torch.device, precision: str) -> Any:
 @_memo
 def train_step_seconds(cfg: ModelConfig, vocab: int, rows: int, width: int,
                        train: TrainConfig, device: torch.device,
-                       teacher: ModelConfig | None = None) -> float:
+                       teacher: ModelConfig | None = None, target_share: float = 1.0) -> float:
     """Seconds per optimiser step of one micro-batch of ``rows`` x ``width`` tokens,
-    eager, at the stage's resolved precision (distil: with its teacher's forward pass):
+    eager, at the stage's resolved precision (distil: its loss, the teacher's pass
+    included):
     one step of one row first (kernels chosen, optimiser state made), then the mean of
     full steps."""
-    from lmops.train import lm_loss, make_optimizer
+    from lmops.train import IGNORE_INDEX, lm_loss, make_optimizer
 
     torch.manual_seed(0)
     model = _model(cfg, vocab, device)
     opt = make_optimizer(model, train, device)
-    teacher_model = _model(teacher, vocab, device).eval() if teacher is not None else None
+    loss_fn = lm_loss
+    if teacher is not None and getattr(train, "method", "word") == "word":
+        from lmops.distil import word_loss
+        from lmops.model import Transformer
+
+        teacher_model = _model(teacher, vocab, device)
+        assert isinstance(teacher_model, Transformer)
+        loss_fn = word_loss(teacher_model, getattr(train, "alpha", 0.5),
+                            getattr(train, "temperature", 2.0))
     ids = torch.randint(4, vocab, (rows, width + 1), device=device)
+    targets = ids[:, 1:].clone()  # translation pairs: the loss is on the target side only
+    targets[:, : round(width * (1 - target_share))] = IGNORE_INDEX
 
     def step(n: int = rows) -> None:
-        batch = (ids[:n, :-1], ids[:n, 1:])
-        if teacher_model is not None:
-            with torch.no_grad(), _autocast(device, train.precision):
-                teacher_model(batch[0])
+        batch = (ids[:n, :-1], targets[:n])
         with _autocast(device, train.precision):
-            loss = lm_loss(model, batch)
+            loss = loss_fn(model, batch)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -176,10 +192,12 @@ def forward_seconds(cfg: ModelConfig, vocab: int, rows: int, width: int, precisi
 @_memo
 def decode_seconds(cfg: ModelConfig, vocab: int, device: torch.device, precision: str,
                    sentences: int, batch_size: int, beam_size: int, src_tokens: float,
-                   new_tokens: float) -> float:
+                   new_tokens: int) -> float:
     """Seconds to translate ``sentences`` in batches of ``batch_size``, each batch running
-    ``new_tokens`` decoding steps; measured as one batch's 8 steps less its 2 (the prompt
-    and first steps, timed apart), scaled to ``new_tokens``."""
+    ``new_tokens`` decoding steps (a batch runs until its longest translation ends: for
+    the models a pipeline trains, often the limit). A step costs more as the cache
+    grows, so steps are timed over two spans (2 to 18, 18 to 34) and the cost is
+    extrapolated along that line."""
     if sentences <= 0:
         return 0.0
     from lmops.model import Transformer
@@ -199,10 +217,12 @@ def decode_seconds(cfg: ModelConfig, vocab: int, device: torch.device, precision
                 model.generate_greedy(prompts, steps, eos, 0)
 
     run(1)
-    short, long = _timed(lambda: run(2), 1, 0.1), _timed(lambda: run(8), 1, 0.2)
-    per_step = max(long - short, 1e-6) / 6
-    per_batch = short + per_step * max(0.0, new_tokens - 2)
-    return per_batch * math.ceil(sentences / n)
+    t2, t18, t34 = (_timed(lambda k=k: run(k), 1, 0.05) for k in (2, 18, 34))
+    early, late = max(t18 - t2, 1e-6) / 16, max(t34 - t18, 1e-6) / 16  # a step at 10, at 26
+    slope = max(0.0, (late - early) / 16)
+    rest = max(0, new_tokens - 2)  # steps 3 .. new_tokens, each early + slope * (t - 10)
+    per_batch = t2 + rest * early + slope * (rest * (rest + 1) / 2 - 8 * rest)
+    return max(per_batch, t2) * math.ceil(sentences / n)
 
 
 # ------------------------------------------------------------ the data
@@ -273,14 +293,21 @@ class _Context:
     def device(self, name: str) -> torch.device:
         return hardware.resolve_device(name)
 
+    def overhead(self, model_stage: bool) -> float:
+        return (STAGE_OVERHEAD_S + (MODEL_STAGE_OVERHEAD_S if model_stage else 0.0)) \
+            * self.cpu_factor
+
 
 def _training(ctx: _Context, stage: str, cfg: TrainConfig, model: ModelConfig,
               width: int, bleu: bool, teacher: ModelConfig | None = None) -> StageEstimate:
+    # pair stages (bleu) train on "<2xx> source <sep> target </s>", the loss on the target
+    share = (ctx.sizes["tgt_tokens"] + 1) / ctx.sizes["pair_tokens"] if bleu else 1.0
     device = ctx.device(cfg.device)
     nproc = hardware.resolve_nproc(cfg.nproc, cfg.device)
     dtype = hardware.autocast_dtype(cfg.precision, device)
     precision = hardware.precision_name(dtype)  # the resolved one: measurements are shared
-    step = train_step_seconds(model, ctx.vocab, cfg.batch_size, width, cfg, device, teacher)
+    step = train_step_seconds(model, ctx.vocab, cfg.batch_size, width, cfg, device, teacher,
+                              min(1.0, share))
     fwd = forward_seconds(model, ctx.vocab, cfg.batch_size, width, precision, device)
     compiled = hardware.compile_enabled(cfg.compile, device, dtype)
     step *= cfg.grad_accum / nproc * (COMPILE_STEP_FACTOR if compiled else 1.0)
@@ -293,8 +320,8 @@ def _training(ctx: _Context, stage: str, cfg: TrainConfig, model: ModelConfig,
         dec = ctx.params.evaluate.decode
         n = min(getattr(cfg, "bleu_samples", 0), int(ctx.sizes["valid_pairs"]))
         eval_s += decode_seconds(model, ctx.vocab, device, precision, n, dec.batch_size, 1,
-                                 ctx.sizes["src_tokens"], _new_tokens(ctx, dec.max_new_tokens))
-    total = (left * step + evals * eval_s + STAGE_OVERHEAD_S * ctx.cpu_factor
+                                 ctx.sizes["src_tokens"], dec.max_new_tokens)
+    total = (left * step + evals * eval_s + ctx.overhead(model_stage=True)
              + (COMPILE_SECONDS if compiled and left else 0.0))
     resume = f", resuming at step {done}" if done else ""
     detail = (f"{left} steps x {step:.3g} s + {evals} evaluations x {eval_s:.3g} s "
@@ -303,8 +330,14 @@ def _training(ctx: _Context, stage: str, cfg: TrainConfig, model: ModelConfig,
     return StageEstimate(stage, total, detail)
 
 
-def _new_tokens(ctx: _Context, max_new_tokens: int) -> float:
-    return min(max_new_tokens, ctx.sizes["tgt_tokens"] * DECODE_LENGTH_FACTOR)
+def _batch_length(ctx: _Context, batch_size: int) -> int:
+    """Decoding steps of a batch: one sentence stops at its end of sentence, about
+    SINGLE_LENGTH_FACTOR times the mean target length; a batch runs until its longest
+    stops, for the models a pipeline trains often the limit."""
+    limit = ctx.params.evaluate.decode.max_new_tokens
+    if batch_size > 1:
+        return limit
+    return min(limit, math.ceil(ctx.sizes["tgt_tokens"] * SINGLE_LENGTH_FACTOR))
 
 
 def _evaluate_like(ctx: _Context, stage: str, model: ModelConfig, precision: str,
@@ -317,8 +350,7 @@ def _evaluate_like(ctx: _Context, stage: str, model: ModelConfig, precision: str
     if ev.max_test_pairs is not None:
         n = min(n, ev.max_test_pairs)
     seconds = decode_seconds(model, ctx.vocab, device, precision, n, dec.batch_size,
-                             dec.beam_size, ctx.sizes["src_tokens"],
-                             _new_tokens(ctx, dec.max_new_tokens))
+                             dec.beam_size, ctx.sizes["src_tokens"], dec.max_new_tokens)
     # perplexity: forward passes over the held-out text, ppl_batch_size windows at a time
     fwd = forward_seconds(model, ctx.vocab, ev.ppl_batch_size, model.block_size, precision,
                           device)
@@ -329,11 +361,11 @@ def _evaluate_like(ctx: _Context, stage: str, model: ModelConfig, precision: str
 
 def estimate_stage(ctx: _Context, stage: str) -> StageEstimate:
     p, sizes = ctx.params, ctx.sizes
-    overhead = STAGE_OVERHEAD_S * ctx.cpu_factor
     if stage in DATA_SECONDS_PER_MB or stage in DATA_FIXED_SECONDS:
         seconds = (DATA_SECONDS_PER_MB.get(stage, 0.0) * sizes["corpus_mb"]
                    + DATA_FIXED_SECONDS.get(stage, 0.0)) * ctx.cpu_factor
-        return StageEstimate(stage, seconds + overhead, f"{sizes['corpus_mb']:.0f} MB of text")
+        return StageEstimate(stage, seconds + ctx.overhead(model_stage=False),
+                             f"{sizes['corpus_mb']:.0f} MB of text")
     pair_width = min(p.model.block_size, math.ceil(sizes["pair_tokens"]))
     if stage == "pretrain":
         return _training(ctx, stage, p.pretrain, p.model, p.model.block_size, bleu=False)
@@ -348,20 +380,22 @@ def estimate_stage(ctx: _Context, stage: str) -> StageEstimate:
     if stage == "evaluate":
         seconds, detail = _evaluate_like(ctx, stage, p.model, p.evaluate.precision,
                                          p.evaluate.device)
-        return StageEstimate(stage, seconds + overhead, detail)
+        return StageEstimate(stage, seconds + ctx.overhead(model_stage=True), detail)
     if stage == "quantise":
-        # int8 variants decode in fp32 activations on the cpu: the student twice (torch,
-        # onnx), the teacher once; then the speed rounds and the exports
+        # int8 variants decode on the cpu, scored on the test set: the student with torch
+        # (about fp32's speed) and with onnxruntime (ONNX_INT8_SHARE of it), the teacher
+        # with torch; then the speed rounds and the exports
         student, _ = _evaluate_like(ctx, stage, p.distil.model, "fp32", "cpu")
         teacher, _ = (_evaluate_like(ctx, stage, p.model, "fp32", "cpu") if p.quantise.teacher
                       else (0.0, ""))
-        variants = 2 * student + teacher
+        variants = (1 + ONNX_INT8_SHARE) * student + teacher
         q = p.quantise
         speed = q.speed_rounds * sum(
             decode_seconds(m, ctx.vocab, torch.device("cpu"), "fp32", q.speed_sentences, b, 1,
-                           sizes["src_tokens"], _new_tokens(ctx, p.evaluate.decode.max_new_tokens))
+                           sizes["src_tokens"], _batch_length(ctx, b))
             for m in (p.model, p.distil.model) for b in q.speed_batch_sizes) * 2
-        return StageEstimate(stage, variants + speed + overhead + 10 * ctx.cpu_factor,
+        export = QUANTISE_EXPORT_S * ctx.cpu_factor
+        return StageEstimate(stage, variants + speed + export + ctx.overhead(model_stage=True),
                              f"{2 + int(q.teacher)} int8 variants scored and timed")
     raise LmopsError(f"no estimate for stage {stage!r}")
 
@@ -374,8 +408,14 @@ def estimate(stages: Iterable[str], root: str | Path = ".",
     root = Path(root)
     params = params or load_params(root / params_path)
     todo = list(stages)
-    ctx = _Context(root, params, data_sizes(root), scalar_probe() / REFERENCE_PROBE_S,
-                   params.vocab.vocab_size)
+    ctx = _Context(root, params, data_sizes(root), 1.0, params.vocab.vocab_size)
+    # the probe between measurements, its best time kept: one probe can fall in a slow
+    # moment of a shared machine; the second pass reuses the (memoised) measurements
+    probes = [scalar_probe()]
+    for stage in todo:
+        estimate_stage(ctx, stage)
+        probes.append(scalar_probe())
+    ctx.cpu_factor = min(probes) / REFERENCE_PROBE_S
     return [estimate_stage(ctx, s) for s in todo]
 
 
