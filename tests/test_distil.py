@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lmops import distil, evaluate
+from lmops import distil, distil_losses, evaluate
 from lmops.config import DecodeConfig, ModelConfig
 from lmops.errors import DataError
 from lmops.model import Transformer
@@ -33,7 +33,7 @@ def batch(seed: int = 1, vocab: int = 40) -> tuple[torch.Tensor, torch.Tensor]:
 def test_without_distillation_weight_the_loss_is_cross_entropy():
     student, teacher = tiny(seed=0), tiny(seed=1)
     inputs, targets = batch()
-    loss = distil.word_loss(teacher, alpha=0.0, temperature=3.0)(student, (inputs, targets))
+    loss = distil_losses.word_loss(teacher, alpha=0.0, temperature=3.0)(student, (inputs, targets))
     torch.testing.assert_close(loss, lm_loss(student, (inputs, targets)))
     logits = student(inputs)
     plain = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
@@ -45,10 +45,10 @@ def test_kl_is_zero_for_a_student_identical_to_the_teacher():
     student = tiny(seed=3)
     inputs, targets = batch()
     s, t = student(inputs), teacher(inputs)
-    ce, kl = distil.distil_terms(s, t, targets, temperature=2.0)
+    ce, kl = distil_losses.distil_terms(s, t, targets, temperature=2.0)
     assert kl.item() == pytest.approx(0.0, abs=1e-6)
     # all weight on the KL: zero loss, so nothing to learn from a copy of oneself
-    loss = distil.word_loss(teacher, alpha=1.0, temperature=2.0)(student, (inputs, targets))
+    loss = distil_losses.word_loss(teacher, alpha=1.0, temperature=2.0)(student, (inputs, targets))
     assert loss.item() == pytest.approx(0.0, abs=1e-6)
     assert ce.item() > 1.0
 
@@ -62,18 +62,18 @@ def test_kl_term_by_hand_scaled_by_t_squared_on_target_tokens_only():
     p = F.softmax(t[keep] / temp, -1)
     kl = (p * (p.log() - F.log_softmax(s[keep] / temp, -1))).sum(-1).mean()
     ce = F.cross_entropy(s[keep], targets[keep])
-    loss = distil.distil_loss(s, t, targets, alpha, temp)
+    loss = distil_losses.distil_loss(s, t, targets, alpha, temp)
     torch.testing.assert_close(loss, (1 - alpha) * ce + alpha * temp**2 * kl)
     # logits at prompt and padding positions do not matter
     s2, t2 = s.clone(), t.clone()
     s2[~keep], t2[~keep] = 100.0, -100.0
-    torch.testing.assert_close(distil.distil_loss(s2, t2, targets, alpha, temp), loss)
+    torch.testing.assert_close(distil_losses.distil_loss(s2, t2, targets, alpha, temp), loss)
 
 
 def test_word_loss_trains_the_student_not_the_teacher():
     student, teacher = tiny(n_layer=1, seed=0), tiny(seed=1)
     before = [p.clone() for p in teacher.parameters()]
-    loss = distil.word_loss(teacher, 0.5, 2.0)(student, batch())
+    loss = distil_losses.word_loss(teacher, 0.5, 2.0)(student, batch())
     loss.backward()
     assert all(p.grad is None for p in teacher.parameters())
     assert all(p.grad is not None for p in student.parameters())

@@ -26,22 +26,20 @@ teacher, on the same test pairs, and compared with the teacher's figures.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from lmops.checkpoint import CheckpointError, load_weights
 from lmops.config import DecodeConfig, ModelConfig, Params
+from lmops.distil_losses import word_loss
 from lmops.errors import LmopsError
 from lmops.evaluate import (
     TRANSLATIONS_FILE,
@@ -54,7 +52,7 @@ from lmops.io import atomic_output
 from lmops.model import Transformer, mlp_hidden
 from lmops.pretrain import summary
 from lmops.tracking import file_digest
-from lmops.train import IGNORE_INDEX, DistEnv, LossFn, fit, lm_loss, seed_everything
+from lmops.train import DistEnv, fit, lm_loss, seed_everything
 from lmops.translation import (
     check_vocab,
     load_model,
@@ -74,70 +72,6 @@ CALIBRATION_BATCHES = 8  # training batches the teacher runs to rank what prunin
 
 class DistilError(LmopsError):
     """The teacher or the student configuration cannot be used for distillation."""
-
-
-# ------------------------------------------------------------------- the loss
-
-
-def distil_terms(student_logits: Tensor, teacher_logits: Tensor, targets: Tensor,
-                 temperature: float) -> tuple[Tensor, Tensor]:
-    """Mean cross-entropy and mean KL(teacher_T || student_T) over the target tokens.
-
-    Logits are [..., V], targets [...]; positions whose target is IGNORE_INDEX (the prompt,
-    padding) count in neither term. Both are computed in fp32 whatever the logits' dtype.
-    """
-    keep = targets != IGNORE_INDEX
-    s = student_logits[keep].float()
-    t = teacher_logits[keep].float()
-    ce = F.cross_entropy(s, targets[keep])
-    kl = F.kl_div(F.log_softmax(s / temperature, dim=-1),
-                  F.log_softmax(t / temperature, dim=-1),
-                  log_target=True, reduction="batchmean")
-    return ce, kl
-
-
-def distil_loss(student_logits: Tensor, teacher_logits: Tensor, targets: Tensor,
-                alpha: float, temperature: float) -> Tensor:
-    """``(1 - alpha) * CE + alpha * T^2 * KL`` on the target tokens (see the module doc)."""
-    ce, kl = distil_terms(student_logits, teacher_logits, targets, temperature)
-    return (1 - alpha) * ce + alpha * temperature ** 2 * kl
-
-
-@contextlib.contextmanager
-def _without_head(model: nn.Module) -> Iterator[Tensor]:
-    """``model`` returns its final hidden states instead of logits; yields the head's weight.
-
-    Only target positions need logits, a third of them or fewer in translation pairs: the
-    output projection over the whole vocabulary is then a third of the work, for the
-    teacher and the student alike. ``model`` may be wrapped (DDP, torch.compile).
-    """
-    raw = model
-    while hasattr(raw, "module") or hasattr(raw, "_orig_mod"):
-        raw = getattr(raw, "module", None) or raw._orig_mod
-    head = raw.lm_head
-    raw.lm_head = nn.Identity()
-    try:
-        yield head.weight
-    finally:
-        raw.lm_head = head
-
-
-def word_loss(teacher: Transformer, alpha: float, temperature: float) -> LossFn:
-    """``loss_fn`` for :func:`lmops.train.fit`: the teacher scores each batch, frozen."""
-    teacher.eval().requires_grad_(False)
-
-    def loss_fn(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
-        inputs, targets = batch
-        if teacher.device != inputs.device:
-            teacher.to(inputs.device)
-        keep = targets != IGNORE_INDEX
-        with torch.no_grad(), _without_head(teacher) as weight:
-            teacher_logits = F.linear(teacher(inputs)[keep], weight)
-        with _without_head(model) as weight:
-            student_logits = F.linear(model(inputs)[keep], weight)
-        return distil_loss(student_logits, teacher_logits, targets[keep], alpha, temperature)
-
-    return loss_fn
 
 
 # ------------------------------------------------------------------ the student

@@ -3,14 +3,17 @@
 The same model on the same params takes 6 minutes on one 2-core CPU and hours on
 another, so the estimate measures this machine rather than quoting a table:
 
-- training stages: one optimiser step of the stage's real model, at its batch shape,
-  resolved precision and device (distil: with its teacher's forward pass), and one
-  forward pass for the validation batches; times the steps left (a checkpoint to resume
-  from counts) and the evaluations;
-- decoding (validation BLEU, ``evaluate``, ``quantise``): a few greedy and beam steps of
-  the model at the decoding batch size, times the sentences and their expected length;
-- data stages: the corpus size over rates measured with the embedded corpora, scaled by
-  this CPU's speed on a fixed scalar workload (they do not use torch's kernels).
+- training stages: optimiser steps of the stage's real model, at its batch shape,
+  resolved precision and device (distil: its loss, the teacher's pass included), and
+  forward passes for the validation batches; times the steps left (a checkpoint to
+  resume from counts) and the evaluations;
+- decoding (validation BLEU, ``evaluate``, ``quantise``): greedy and beam steps of the
+  model at the decoding batch size over two spans, extrapolated to the batch's length;
+- data stages and each stage's fixed cost: rates measured with the embedded corpora on
+  a reference machine, scaled by this CPU's speed on a fixed scalar workload (they do
+  not use torch's kernels).
+
+A measurement takes a second or two, so the estimate takes 10-20 s on a 2-core CPU.
 
 Sizes of the data (pairs, tokens) come from the tokenise stage's statistics when a
 previous run left them, else from the embedded corpora's. Constants below say where
@@ -148,7 +151,7 @@ def train_step_seconds(cfg: ModelConfig, vocab: int, rows: int, width: int,
     opt = make_optimizer(model, train, device)
     loss_fn = lm_loss
     if teacher is not None and getattr(train, "method", "word") == "word":
-        from lmops.distil import word_loss
+        from lmops.distil_losses import word_loss
         from lmops.model import Transformer
 
         teacher_model = _model(teacher, vocab, device)
