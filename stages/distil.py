@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lmops import distil, estimate, evaluate, hardware, stage, tracking
+from lmops import distil, estimate, evaluate, stage, tracking
 from lmops.config import flatten, load_params
 from lmops.io import write_json
 
@@ -39,7 +39,6 @@ def main(args: argparse.Namespace) -> None:
     params = load_params(args.params)
     logged = {"seed": params.seed, "target_lang": params.clean.target_lang,
               **flatten(params.distil), **flatten(params.evaluate, "evaluate.")}
-    estimate.log_stage_estimate("distil", args.params)
     with tracking.stage_run("distil", logged):
         tracking.log_data_input(args.tokens, "tokens")
         tracking.log_data_input(args.teacher, "teacher_model")
@@ -60,4 +59,4 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    stage.run("distil", main, build_parser(), relaunch=hardware.relaunch_data_parallel)
+    stage.run("distil", main, build_parser(), before=estimate.training_stage_start)

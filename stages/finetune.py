@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from lmops import estimate, finetune, hardware, stage, tracking
+from lmops import estimate, finetune, stage, tracking
 from lmops.config import flatten, load_params
 from lmops.io import write_json
 
@@ -32,7 +32,6 @@ def main(args: argparse.Namespace) -> None:
     params = load_params(args.params)
     logged = {"seed": params.seed, "target_lang": params.clean.target_lang,
               **flatten(params.finetune)}
-    estimate.log_stage_estimate("finetune", args.params)
     with tracking.stage_run("finetune", logged):
         tracking.log_data_input(args.tokens, "tokens")
         tracking.log_data_input(args.init, "pretrained_model")
@@ -45,4 +44,4 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    stage.run("finetune", main, build_parser(), relaunch=hardware.relaunch_data_parallel)
+    stage.run("finetune", main, build_parser(), before=estimate.training_stage_start)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 
-from lmops import estimate, hardware, pretrain, stage, tracking
+from lmops import estimate, pretrain, stage, tracking
 from lmops.config import flatten, load_params
 from lmops.io import write_json
 
@@ -32,7 +32,6 @@ def main(args: argparse.Namespace) -> None:
     params = load_params(args.params)
     logged = {"seed": params.seed, **flatten(params.model, "model."),
               **flatten(params.pretrain)}
-    estimate.log_stage_estimate("pretrain", args.params)
     with tracking.stage_run("pretrain", logged):
         tracking.log_data_input(args.tokens, "tokens")
         metrics = pretrain.pretrain(args.tokens, args.vocab, args.work, args.out, params,
@@ -44,4 +43,4 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    stage.run("pretrain", main, build_parser(), relaunch=hardware.relaunch_data_parallel)
+    stage.run("pretrain", main, build_parser(), before=estimate.training_stage_start)

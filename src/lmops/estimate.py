@@ -447,8 +447,6 @@ def render(estimates: list[StageEstimate]) -> str:
 
 def log_stage_estimate(stage: str, params_path: str | Path) -> None:
     """A training stage's own estimate, printed as it starts (a few seconds to measure)."""
-    if int(os.environ.get("RANK", "0")) != 0:
-        return
     try:
         est = estimate([stage], Path.cwd(), params_path)[0]
     except (LmopsError, OSError, RuntimeError) as err:  # never stops the stage itself
@@ -456,3 +454,17 @@ def log_stage_estimate(stage: str, params_path: str | Path) -> None:
         return
     print(f"[{stage}] estimated {_minutes(est.seconds)} on this machine: {est.detail}",
           file=sys.stderr, flush=True)
+
+
+def training_stage_start(stage: str, params_path: str, argv: list[str]) -> None:
+    """The training stages' ``before`` hook of :func:`lmops.stage.run`: the stage's
+    estimate, printed once, then the relaunch under torchrun where ``nproc`` asks for it
+    (:func:`lmops.hardware.relaunch_data_parallel`)."""
+    if "WORLD_SIZE" in os.environ:  # one of torchrun's processes: the parent printed it
+        return
+    try:
+        load_params(params_path)
+    except LmopsError:
+        return  # the stage reports it, with a FAILED run
+    log_stage_estimate(stage, params_path)
+    hardware.relaunch_data_parallel(stage, params_path, argv)

@@ -154,7 +154,8 @@ def evaluate_model(model: Transformer, tok: Tokenizer, clean_dir: str | Path,
     metrics.update({
         "test_pairs": len(pairs), "num_params": model.num_params(),
         "decode_seconds": seconds, "ms_per_sentence": 1000 * seconds / len(pairs),
-        "hardware": facts(device, autocast_dtype(cfg.precision, device), compiled=False),
+        "hardware": facts(device, autocast_dtype(cfg.precision, device, "evaluate.precision"),
+                          compiled=False),
     })
     table = pd.DataFrame({"source": pairs["src"], "reference": pairs["tgt"],
                           "hypothesis": hyps})

@@ -176,8 +176,7 @@ def relaunch_data_parallel(name: str, params_path: str, argv: list[str]) -> None
     n = resolve_nproc(section.nproc, section.device)
     if n <= 1:
         return
-    log.info("%s.nproc=%s: %d data-parallel processes (torchrun)",
-                                     name, section.nproc, n)
+    log.info("%s.nproc=%s: %d data-parallel processes (torchrun)", name, section.nproc, n)
     sys.stdout.flush()
     sys.stderr.flush()
     # exec, not a child: DVC, Prefect and a kill see one process, torchrun forwards signals

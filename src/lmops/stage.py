@@ -42,21 +42,21 @@ def _redacted_traceback(exc_type: type[BaseException], exc: BaseException, tb: o
 
 def run(name: str, main: Callable[[argparse.Namespace], None],
         argp: argparse.ArgumentParser, argv: list[str] | None = None,
-        relaunch: Callable[[str, str, list[str]], None] | None = None) -> None:
+        before: Callable[[str, str, list[str]], None] | None = None) -> None:
     """Parse arguments and run ``main``; a user error exits 1 with one readable message.
 
     A params file that fails the schema is recorded as a FAILED run of the stage too
     (``main`` reads it before it opens its run); a full disk is a user error like any other.
-    ``relaunch(name, params_path, argv)`` may first replace the process (training stages:
-    :func:`lmops.hardware.relaunch_data_parallel`).
+    ``before(name, params_path, argv)`` runs first and may replace the process (training
+    stages: :func:`lmops.estimate.training_stage_start`).
     """
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
     sys.excepthook = _redacted_traceback
     logging.basicConfig(level=logging.INFO, format=f"[{name}] %(message)s")
     args = argp.parse_args(argv)
     params = getattr(args, "params", None)
-    if relaunch is not None and params is not None:
-        relaunch(name, params, sys.argv[1:] if argv is None else argv)
+    if before is not None and params is not None:
+        before(name, params, sys.argv[1:] if argv is None else argv)
     try:
         with tracking.using_params_file(params):
             if params is not None:
