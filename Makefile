@@ -50,7 +50,7 @@ bench: $(STAMP)
 
 # Each kill is followed by `dvc repro`, which must resume to the uninterrupted run's weights.
 chaos: $(STAMP)
-	$(BIN)/python -m lmops.chaos --kills 20
+	$(BIN)/python -m tests.support.chaos --kills 20
 
 clean-venv:
 	rm -rf $(VENV)

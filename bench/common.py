@@ -11,6 +11,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
@@ -20,7 +21,10 @@ from typing import Any
 import psutil
 import torch
 
-from lmops import hardware
+from lmops.core import hardware
+
+# The benchmarks build throwaway workspaces with the test suite's helper (tests/support).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

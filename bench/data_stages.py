@@ -2,13 +2,13 @@
 
 Run with: make bench   (or: python bench/data_stages.py [--params params.yaml])
 
-Calls the library functions the DVC stages call (``data.build_clean``,
+Calls the library functions the DVC stages call (``clean_stage.build_clean``,
 ``vocab.build_vocab``, ``tokenise.tokenise``) on the params file's settings, into a
 temporary directory, without MLflow. Each round runs the three in pipeline order, so
 every figure is a median over the same number of rounds.
 
 clean MB/s: UTF-8 bytes of the loaded raw text (every source's text columns, as
-``data.load_source`` returns them, before cleaning) / the stage's wall time.
+``sources.load_source`` returns them, before cleaning) / the stage's wall time.
 tokenise MB/s: the stage's own figure, UTF-8 bytes of all the text it encodes / wall time.
 """
 
@@ -25,8 +25,10 @@ import datasets
 import torch
 from common import machine, median, setup_threads, spread, write_results
 
-from lmops import data, tokenise, vocab
 from lmops.config import load_params
+from lmops.data import sources
+from lmops.pipeline import clean as clean_stage
+from lmops.pipeline import tokenise, vocab
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -36,7 +38,7 @@ def raw_text_bytes(params: Any) -> int:
     total = 0
     with tempfile.TemporaryDirectory(prefix="lmops-bench-cache-") as cache:
         for src in params.clean.sources:
-            ds = data.load_source(src, params.clean, cache)
+            ds = sources.load_source(src, params.clean, cache)
             for column in ("text", "src", "tgt"):
                 if column in ds.column_names:
                     total += sum(len(t.encode("utf-8")) for t in ds[column] if t)
@@ -46,7 +48,7 @@ def raw_text_bytes(params: Any) -> int:
 def one_round(params: Any, work: Path) -> dict[str, float]:
     clean_dir, vocab_dir, tokens_dir = work / "clean", work / "vocab", work / "tokens"
     start = time.perf_counter()
-    data.build_clean(params.clean, params.seed, clean_dir, work / "clean.json")
+    clean_stage.build_clean(params.clean, params.seed, clean_dir, work / "clean.json")
     clean_s = time.perf_counter() - start
     start = time.perf_counter()
     vocab.build_vocab(clean_dir, vocab_dir, params.vocab, params.clean.languages, params.seed)

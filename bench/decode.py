@@ -36,7 +36,7 @@ from common import (
 from train_throughput import VOCAB, hf_llama
 
 from lmops.config import ModelConfig
-from lmops.model import Transformer
+from lmops.core.model import Transformer
 
 PAD_ID = 0
 BEAM = 4

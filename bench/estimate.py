@@ -28,7 +28,7 @@ from pathlib import Path
 
 from common import RESULTS, markdown_table
 
-from lmops import workspace
+from tests.support import workspace
 
 REPO = Path(__file__).resolve().parents[1]
 AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",

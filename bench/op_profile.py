@@ -23,8 +23,8 @@ from torch.profiler import ProfilerActivity, profile
 from train_throughput import BATCH, VOCAB, lmops_case
 
 from lmops.config import ModelConfig
-from lmops.model import Transformer
-from lmops.train import window_batches
+from lmops.core.model import Transformer
+from lmops.core.train import window_batches
 
 MATMUL = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_mkldnn",
           "mkldnn", "onednn", "aten::_scaled_dot_product", "aten::linear", "aten::matmul")

@@ -28,7 +28,7 @@ import torch
 import yaml
 from common import interleaved, machine, median, paired_ratio, spread, write_results
 
-from lmops import workspace
+from tests.support import workspace
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -35,9 +35,9 @@ from common import (
 )
 
 from lmops.config import ModelConfig, TrainConfig
-from lmops.hardware import autocast_dtype, bf16_native
-from lmops.model import NORM_EPS, Transformer, flops_per_token, mlp_hidden
-from lmops.train import lm_loss, make_optimizer, window_batches
+from lmops.core.hardware import autocast_dtype, bf16_native
+from lmops.core.model import NORM_EPS, Transformer, flops_per_token, mlp_hidden
+from lmops.core.train import lm_loss, make_optimizer, window_batches
 
 VOCAB = 8000  # params.yaml vocab.vocab_size
 BATCH = 16  # TrainConfig.batch_size default

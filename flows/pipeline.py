@@ -21,34 +21,34 @@ from prefect import flow, get_run_logger, runtime, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from lmops import orchestrate as orch
+from lmops.orchestrate import dag, repro
 
 # DVC owns caching: a task never skips on Prefect's cache, every call asks `dvc repro`.
-# Retries only for transient I/O (orch.retry_condition). flows/retrain.py uses these too.
+# Retries only for transient I/O (repro.retry_condition). flows/retrain.py uses these too.
 TASK_OPTIONS = dict(retries=2, retry_delay_seconds=[20, 60],
-                    retry_condition_fn=orch.retry_condition, cache_policy=NO_CACHE,
+                    retry_condition_fn=repro.retry_condition, cache_policy=NO_CACHE,
                     persist_result=False)
 
 
 @task(name="dvc-repro-stage", **TASK_OPTIONS)
-def run_stage(repo: str, stage: str, parent_run_id: str) -> orch.StageResult:
+def run_stage(repo: str, stage: str, parent_run_id: str) -> repro.StageResult:
     logger = get_run_logger()
-    result = orch.repro_stage(repo, stage, parent_run_id, log=logger.info)
+    result = repro.repro_stage(repo, stage, parent_run_id, log=logger.info)
     logger.info("stage %s: %s in %.1f s", stage, result.status, result.seconds)
     return result
 
 
 @task(name="dvc-status", **TASK_OPTIONS)
 def check_up_to_date(repo: str, target: str | None) -> bool:
-    return orch.up_to_date(repo, target)
+    return repro.up_to_date(repo, target)
 
 
 @task(name="dvc-exp-run", **TASK_OPTIONS)
 def run_experiment(repo: str, stages: list[str], target: str | None,
                    params: list[str] | dict[str, Any] | None, experiment: str | None,
-                   parent_run_id: str) -> orch.RunResult:
+                   parent_run_id: str) -> repro.RunResult:
     logger = get_run_logger()
-    return orch.exp_run(repo, stages, target, params, experiment, parent_run_id,
+    return repro.exp_run(repo, stages, target, params, experiment, parent_run_id,
                         log=logger.info)
 
 
@@ -67,12 +67,12 @@ def pipeline(repo: str = ".", target: str | None = None,
     """
     logger = get_run_logger()
     root = Path(repo).resolve()
-    spec = orch.load_dvc_yaml(root)
-    stages = orch.dag_order(spec, target)
+    spec = dag.load_dvc_yaml(root)
+    stages = dag.dag_order(spec, target)
     as_experiment = bool(params) or bool(experiment)
     logger.info("stages in order: %s%s", ", ".join(stages),
                 " (one dvc exp run)" if as_experiment else "")
-    parent_id, experiment_id = orch.start_parent_run(
+    parent_id, experiment_id = repro.start_parent_run(
         root,
         tags={"prefect.flow_run_id": runtime.flow_run.id,
               "prefect.flow_run_name": runtime.flow_run.name,
@@ -82,39 +82,39 @@ def pipeline(repo: str = ".", target: str | None = None,
         params={"flow.target": target or "(all)", "flow.params": params or "",
                 "flow.experiment": experiment or ""},
         name=experiment)
-    url = orch.run_url(root, experiment_id, parent_id)
+    url = repro.run_url(root, experiment_id, parent_id)
     create_link_artifact(key="lmops-mlflow-run", link=url, link_text=f"MLflow run {parent_id}",
                          description="The MLflow parent run of this flow run; each stage "
                                      "that ran is a nested run under it.")
-    results: list[orch.StageResult] = []
+    results: list[repro.StageResult] = []
     ok = False
     try:
         if as_experiment:
-            tags = sorted({t for s in stages for t in orch.stage_tags(s)
+            tags = sorted({t for s in stages for t in repro.stage_tags(s)
                            if not t.startswith("stage:")})
             run = run_experiment.with_options(tags=tags)(
                 str(root), stages, target, params, experiment, parent_id)
             results = run.stages
         elif check_up_to_date(str(root), target):
             logger.info("dvc status: every stage is up to date, nothing to run")
-            results = [orch.StageResult(s, "skipped") for s in stages]
+            results = [repro.StageResult(s, "skipped") for s in stages]
         else:
             for stage in stages:
-                results.append(orch.StageResult(stage, "failed"))
+                results.append(repro.StageResult(stage, "failed"))
                 results[-1] = run_stage.with_options(
-                    tags=orch.stage_tags(stage), task_run_name=f"dvc repro {stage}")(
+                    tags=repro.stage_tags(stage), task_run_name=f"dvc repro {stage}")(
                     str(root), stage, parent_id)
         ok = True
     finally:
         done = {r.stage for r in results}
-        results += [orch.StageResult(s, "not reached") for s in stages if s not in done]
-        orch.end_parent_run(root, parent_id, ok, results)
+        results += [repro.StageResult(s, "not reached") for s in stages if s not in done]
+        repro.end_parent_run(root, parent_id, ok, results)
         create_markdown_artifact(
             key="lmops-pipeline-metrics",
             markdown=(f"## lmops pipeline {'finished' if ok else 'FAILED'}\n\n"
                       f"MLflow parent run: [{parent_id}]({url})\n\n"
-                      f"{orch.results_table(results)}\n"
-                      f"{orch.metrics_table(root, spec, stages, results)}"),
+                      f"{repro.results_table(results)}\n"
+                      f"{repro.metrics_table(root, spec, stages, results)}"),
             description="Stage results and the metrics files dvc.yaml declares.")
     return {"mlflow_run_id": parent_id, **{r.stage: r.status for r in results}}
 

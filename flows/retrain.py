@@ -25,9 +25,9 @@ from pipeline import TASK_OPTIONS, pipeline
 from prefect import flow, get_run_logger, runtime, task
 from prefect.artifacts import create_markdown_artifact
 
-from lmops import registry
-from lmops import retrain as rt
 from lmops.config import load_params
+from lmops.orchestrate import retrain as rt
+from lmops.tracking import registry
 
 
 @task(name="source-digest", **TASK_OPTIONS)

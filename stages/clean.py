@@ -9,23 +9,23 @@ from __future__ import annotations
 
 import argparse
 
-from lmops import data, stage, tracking
 from lmops.config import flatten, load_params
+from lmops.pipeline import as_paths, clean
+from lmops.tracking import runs as tracking
+from lmops.tracking import stage
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = stage.parser("Load, clean, split and de-leak the raw corpora.")
-    p.add_argument("--out", required=True, help="directory to write the splits into")
-    p.add_argument("--stats", required=True, help="stats JSON to write (a DVC metric)")
-    return p
+    return stage.parser("Load, clean, split and de-leak the raw corpora.", clean.Paths)
 
 
 def main(args: argparse.Namespace) -> None:
     params = load_params(args.params)
+    paths = as_paths(clean.Paths, vars(args))
     with tracking.stage_run("clean", {**flatten(params.clean), "seed": params.seed}):
-        stats = data.build_clean(params.clean, params.seed, args.out, args.stats)
+        stats = clean.run(paths, params).metrics
         tracking.log_metrics({f"clean/{k}": v for k, v in stats.items()})
-        tracking.log_artifact(args.stats, artifact_path="clean")
+        tracking.log_artifact(paths.stats, artifact_path="clean")
 
 
 if __name__ == "__main__":

@@ -12,45 +12,33 @@ Killed midway, the same command resumes from the last checkpoint under --work.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from lmops import distil, estimate, evaluate, stage, tracking
 from lmops.config import flatten, load_params
-from lmops.io import write_json
+from lmops.orchestrate import estimate
+from lmops.pipeline import as_paths, distil, evaluate
+from lmops.tracking import runs as tracking
+from lmops.tracking import stage
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = stage.parser("Distil the teacher into a smaller student.")
-    p.add_argument("--tokens", required=True, help="tokenise stage output dir")
-    p.add_argument("--vocab", required=True, help="vocab stage output dir")
-    p.add_argument("--clean", required=True, help="clean stage output dir (mono_test)")
-    p.add_argument("--teacher", required=True, help="fine-tuned teacher model dir")
-    p.add_argument("--teacher-translations", required=True,
-                   help="the teacher's test translations (evaluate stage)")
-    p.add_argument("--work", required=True, help="checkpoint dir (kept between runs)")
-    p.add_argument("--out", required=True, help="student model dir to write")
-    p.add_argument("--eval-out", required=True, help="dir for the student's translations")
-    p.add_argument("--metrics", required=True, help="metrics JSON to write")
-    p.add_argument("--curve", required=True, help="loss and BLEU curve CSV (dvc plots)")
-    return p
+    return stage.parser("Distil the teacher into a smaller student.", distil.Paths)
 
 
 def main(args: argparse.Namespace) -> None:
     params = load_params(args.params)
+    paths = as_paths(distil.Paths, vars(args))
     logged = {"seed": params.seed, "target_lang": params.clean.target_lang,
               **flatten(params.distil), **flatten(params.evaluate, "evaluate.")}
     with tracking.stage_run("distil", logged):
-        tracking.log_data_input(args.tokens, "tokens")
-        tracking.log_data_input(args.teacher, "teacher_model")
-        metrics, samples = distil.distil(args.tokens, args.vocab, args.clean, args.teacher,
-                                         args.teacher_translations, args.work, args.out,
-                                         args.eval_out, params, curve_path=args.curve)
-        if tracking.is_worker_rank():  # torchrun: rank 0 writes the outputs
+        tracking.log_data_input(paths.tokens, "tokens")
+        tracking.log_data_input(paths.teacher, "teacher_model")
+        result = distil.run(paths, params, tracking.StageLog())
+        metrics, samples = result.metrics, result.table
+        if metrics is None:  # a worker rank: rank 0 writes the outputs
             return
-        write_json(args.metrics, metrics)
         tracking.log_stage_outputs(
-            "distil", metrics, model_dir=args.out,
-            files=(Path(args.eval_out) / evaluate.TRANSLATIONS_FILE,))
+            "distil", metrics, model_dir=paths.out,
+            files=(paths.eval_out / evaluate.TRANSLATIONS_FILE,))
         tracking.log_table(samples, "distil/samples.json")
         retained = metrics["bleu_retained"]
         print(f"student BLEU {metrics['bleu']:.2f}, teacher {metrics['teacher_bleu']:.2f} "

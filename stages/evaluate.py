@@ -9,36 +9,28 @@ Run with: dvc repro evaluate
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from lmops import evaluate, stage, tracking
 from lmops.config import flatten, load_params
-from lmops.io import write_json
+from lmops.pipeline import as_paths, evaluate
+from lmops.tracking import runs as tracking
+from lmops.tracking import stage
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = stage.parser("Evaluate a model directory on the held-out test data.")
-    p.add_argument("--model", required=True, help="model dir to score")
-    p.add_argument("--vocab", required=True, help="vocab stage output dir")
-    p.add_argument("--clean", required=True, help="clean stage output dir (mono_test)")
-    p.add_argument("--tokens", required=True, help="tokenise stage output dir (parallel_test)")
-    p.add_argument("--out", required=True, help="dir for samples and translations")
-    p.add_argument("--metrics", required=True, help="metrics JSON to write")
-    return p
+    return stage.parser("Evaluate a model directory on the held-out test data.", evaluate.Paths)
 
 
 def main(args: argparse.Namespace) -> None:
     params = load_params(args.params)
+    paths = as_paths(evaluate.Paths, vars(args))
     logged = {"target_lang": params.clean.target_lang, **flatten(params.evaluate)}
     with tracking.stage_run("evaluate", logged):
-        tracking.log_data_input(args.model, "model")
-        tracking.log_data_input(args.tokens, "tokens")
-        metrics, samples = evaluate.evaluate(args.model, args.vocab, args.clean, args.tokens,
-                                             params.evaluate, params.clean.target_lang,
-                                             args.out)
-        write_json(args.metrics, metrics)
+        tracking.log_data_input(paths.model, "model")
+        tracking.log_data_input(paths.tokens, "tokens")
+        result = evaluate.run(paths, params)
+        metrics, samples = result.metrics, result.table
         tracking.log_stage_outputs(
-            "evaluate", metrics, files=(Path(args.out) / evaluate.TRANSLATIONS_FILE,))
+            "evaluate", metrics, files=(paths.out / evaluate.TRANSLATIONS_FILE,))
         tracking.log_table(samples, "evaluate/samples.json")
         print(f"BLEU {metrics['bleu']:.2f}  chrF {metrics['chrf']:.2f}  "
               f"({metrics['bleu_signature']})")

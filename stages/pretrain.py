@@ -12,34 +12,27 @@ from __future__ import annotations
 
 import argparse
 
-from lmops import estimate, pretrain, stage, tracking
 from lmops.config import flatten, load_params
-from lmops.io import write_json
+from lmops.orchestrate import estimate
+from lmops.pipeline import as_paths, pretrain
+from lmops.tracking import runs as tracking
+from lmops.tracking import stage
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = stage.parser("Pretrain the bilingual language model.")
-    p.add_argument("--tokens", required=True, help="tokenise stage output dir")
-    p.add_argument("--vocab", required=True, help="vocab stage output dir")
-    p.add_argument("--work", required=True, help="checkpoint dir (kept between runs)")
-    p.add_argument("--out", required=True, help="model dir to write")
-    p.add_argument("--metrics", required=True, help="metrics JSON to write")
-    p.add_argument("--curve", required=True, help="loss curve CSV (dvc plots)")
-    return p
+    return stage.parser("Pretrain the bilingual language model.", pretrain.Paths)
 
 
 def main(args: argparse.Namespace) -> None:
     params = load_params(args.params)
+    paths = as_paths(pretrain.Paths, vars(args))
     logged = {"seed": params.seed, **flatten(params.model, "model."),
               **flatten(params.pretrain)}
     with tracking.stage_run("pretrain", logged):
-        tracking.log_data_input(args.tokens, "tokens")
-        metrics = pretrain.pretrain(args.tokens, args.vocab, args.work, args.out, params,
-                                    curve_path=args.curve)
-        if tracking.is_worker_rank():  # torchrun: rank 0 writes the outputs
-            return
-        write_json(args.metrics, metrics)
-        tracking.log_stage_outputs("pretrain", metrics, model_dir=args.out)
+        tracking.log_data_input(paths.tokens, "tokens")
+        metrics = pretrain.run(paths, params, tracking.StageLog()).metrics
+        if metrics is not None:  # None on a worker rank: rank 0 writes the outputs
+            tracking.log_stage_outputs("pretrain", metrics, model_dir=paths.out)
 
 
 if __name__ == "__main__":

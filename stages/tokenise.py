@@ -9,26 +9,22 @@ from __future__ import annotations
 
 import argparse
 
-from lmops import stage, tokenise, tracking
 from lmops.config import flatten, load_params
-from lmops.io import write_json
+from lmops.pipeline import as_paths, tokenise
+from lmops.tracking import runs as tracking
+from lmops.tracking import stage
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = stage.parser("Encode clean text into token streams and parallel id sequences.")
-    p.add_argument("--data", required=True, help="clean stage output dir")
-    p.add_argument("--vocab", required=True, help="vocab stage output dir")
-    p.add_argument("--out", required=True, help="tokens dir to write")
-    p.add_argument("--stats", required=True, help="stats JSON to write")
-    return p
+    return stage.parser("Encode clean text into token streams and parallel id sequences.", tokenise.Paths)
 
 
 def main(args: argparse.Namespace) -> None:
     params = load_params(args.params)
+    paths = as_paths(tokenise.Paths, vars(args))
     with tracking.stage_run("tokenise", flatten(params.tokenise)):
-        stats = tokenise.tokenise(args.data, args.vocab, args.out, params.tokenise)
-        tracking.log_data_input(args.vocab, "vocab")
-        write_json(args.stats, stats)
+        stats = tokenise.run(paths, params).metrics
+        tracking.log_data_input(paths.vocab, "vocab")
         tracking.log_metrics({f"tokenise/{k}": v for k, v in flatten(stats).items()})
 
 

@@ -8,32 +8,29 @@ Run with: dvc repro validate
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from lmops import quality, stage, tracking
 from lmops.config import flatten, load_params
+from lmops.pipeline import as_paths, validate
+from lmops.tracking import runs as tracking
+from lmops.tracking import stage
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = stage.parser("Validate the clean data with Great Expectations.")
-    p.add_argument("--data", required=True, help="clean stage output dir")
-    p.add_argument("--report", required=True, help="Data Docs site dir to write")
-    p.add_argument("--summary", required=True, help="summary JSON to write (DVC metrics)")
-    return p
+    return stage.parser("Validate the clean data with Great Expectations.", validate.Paths)
 
 
 def main(args: argparse.Namespace) -> None:
     params = load_params(args.params)
+    paths = as_paths(validate.Paths, vars(args))
     with tracking.stage_run("validate", flatten(params.validate_)):
         try:
-            summary = quality.validate_clean(args.data, args.report, args.summary,
-                                             params.validate_, params.clean.languages)
+            summary = validate.run(paths, params).metrics
         finally:
             # Data and report of a failed run are the ones worth looking at.
-            if Path(args.data).is_dir():
-                tracking.log_data_input(args.data, "clean")
-            if (Path(args.report) / "index.html").is_file():
-                tracking.log_artifacts(args.report, artifact_path="gx_report")
+            if paths.data.is_dir():
+                tracking.log_data_input(paths.data, "clean")
+            if (paths.report / "index.html").is_file():
+                tracking.log_artifacts(paths.report, artifact_path="gx_report")
         tracking.log_dict(summary, "validate/summary.json")
         tracking.log_metrics({f"validate/{k}": float(v) for k, v in flatten(summary).items()})
 

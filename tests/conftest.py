@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from lmops import workspace
+from tests.support import workspace
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -65,3 +65,17 @@ def make_tiny_repo(root: Path) -> Path:
     """A fresh git + DVC repo in ``root`` holding the project's pipeline, code and the tiny
     profile as its params.yaml."""
     return workspace.make(root, "params.tiny.yaml", source=REPO)
+
+
+@pytest.fixture
+def flow_repo(tmp_path) -> Path:
+    """A git + DVC repo with the project's pipeline, flows, prefect.yaml and tiny params."""
+    return workspace.make(tmp_path / "repo", "params.tiny.yaml", source=REPO)
+
+
+@pytest.fixture
+def prefect_server(tmp_path):
+    """`prefect server start` on 127.0.0.1 with its own home and database; stopped after."""
+    with workspace.prefect_server(tmp_path / "prefect-home", tmp_path / "server.log") as env:
+        yield {**env, "PREFECT_CLI_PROMPT": "false", "PREFECT_WORKER_QUERY_SECONDS": "1",
+               "PREFECT_LOGGING_LEVEL": "INFO"}

@@ -22,7 +22,7 @@ import yaml
 
 from lmops import config
 from lmops.errors import LmopsError
-from lmops.redact import redact
+from lmops.tracking.redact import redact
 
 
 def _params_check(args: argparse.Namespace) -> None:
@@ -49,12 +49,12 @@ def _translate(args: argparse.Namespace) -> None:
         raise LmopsError("give either --model DIR (with --vocab DIR) or --model-uri URI")
     sources = _sentences(args)
     if args.model_uri is not None:
-        from lmops import serving
+        from lmops.tracking import serving
 
         out = serving.translate_with(serving.load_translator(args.model_uri), sources,
                                      **overrides)
     else:
-        from lmops.serving import Translator
+        from lmops.tracking.serving import Translator
 
         if args.vocab is None:
             raise LmopsError("--model needs --vocab (the vocab stage's directory, data/vocab)")
@@ -65,14 +65,14 @@ def _translate(args: argparse.Namespace) -> None:
 
 
 def _compare(args: argparse.Namespace) -> None:
-    from lmops import compare
+    from lmops.tracking import compare
 
     print(compare.compare(args.runs, last=args.last, experiment=args.experiment,
                           all_rows=args.all, volatile=args.timings))
 
 
 def _estimate(args: argparse.Namespace) -> None:
-    from lmops import estimate, orchestrate
+    from lmops.orchestrate import dag, estimate
 
     params, changed = None, []
     if args.profile:  # as `dvc exp run $(lmops params set-args PROFILE)` would run
@@ -81,12 +81,12 @@ def _estimate(args: argparse.Namespace) -> None:
         with open(args.profile, encoding="utf-8") as fh:
             changed = list(config.flatten(yaml.safe_load(fh) or {}))
     stages = (args.stages.split(",") if args.stages
-              else orchestrate.stages_to_run(".", args.target, changed))
+              else dag.stages_to_run(".", args.target, changed))
     print(estimate.render(estimate.estimate(stages, ".", args.params, params)))
 
 
 def _tracking_sync(args: argparse.Namespace) -> None:
-    from lmops import tracking
+    from lmops.tracking import runs as tracking
 
     for line in tracking.sync(args.files):
         print(line)

@@ -1,0 +1,322 @@
+"""What the Prefect flows need from the pipeline, without Prefect: runs, retries, metrics.
+
+DVC stays in charge of what is up to date: the order comes from ``dvc.yaml``'s own
+deps and outs (:mod:`lmops.orchestrate.dag`), and each stage runs as
+``dvc repro --single-item <stage>``, which skips a stage whose inputs did not change.
+A run with params overrides or an experiment name is one ``dvc exp run`` over the whole
+target instead: an experiment is a single commit of the whole pipeline's results, so it
+cannot be built up one stage at a time; its per-stage results are read from DVC's output.
+
+The flows (``flows/``) add scheduling, retries, tags and artifacts around this.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lmops.config import dvc_set_args, flatten
+from lmops.errors import LmopsError
+from lmops.orchestrate.dag import ACCELERATOR_STAGES, metrics_files
+from lmops.tracking import runs as tracking
+from lmops.tracking.redact import public_url
+
+GPU_TAG = "gpu"
+
+# Failures worth a retry: another DVC process holds the workspace lock, or the tracking
+# server / remote storage could not be reached. Checked against the stage's output.
+TRANSIENT_PATTERNS = (
+    r"Unable to acquire lock",
+    r"lock file .* is in use|is locked by",
+    r"Connection ?(refused|reset|aborted|Error)",
+    r"Max retries exceeded",
+    r"Temporary failure in name resolution",
+    r"(Read|Connect)?Timeout(Error)?|timed out",
+    r"API request to .* failed",
+    r"\b(502|503|504)\b.*(Bad Gateway|Service Unavailable|Gateway Time-?out)",
+    r"database is locked",
+    r"tracking server .* is not answering",
+)
+# Failures that a rerun cannot fix: the data or the params must change first.
+PERMANENT_PATTERNS = (
+    r"data quality expectations failed|expectations failed",
+    r"loss diverged",
+    r"invalid parameters",
+)
+
+_RAN = re.compile(r"Running stage '([^']+)'")
+_SKIPPED = re.compile(r"Stage '([^']+)' didn't change, skipping")
+_RESTORED = re.compile(r"Stage '([^']+)' is cached - skipping run, checking out outputs")
+
+
+class StageFailed(LmopsError):
+    """A ``dvc repro`` / ``dvc exp run`` exited non-zero; carries the tail of its output."""
+
+    def __init__(self, stage: str, returncode: int, output: str):
+        self.stage = stage
+        self.returncode = returncode
+        self.output = output
+        tail = "\n".join(output.rstrip().splitlines()[-25:])
+        super().__init__(f"stage {stage!r} failed (exit {returncode}):\n{tail}")
+
+    @property
+    def transient(self) -> bool:
+        return is_transient(self.output)
+
+
+def is_transient(text: str) -> bool:
+    """True for a failure a retry may cure (lock held, network); never for bad data or loss."""
+    if any(re.search(p, text, re.IGNORECASE) for p in PERMANENT_PATTERNS):
+        return False
+    return any(re.search(p, text, re.IGNORECASE) for p in TRANSIENT_PATTERNS)
+
+
+def should_retry(exc: BaseException | None) -> bool:
+    """The retry decision for an exception raised by a stage task."""
+    if exc is None:
+        return False
+    if isinstance(exc, StageFailed):
+        return exc.transient
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return True
+    return is_transient(f"{type(exc).__name__}: {exc}")
+
+
+def retry_condition(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect ``retry_condition_fn``: retry a failed stage task only for transient I/O.
+
+    Prefect hands over the Failed state; its data is the exception the task raised.
+    """
+    exc = getattr(state, "data", None)
+    if not isinstance(exc, BaseException):
+        try:
+            exc = state.result(raise_on_failure=False)
+        except Exception:  # no result to read back: judge by the state's message
+            exc = None
+    if isinstance(exc, BaseException):
+        return should_retry(exc)
+    return is_transient(str(getattr(state, "message", "") or ""))
+
+
+def stage_tags(stage: str) -> list[str]:
+    """Prefect task tags of a stage: ``stage:<name>`` and ``gpu`` where it trains."""
+    return [f"stage:{stage}", *([GPU_TAG] if stage in ACCELERATOR_STAGES else [])]
+
+
+# ---------------------------------------------------------------------- running
+
+
+@dataclass
+class StageResult:
+    stage: str
+    status: str  # ran | skipped | restored | not reached
+    seconds: float = 0.0
+
+
+@dataclass
+class RunResult:
+    command: list[str]
+    stages: list[StageResult] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def set_args(overrides: Mapping[str, Any] | Iterable[str] | None) -> list[str]:
+    """``-S key=value`` args from ``["a.b=1", ...]`` or ``{"a.b": 1}`` / ``{"a": {"b": 1}}``."""
+    if not overrides:
+        return []
+    if isinstance(overrides, Mapping):
+        return dvc_set_args(dict(overrides))
+    args: list[str] = []
+    for item in overrides:
+        if "=" not in str(item):
+            raise LmopsError(f"params override {item!r}: expected key=value")
+        args += ["-S", str(item)]
+    return args
+
+
+def stage_env(parent_run_id: str | None, base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment of a ``dvc`` subprocess: ours, the venv's bin on PATH, the parent run."""
+    env = dict(os.environ if base is None else base)
+    # a stage's own DVC/MLflow context comes from the dvc process it runs under
+    for key in ("DVC_STAGE", "DVC_ROOT", "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV",
+                tracking.PARENT_ENV):
+        env.pop(key, None)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.setdefault("GX_ANALYTICS_ENABLED", "false")
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    if parent_run_id:
+        env[tracking.PARENT_ENV] = parent_run_id
+    return env
+
+
+def stage_statuses(output: str, stages: Iterable[str]) -> dict[str, str]:
+    """What DVC did with each stage, read from its output."""
+    seen: dict[str, str] = {}
+    for line in output.splitlines():
+        for pattern, status in ((_RAN, "ran"), (_RESTORED, "restored"), (_SKIPPED, "skipped")):
+            m = pattern.search(line)
+            if m:
+                seen[m.group(1)] = status
+    return {s: seen.get(s, "not reached") for s in stages}
+
+
+def _run(cmd: list[str], root: Path, env: Mapping[str, str], label: str,
+         log: Callable[[str], None]) -> tuple[str, float]:
+    """Run ``cmd``, stream its lines to ``log``; raise StageFailed on a non-zero exit."""
+    started = time.perf_counter()
+    lines: list[str] = []
+    proc = subprocess.Popen(cmd, cwd=root, env=dict(env), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, bufsize=1,
+                            start_new_session=True)
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            line = line.rstrip("\n")
+            lines.append(line)
+            log(line)
+        proc.wait()
+    except BaseException:
+        # cancelled or crashed: stop dvc and the stage it runs, then release the lock
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, 15)
+        proc.wait()
+        raise
+    output = "\n".join(lines)
+    if proc.returncode != 0:
+        raise StageFailed(label, proc.returncode, output)
+    return output, time.perf_counter() - started
+
+
+def up_to_date(root: str | Path, target: str | None = None) -> bool:
+    """One ``dvc status`` over ``target`` and what it needs (every stage without one):
+    True when ``dvc repro`` would do nothing, so a no-op run costs one DVC start, not one
+    per stage."""
+    cmd = ["dvc", "status", "--quiet", *(["--with-deps", target] if target else [])]
+    out = subprocess.run(cmd, cwd=Path(root).resolve(), env=stage_env(None),
+                         capture_output=True, text=True)
+    return out.returncode == 0
+
+
+def repro_stage(root: str | Path, stage: str, parent_run_id: str | None = None,
+                log: Callable[[str], None] = print) -> StageResult:
+    """``dvc repro --single-item <stage>``: DVC decides whether it reruns."""
+    root = Path(root).resolve()
+    cmd = ["dvc", "repro", "--single-item", stage]
+    output, seconds = _run(cmd, root, stage_env(parent_run_id), stage, log)
+    status = stage_statuses(output, [stage])[stage]
+    if status == "not reached":  # dvc says nothing more than "up to date" for some stages
+        status = "skipped"
+    return StageResult(stage, status, seconds)
+
+
+def exp_run(root: str | Path, stages: list[str], target: str | None,
+            overrides: Mapping[str, Any] | Iterable[str] | None, name: str | None,
+            parent_run_id: str | None = None,
+            log: Callable[[str], None] = print) -> RunResult:
+    """One ``dvc exp run`` over ``target`` (all stages without one), results per stage."""
+    root = Path(root).resolve()
+    cmd = ["dvc", "exp", "run", *(["-n", name] if name else []), *set_args(overrides),
+           *([target] if target else [])]
+    output, seconds = _run(cmd, root, stage_env(parent_run_id), target or "pipeline", log)
+    result = RunResult(cmd, seconds=seconds)
+    result.stages = [StageResult(s, st) for s, st in stage_statuses(output, stages).items()]
+    return result
+
+
+# ------------------------------------------------------------------------ MLflow
+
+
+@contextlib.contextmanager
+def in_dir(root: str | Path):
+    """Run MLflow set-up from the project root: the default store lives under it."""
+    with contextlib.chdir(root):
+        yield
+
+
+def start_parent_run(root: str | Path, tags: Mapping[str, str],
+                     params: Mapping[str, Any] | None = None,
+                     name: str | None = None) -> tuple[str, str]:
+    """Create the pipeline's parent run (stages nest under it); returns (run id, experiment id)."""
+    from mlflow.tracking import MlflowClient
+
+    with in_dir(root):
+        experiment_id = tracking.setup()
+        client = MlflowClient()
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        all_tags = {**tracking.base_tags(), "lmops.kind": "pipeline",
+                    **{k: str(v) for k, v in tags.items() if v is not None}}
+        run = client.create_run(experiment_id, run_name=name or f"pipeline-{stamp}",
+                                tags=all_tags)
+        for key, value in (params or {}).items():
+            client.log_param(run.info.run_id, key, str(value)[:6000])
+    return run.info.run_id, experiment_id
+
+
+def end_parent_run(root: str | Path, run_id: str, ok: bool,
+                   results: Iterable[StageResult] = ()) -> None:
+    from mlflow.tracking import MlflowClient
+
+    with in_dir(root):
+        tracking.setup()
+        client = MlflowClient()
+        for r in results:
+            client.set_tag(run_id, f"lmops.stage_status.{r.stage}", r.status)
+        tracking.log_run_files(run_id, client, root)  # the final dvc.lock, every stage in it
+        client.set_terminated(run_id, status="FINISHED" if ok else "FAILED")
+
+
+def run_url(root: str | Path, experiment_id: str, run_id: str) -> str:
+    """The run's page in the MLflow UI: the tracking server, or a local `mlflow ui`."""
+    with in_dir(root):
+        uri = tracking.tracking_uri()
+    # the link is shown in Prefect: never with the URI's user and password
+    base = public_url(uri) if uri.startswith(("http://", "https://")) else os.environ.get(
+        "LMOPS_MLFLOW_UI_URL", "http://127.0.0.1:5000")
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return str(value)
+    if isinstance(value, int):
+        return str(value)
+    return f"{value:.4g}"
+
+
+def metrics_table(root: str | Path, dvc_yaml: Mapping[str, Any],
+                  stages: Iterable[str] | None = None,
+                  results: Iterable[StageResult] = ()) -> str:
+    """A markdown table of every numeric metric the stages' metrics files hold.
+
+    A file that does not exist (the stage never ran) is listed as missing rather than
+    failing the report.
+    """
+    status = {r.stage: r.status for r in results}
+    lines = ["| stage | status | metric | value |", "|---|---|---|---|"]
+    for stage, files in metrics_files(dvc_yaml, stages).items():
+        for rel in files:
+            path = Path(root) / rel
+            if not path.is_file():
+                lines.append(f"| {stage} | {status.get(stage, '')} | `{rel}` | missing |")
+                continue
+            data = flatten(json.loads(path.read_text(encoding="utf-8")))
+            numeric = {k: v for k, v in data.items()
+                       if isinstance(v, int | float) and not isinstance(v, bool)}
+            for key, value in numeric.items():
+                lines.append(f"| {stage} | {status.get(stage, '')} | {key} | {_fmt(value)} |")
+    return "\n".join(lines) + "\n"
+
+
+def results_table(results: Iterable[StageResult]) -> str:
+    lines = ["| stage | status | seconds |", "|---|---|---|"]
+    lines += [f"| {r.stage} | {r.status} | {r.seconds:.1f} |" for r in results]
+    return "\n".join(lines) + "\n"

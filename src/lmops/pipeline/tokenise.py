@@ -1,0 +1,162 @@
+"""The ``tokenise`` stage: clean text -> token ids.
+
+Output directory::
+
+    pretrain_{train,valid}.bin/.json      token streams (:mod:`lmops.data.tokens`)
+    parallel_{train,valid,test}.parquet   src, tgt, src_ids, tgt_ids (list<int32>)
+
+``mono_test`` stays text: evaluate scores perplexity and bits-per-byte on it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import datasets
+import pandas as pd
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from lmops.config import Params, TokeniseConfig
+from lmops.core.vocab import Tokenizer
+from lmops.data import layout
+from lmops.data.tokens import ID_TYPE, STREAM_FEATURES, STREAM_SPLITS, write_stream
+from lmops.errors import DataError
+from lmops.io import atomic_output, write_json
+from lmops.pipeline import Result, path
+
+PARALLEL_SPLITS = ("parallel_train", "parallel_valid", "parallel_test")
+PARALLEL_FEATURES = datasets.Features({
+    "src": datasets.Value("string"), "tgt": datasets.Value("string"),
+    "src_ids": datasets.List(ID_TYPE), "tgt_ids": datasets.List(ID_TYPE),
+})
+
+
+def utf8_bytes(texts: pd.Series) -> int:
+    return int(texts.str.encode("utf-8").str.len().sum())
+
+
+class _EncodeMono:
+    """datasets.map function: ``<2lang> ids </s>`` per row."""
+
+    def __init__(self, tok: Tokenizer):
+        self.tok = tok
+
+    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
+        eos = self.tok.eos_id
+        tags = [self.tok.lang_id(lang) for lang in batch["lang"]]
+        ids = [[tag, *row, eos] for tag, row in zip(tags, self.tok.encode(batch["text"]),
+                                                    strict=True)]
+        return {"ids": ids}
+
+
+class _EncodePairs:
+    def __init__(self, tok: Tokenizer):
+        self.tok = tok
+
+    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
+        return {"src_ids": self.tok.encode(batch["src"]), "tgt_ids": self.tok.encode(batch["tgt"])}
+
+
+def _check_columns(df: pd.DataFrame, path: Path, columns: tuple[str, ...]) -> None:
+    for col in columns:
+        if col not in df.columns:
+            raise DataError(f"{path}: no '{col}' column (columns: {list(df.columns)})")
+        missing = df[col].isna()
+        if missing.any():
+            raise DataError(f"{path}: row {int(missing.idxmax())}: '{col}' is missing")
+
+
+def _read(data_dir: Path, name: str, columns: tuple[str, ...]) -> tuple[pd.DataFrame, Path]:
+    path = layout.split_path(data_dir, name)
+    df = layout.read_split(data_dir, name)
+    _check_columns(df, path, columns)
+    return df, path
+
+
+def _map(df: pd.DataFrame, fn: Any, features: datasets.Features, cfg: TokeniseConfig,
+         desc: str) -> datasets.Dataset:
+    if df.empty:  # map never calls fn on no rows, so the new columns would be missing
+        return datasets.Dataset.from_dict({name: [] for name in features}, features=features)
+    ds = datasets.Dataset.from_pandas(df.reset_index(drop=True), preserve_index=False)
+    drop = [c for c in ds.column_names if c not in features]
+    # Fewer batches than workers would only add process start-up time.
+    num_proc = min(cfg.num_proc, max(1, len(ds) // cfg.batch_size))
+    return ds.map(fn, batched=True, batch_size=cfg.batch_size,
+                  num_proc=num_proc if num_proc > 1 else None,
+                  remove_columns=drop, features=features, desc=desc)
+
+
+def _encode_mono(data_dir: Path, name: str, tok: Tokenizer,
+                 cfg: TokeniseConfig) -> tuple[datasets.Dataset, int]:
+    df, path = _read(data_dir, name, ("text", "lang"))
+    if df.empty and name == "mono_train":
+        raise DataError(f"{path}: no rows, so no pretraining text to tokenise; check the "
+                        "clean stage's sources and filters (data/metrics/clean.json)")
+    unknown = ~df["lang"].isin(tok.languages)
+    if unknown.any():
+        row = int(unknown.idxmax())
+        raise DataError(f"{path}: row {row}: language {df['lang'].iloc[row]!r} has no tag "
+                        f"in the vocabulary (languages: {tok.languages})")
+    encoded = _map(df[["text", "lang"]], _EncodeMono(tok), STREAM_FEATURES, cfg,
+                   f"encode {name}")
+    return encoded, utf8_bytes(df["text"])
+
+
+def tokenise(data_dir: str | Path, vocab_dir: str | Path, out: str | Path,
+             cfg: TokeniseConfig) -> dict[str, Any]:
+    """The tokenise stage: the clean stage's dir + a vocab dir -> ``out`` (atomic); stats."""
+    data_dir = Path(data_dir)
+    tok = Tokenizer.load(vocab_dir)
+    started = time.perf_counter()
+    stats: dict[str, Any] = {"vocab_size": tok.vocab_size}
+    tokens = text_bytes = 0
+    with atomic_output(out, is_dir=True) as tmp:
+        for split, stem in STREAM_SPLITS.items():
+            encoded, text = _encode_mono(data_dir, split, tok, cfg)
+            side = write_stream(encoded, tmp / f"{stem}.bin", tok.vocab_size, text)
+            stats[stem] = {
+                "tokens": side["length"], "documents": side["documents"],
+                "bytes": side["bytes"],
+                "bytes_per_token": round(side["bytes"] / max(side["length"], 1), 4),
+            }
+            tokens += side["length"]
+            text_bytes += side["bytes"]
+        for split in PARALLEL_SPLITS:
+            df, _ = _read(data_dir, split, ("src", "tgt"))
+            ds = _map(df, _EncodePairs(tok), PARALLEL_FEATURES, cfg, f"encode {split}")
+            # one contiguous table without the datasets fingerprint: the bytes depend on the
+            # content alone, not on how map() batched it, so a rerun that changes nothing
+            # stops DVC's cascade
+            table = ds.with_format("arrow")[:].combine_chunks().replace_schema_metadata(None)
+            pq.write_table(table, tmp / f"{split}.parquet")
+            src = int(pc.sum(pc.list_value_length(ds.data.column("src_ids"))).as_py() or 0)
+            tgt = int(pc.sum(pc.list_value_length(ds.data.column("tgt_ids"))).as_py() or 0)
+            stats[split] = {"pairs": len(ds), "src_tokens": src, "tgt_tokens": tgt}
+            tokens += src + tgt
+            text_bytes += utf8_bytes(df["src"]) + utf8_bytes(df["tgt"])
+    wall = time.perf_counter() - started
+    stats.update({
+        "tokens": tokens, "bytes": text_bytes, "wall_seconds": round(wall, 3),
+        "tokens_per_second": round(tokens / wall, 1),
+        "mb_per_second": round(text_bytes / wall / 1e6, 3),
+    })
+    return stats
+
+
+@dataclass(frozen=True)
+class Paths:
+    data: Path = path("clean stage output dir")
+    vocab: Path = path("vocab stage output dir")
+    out: Path = path("tokens dir to write")
+    stats: Path = path("stats JSON to write")
+
+
+def run(paths: Paths, params: Params, log: object = None) -> Result:
+    """The tokenise stage (reads ``tokenise``)."""
+    stats = tokenise(paths.data, paths.vocab, paths.out, params.tokenise)
+    write_json(paths.stats, stats)
+    return Result(stats)

@@ -1,0 +1,403 @@
+"""The Prefect pipeline flow: DAG order from dvc.yaml, retries, metrics table, and a real
+Prefect server + process worker running a deployment of the tiny pipeline."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import re
+import shutil
+import subprocess
+import sys
+import time
+import tomllib
+import urllib.parse
+import urllib.request
+from pathlib import Path, PurePosixPath
+
+import pytest
+import yaml
+
+from lmops.errors import LmopsError
+from lmops.orchestrate import dag, repro
+from tests.conftest import REPO
+from tests.support import workspace
+
+SPEC = yaml.safe_load((REPO / "dvc.yaml").read_text())
+
+
+# ------------------------------------------------------------------ DAG order
+
+
+def _must_precede(spec: dict) -> set[tuple[str, str]]:
+    """(a, b) for every stage b with a dep that is, holds or sits inside an output of a."""
+    def paths(items):
+        for item in items or []:
+            yield from ([item] if isinstance(item, str) else item)
+
+    outs = {name: [PurePosixPath(p) for key in ("outs", "metrics", "plots")
+                   for p in paths(s.get(key))] for name, s in spec["stages"].items()}
+    pairs = set()
+    for b, s in spec["stages"].items():
+        for dep in map(PurePosixPath, paths(s.get("deps"))):
+            for a, produced in outs.items():
+                if a != b and any(dep == o or dep.is_relative_to(o) or o.is_relative_to(dep)
+                                  for o in produced):
+                    pairs.add((a, b))
+    return pairs
+
+
+def test_dag_order_is_a_topological_order_of_dvc_yaml():
+    order = dag.dag_order(SPEC)
+    assert sorted(order) == sorted(SPEC["stages"])
+    pairs = _must_precede(SPEC)
+    assert ("clean", "validate") in pairs and ("evaluate", "distil") in pairs
+    for a, b in pairs:
+        assert order.index(a) < order.index(b), f"{a} must run before {b}"
+
+
+def test_a_target_runs_only_what_it_needs():
+    assert dag.dag_order(SPEC, "vocab") == ["clean", "validate", "vocab"]
+    pretrain = dag.dag_order(SPEC, "pretrain")
+    assert pretrain[-1] == "pretrain" and "finetune" not in pretrain and "tokenise" in pretrain
+    with pytest.raises(LmopsError, match="unknown stage 'nope'; dvc.yaml has: clean"):
+        dag.dag_order(SPEC, "nope")
+
+
+def test_a_dep_inside_an_output_dir_and_a_cycle():
+    spec = {"stages": {
+        "late": {"deps": ["data/a/part.bin"], "outs": ["data/b"]},
+        "early": {"deps": ["raw.txt"], "outs": ["data/a", {"m.json": {"cache": False}}]},
+        "last": {"deps": ["data/b", "m.json"], "outs": ["c"]},
+    }}
+    assert dag.dag_order(spec) == ["early", "late", "last"]
+    spec["stages"]["early"]["deps"].append("c")
+    with pytest.raises(LmopsError, match="form a cycle"):
+        dag.dag_order(spec)
+
+
+def test_training_stages_are_tagged_for_a_gpu_pool():
+    assert set(SPEC["stages"]) >= dag.ACCELERATOR_STAGES
+    assert repro.stage_tags("pretrain") == ["stage:pretrain", "gpu"]
+    assert repro.stage_tags("validate") == ["stage:validate"]
+
+
+# --------------------------------------------------------------------- retries
+
+LOCKED = ("ERROR: failed to reproduce 'clean': Unable to acquire lock. Most likely another "
+          "DVC process is running or was terminated abruptly.")
+NO_SERVER = ("mlflow.exceptions.MlflowException: API request to http://mlflow:5000/api/2.0/"
+             "mlflow/runs/create failed with exception HTTPConnectionPool(host='mlflow', "
+             "port=5000): Max retries exceeded (Caused by NewConnectionError: Connection refused)")
+BAD_DATA = ("lmops validate: error: data quality expectations failed (report: "
+            "data/validate/index.html):\n  parallel_test: pair length ratio\n"
+            "ERROR: failed to reproduce 'validate': failed to run: python stages/validate.py, "
+            "exited with 1")
+DIVERGED = ("lmops pretrain: error: pretrain: loss diverged at step 12: nan (max_loss 20.0); "
+            "last good checkpoint data/train/pretrain/ckpt/step-10\n"
+            "ERROR: failed to reproduce 'pretrain': exited with 1")
+
+
+@pytest.mark.parametrize(("output", "retry"), [
+    (LOCKED, True), (NO_SERVER, True), (BAD_DATA, False), (DIVERGED, False),
+    # a diverged loss stays final even when the network also hiccuped in the same output
+    (DIVERGED + "\n" + NO_SERVER, False),
+    ("ERROR: failed to reproduce 'x': exited with 2\nTraceback ... KeyError: 'foo'", False),
+])
+def test_the_retry_condition_retries_only_transient_io(output, retry):
+    from prefect.states import Failed
+
+    exc = repro.StageFailed("s", 1, output)
+    assert repro.should_retry(exc) is retry
+    assert repro.retry_condition(None, None, Failed(data=exc)) is retry
+
+
+def test_plain_network_errors_retry_and_bugs_do_not():
+    from prefect.states import Failed
+
+    assert repro.should_retry(ConnectionRefusedError("refused"))
+    assert repro.should_retry(TimeoutError())
+    assert not repro.should_retry(ValueError("bad value"))
+    assert not repro.retry_condition(None, None, Failed(message="crashed: KeyError 'x'"))
+
+
+def _ephemeral_startup_timeout() -> int:
+    """The project's own setting for Prefect's temporary server (pyproject.toml)."""
+    table = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["prefect"]
+    return int(table["server"]["ephemeral"]["startup_timeout_seconds"])
+
+
+@pytest.fixture(scope="module")
+def prefect_harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=_ephemeral_startup_timeout()):
+        yield
+
+
+def test_prefects_temporary_server_gets_the_projects_start_up_timeout(flow_repo):
+    """`python flows/pipeline.py` with no server: Prefect reads pyproject.toml in the
+    working directory, so a slow machine gets more than Prefect's default 20 s."""
+    code = ("from prefect.settings import get_current_settings; "
+            "print(get_current_settings().server.ephemeral.startup_timeout_seconds)")
+    for cwd in (REPO, flow_repo):
+        out = subprocess.run([sys.executable, "-c", code], cwd=cwd, env=_clean_env(),
+                             capture_output=True, text=True, check=True)
+        assert int(out.stdout) == _ephemeral_startup_timeout() > 20
+
+
+def test_the_stage_task_retries_a_held_lock_but_not_bad_data(prefect_harness, monkeypatch):
+    """The real task's retry options: a lock is retried, a failed data check is not."""
+    sys.path.insert(0, str(REPO / "flows"))
+    try:
+        import pipeline as flows_pipeline
+    finally:
+        sys.path.remove(str(REPO / "flows"))
+    from prefect import flow
+
+    calls: list[str] = []
+
+    def fake_repro(repo, stage, parent, log=print):
+        calls.append(stage)
+        if stage == "clean" and calls.count("clean") == 1:
+            raise repro.StageFailed(stage, 1, LOCKED)
+        if stage == "validate":
+            raise repro.StageFailed(stage, 1, BAD_DATA)
+        return repro.StageResult(stage, "ran", 0.1)
+
+    monkeypatch.setattr(repro, "repro_stage", fake_repro)
+    task = flows_pipeline.run_stage.with_options(retry_delay_seconds=0)
+
+    @flow
+    def two_stages():
+        first = task(".", "clean", "p")
+        try:
+            task(".", "validate", "p")
+        except repro.StageFailed as err:
+            return first, str(err)
+        return first, None
+
+    first, error = two_stages()
+    assert first == repro.StageResult("clean", "ran", 0.1)
+    assert calls == ["clean", "clean", "validate"]
+    assert "data quality expectations failed" in error
+
+
+# ---------------------------------------------------------------- DVC output
+
+
+def test_stage_statuses_are_read_from_dvc_output():
+    out = ("Stage 'clean' didn't change, skipping\n"
+           "Running stage 'validate':\n> python stages/validate.py\n"
+           "Stage 'vocab' is cached - skipping run, checking out outputs\n")
+    assert repro.stage_statuses(out, ["clean", "validate", "vocab", "tokenise"]) == {
+        "clean": "skipped", "validate": "ran", "vocab": "restored", "tokenise": "not reached"}
+
+
+def test_an_experiment_is_one_dvc_exp_run_with_the_overrides(monkeypatch, tmp_path):
+    seen = {}
+
+    def fake_run(cmd, root, env, label, log):
+        seen.update(cmd=cmd, env=env, label=label)
+        return "Running stage 'clean':\nStage 'validate' didn't change, skipping\n", 2.0
+
+    monkeypatch.setattr(repro, "_run", fake_run)
+    res = repro.exp_run(tmp_path, ["clean", "validate", "vocab"], "vocab",
+                       {"vocab": {"vocab_size": 4000}, "seed": 1}, "big-vocab", "PARENT")
+    assert seen["cmd"] == ["dvc", "exp", "run", "-n", "big-vocab", "-S",
+                           "vocab.vocab_size=4000", "-S", "seed=1", "vocab"]
+    assert seen["env"]["LMOPS_PARENT_RUN_ID"] == "PARENT"
+    assert [(r.stage, r.status) for r in res.stages] == [
+        ("clean", "ran"), ("validate", "skipped"), ("vocab", "not reached")]
+    assert repro.set_args(["a.b=1", "c=[1, 2]"]) == ["-S", "a.b=1", "-S", "c=[1, 2]"]
+    with pytest.raises(LmopsError, match="expected key=value"):
+        repro.set_args(["vocab.vocab_size"])
+
+
+# -------------------------------------------------------------- metrics table
+
+
+def test_the_metrics_table_lists_each_declared_file(tmp_path):
+    spec = {"stages": {
+        "clean": {"metrics": [{"m/clean.json": {"cache": False}}]},
+        "evaluate": {"metrics": ["m/evaluate.json"]},
+        "vocab": {"outs": ["v"]},
+        "distil": {"metrics": ["m/distil.json"]},
+    }}
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m/clean.json").write_text(json.dumps({"train": {"rows": 120}, "ok": True}))
+    (tmp_path / "m/evaluate.json").write_text(json.dumps(
+        {"bleu": 12.345678, "bleu_signature": "nrefs:1|...", "ppl_en": 41.0}))
+    results = [repro.StageResult("clean", "skipped"), repro.StageResult("evaluate", "ran", 3.0)]
+    table = repro.metrics_table(tmp_path, spec, ["clean", "evaluate", "vocab", "distil"], results)
+    assert table.splitlines() == [
+        "| stage | status | metric | value |",
+        "|---|---|---|---|",
+        "| clean | skipped | train.rows | 120 |",
+        "| evaluate | ran | bleu | 12.35 |",
+        "| evaluate | ran | ppl_en | 41 |",
+        "| distil |  | `m/distil.json` | missing |",
+    ]
+    # only the stages asked for
+    assert "distil" not in repro.metrics_table(tmp_path, spec, ["clean"])
+    assert repro.results_table(results).splitlines()[-1] == "| evaluate | ran | 3.0 |"
+
+
+# ------------------------------------------- a real server, worker and deployment
+
+
+_clean_env = workspace.clean_env
+
+
+def _prefect(env: dict[str, str], cwd: Path, *args: str, timeout: int = 120) -> str:
+    out = subprocess.run([str(Path(sys.executable).parent / "prefect"), *args], cwd=cwd, env=env,
+                         capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, f"prefect {' '.join(args)} failed:\n{out.stdout}\n{out.stderr}"
+    return out.stdout + out.stderr
+
+
+def _flow_runs(env: dict[str, str], ids: list[str]) -> dict[str, dict]:
+    """State, start and end time and state history of flow runs, from the server's REST API
+    (no Prefect client process to start per poll)."""
+    api = env["PREFECT_API_URL"]
+    out = {}
+    for run_id in ids:
+        with urllib.request.urlopen(f"{api}/flow_runs/{run_id}", timeout=10) as r:
+            run = json.load(r)
+        query = urllib.parse.urlencode({"flow_run_id": run_id})
+        with urllib.request.urlopen(f"{api}/flow_run_states/?{query}", timeout=10) as r:
+            states = [s["name"] for s in json.load(r)]
+        out[run_id] = {"state": run["state"]["type"], "start": run["start_time"],
+                       "end": run["end_time"], "states": states}
+    return out
+
+
+@pytest.mark.slow
+def test_a_deployment_runs_the_pipeline_on_a_process_worker(flow_repo, prefect_server,
+                                                            tmp_path):
+    """Two runs of the pipeline deployment submitted at once, on a worker that would take
+    both: the deployment's concurrency limit makes the second wait for the first."""
+    env = prefect_server
+    _prefect(env, flow_repo, "work-pool", "create", "lmops-gpu", "--type", "process")
+    deployed = _prefect(env, flow_repo, "deploy", "--all")
+    assert "lmops-pipeline/pipeline" in deployed
+    nightly = _prefect(env, flow_repo, "deployment", "inspect", "lmops-retrain/nightly-retrain")
+    assert "0 2 * * *" in nightly and "Europe/Paris" in nightly
+    ids = [re.search(r"UUID:\s*([0-9a-f-]{36})", _prefect(
+        env, flow_repo, "deployment", "run", "lmops-pipeline/pipeline", "--param",
+        "target=clean")).group(1) for _ in range(2)]
+    log = open(tmp_path / "worker.log", "w")  # noqa: SIM115 - closed in finally
+    worker = subprocess.Popen(
+        [str(Path(sys.executable).parent / "prefect"), "worker", "start", "--pool", "lmops-gpu",
+         "--type", "process"], cwd=tmp_path, env=env, stdout=log,
+        stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            runs = _flow_runs(env, ids)
+            if all(r["state"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
+                   for r in runs.values()):
+                break
+            assert time.monotonic() < deadline, f"flow runs not done in 300 s: {runs}\n" + (
+                tmp_path / "worker.log").read_text()[-6000:]
+            time.sleep(2)
+        metrics = _prefect(env, flow_repo, "artifact", "inspect", "lmops-pipeline-metrics")
+        link = _prefect(env, flow_repo, "artifact", "inspect", "lmops-mlflow-run")
+    finally:
+        workspace.stop(worker)
+        log.close()
+    worker_log = (tmp_path / "worker.log").read_text()
+    assert all(r["state"] == "COMPLETED" for r in runs.values()), f"{runs}\n{worker_log[-6000:]}"
+    first, second = sorted(runs.values(), key=lambda r: dt.datetime.fromisoformat(r["start"]))
+    # serialised, not overlapping
+    assert dt.datetime.fromisoformat(first["end"]) <= dt.datetime.fromisoformat(
+        second["start"]), runs
+    assert "AwaitingConcurrencySlot" in first["states"] + second["states"], runs
+    flow_run_id = next(i for i, r in runs.items() if r is first)
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{flow_repo}/mlruns/mlflow.db")
+    exp = client.get_experiment_by_name("lmops")
+    parents = client.search_runs([exp.experiment_id], "tags.`lmops.kind` = 'pipeline'")
+    assert sorted(p.data.tags["prefect.flow_run_id"] for p in parents) == sorted(ids)
+    parent = next(p for p in parents if p.data.tags["prefect.flow_run_id"] == flow_run_id)
+    assert parent.data.tags["prefect.deployment"] == "pipeline"
+    assert parent.info.status == "FINISHED"
+    stages = client.search_runs([exp.experiment_id], "tags.`lmops.kind` = 'stage'")
+    assert [r.data.tags["lmops.stage"] for r in stages] == ["clean"]
+    for run in stages:
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert run.info.status == "FINISHED"
+    later = next(p for p in parents if p is not parent)
+    assert parent.data.tags["lmops.stage_status.clean"] == "ran"
+    assert later.data.tags["lmops.stage_status.clean"] == "skipped"  # found up to date
+    assert (flow_repo / "data/clean/parallel_test.parquet").is_file()
+    assert not (flow_repo / "data/validate").exists()  # the target stops at clean
+    assert parent.info.run_id in link
+    assert "| clean | ran |" in metrics and "mono_train.rows" in metrics
+
+
+@pytest.mark.slow
+def test_a_one_off_run_needs_no_server_and_runs_an_experiment(flow_repo, tmp_path):
+    """`python flows/pipeline.py` on Prefect's temporary server; overrides make it an
+    experiment: one `dvc exp run`, the stages still nested under one parent run."""
+    env = _clean_env(PREFECT_HOME=str(tmp_path / "prefect-home"),
+                     PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    out = subprocess.run(
+        [sys.executable, "flows/pipeline.py", "--target", "validate",
+         "-S", "validate.min_rows=5", "--experiment", "fewer-rows"],
+        cwd=flow_repo, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    assert "Running stage 'validate'" in out.stdout + out.stderr
+    exps = subprocess.run(["dvc", "exp", "list", "--name-only"], cwd=flow_repo, env=env,
+                          capture_output=True, text=True, check=True).stdout.split()
+    assert exps == ["fewer-rows"]
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{flow_repo}/mlruns/mlflow.db")
+    exp = client.get_experiment_by_name("lmops")
+    (parent,) = client.search_runs([exp.experiment_id], "tags.`lmops.kind` = 'pipeline'")
+    assert parent.info.status == "FINISHED" and parent.info.run_name == "fewer-rows"
+    assert parent.data.tags["dvc.exp_name"] == "fewer-rows"
+    assert re.fullmatch(r"[0-9a-f-]{36}", parent.data.tags["prefect.flow_run_id"])
+    stages = client.search_runs([exp.experiment_id], "tags.`lmops.kind` = 'stage'")
+    assert sorted(r.data.tags["lmops.stage"] for r in stages) == ["clean", "validate"]
+    for run in stages:
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert run.data.tags["DVC_EXP_NAME"] == "fewer-rows"
+
+
+def test_a_failed_data_check_fails_the_flow_and_its_parent_run(prefect_harness, mlflow_store,
+                                                                tmp_path, monkeypatch):
+    """No retry, the stages after it never start, and MLflow shows what happened."""
+    sys.path.insert(0, str(REPO / "flows"))
+    try:
+        import pipeline as flows_pipeline
+    finally:
+        sys.path.remove(str(REPO / "flows"))
+    from mlflow.tracking import MlflowClient
+
+    shutil.copy(REPO / "dvc.yaml", tmp_path)
+    calls: list[str] = []
+
+    def fake_repro(repo, stage, parent, log=print):
+        calls.append(stage)
+        if stage == "validate":
+            raise repro.StageFailed(stage, 1, BAD_DATA)
+        return repro.StageResult(stage, "ran", 0.1)
+
+    monkeypatch.setattr(repro, "repro_stage", fake_repro)
+    with pytest.raises(repro.StageFailed, match="data quality expectations failed"):
+        flows_pipeline.pipeline(repo=str(tmp_path), target="tokenise")
+    assert calls == ["clean", "validate"]
+    client = MlflowClient()
+    (parent,) = client.search_runs(
+        [client.get_experiment_by_name("lmops-test").experiment_id],
+        "tags.`lmops.kind` = 'pipeline'")
+    assert parent.info.status == "FAILED"
+    assert re.fullmatch(r"[0-9a-f-]{36}", parent.data.tags["prefect.flow_run_id"])
+    assert {k.rsplit(".", 1)[1]: v for k, v in parent.data.tags.items()
+            if k.startswith("lmops.stage_status.")} == {
+        "clean": "ran", "validate": "failed", "vocab": "not reached", "tokenise": "not reached"}

@@ -1,0 +1,295 @@
+"""MLflow as the system of record, against a real `mlflow server` on 127.0.0.1.
+
+One tiny pipeline run (`dvc repro evaluate`) logs to the server; its run is traced from
+MLflow alone, its translator is registered and served over REST, and loaded in a fresh
+process. Then two more runs, one param apart, are compared through the MLflow API.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+from unittest import mock
+
+import pytest
+import yaml
+
+from lmops.config import load_params
+from lmops.orchestrate import retrain
+from lmops.tracking import compare, registry
+from tests.conftest import dvc, dvc_env, make_tiny_repo
+from tests.support.helpers import BIN, free_port, wait_for
+
+pytestmark = pytest.mark.slow
+
+EXPERIMENT = "lmops-server-test"
+STAGES = ["clean", "validate", "vocab", "tokenise", "pretrain", "finetune", "evaluate"]
+SOURCES = ["In the beginning God created the heaven and the earth.", "And God said."]
+@contextlib.contextmanager
+def process(cmd: list[str], log: Path, env: dict[str, str], health: str):
+    """Start ``cmd`` in its own process group; always stop the whole group at the end."""
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)
+    try:
+        wait_for(health, proc, log)
+        yield proc
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """A real tracking server: sqlite backend, artifacts proxied to a local directory."""
+    d = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    cmd = [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+           "--backend-store-uri", f"sqlite:///{d / 'mlflow.db'}",
+           "--artifacts-destination", str(d / "artifacts"), "--workers", "1"]
+    with process(cmd, d / "server.log", dvc_env(), f"http://127.0.0.1:{port}/health"):
+        yield f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="module")
+def env(server) -> dict[str, str]:
+    return {"MLFLOW_TRACKING_URI": server, "MLFLOW_EXPERIMENT_NAME": EXPERIMENT}
+
+
+@pytest.fixture(scope="module")
+def client(env):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(env["MLFLOW_TRACKING_URI"])
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory, env) -> Path:
+    root = make_tiny_repo(tmp_path_factory.mktemp("workspace"))
+    dvc(root, "repro", "evaluate", env=env)
+    return root
+
+
+def pipeline_runs(client) -> list:
+    exp = client.get_experiment_by_name(EXPERIMENT)
+    return client.search_runs([exp.experiment_id], "tags.`lmops.kind` = 'pipeline'",
+                              order_by=["attributes.start_time ASC"])
+
+
+def stage_runs(client, parent_id: str) -> dict:
+    exp = client.get_experiment_by_name(EXPERIMENT)
+    runs = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'")
+    return {r.data.tags["lmops.stage"]: r for r in runs}
+
+
+@pytest.fixture(scope="module")
+def first_run(client, workspace):
+    (run,) = pipeline_runs(client)
+    return run
+
+
+def artifacts(client, run_id: str, path: str | None = None) -> set[str]:
+    out = set()
+    for a in client.list_artifacts(run_id, path):
+        out |= artifacts(client, run_id, a.path) if a.is_dir else {a.path}
+    return out
+
+
+def lock(root: Path) -> dict:
+    return yaml.safe_load((root / "dvc.lock").read_text())["stages"]
+
+
+def test_a_pipeline_run_is_traced_from_mlflow_alone(client, workspace, first_run):
+    parent = first_run
+    assert parent.info.status == "FINISHED"
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=workspace, capture_output=True,
+                          text=True, check=True).stdout.strip()
+    assert parent.data.tags["git.commit"] == head
+    params = yaml.safe_load((workspace / "params.yaml").read_text())
+    # the whole params file, flattened with its sections as prefixes
+    assert parent.data.params["finetune.lr"] == repr(params["finetune"]["lr"])
+    assert parent.data.params["model.n_layer"] == repr(params["model"]["n_layer"])
+    assert parent.data.params["vocab.vocab_size"] == repr(params["vocab"]["vocab_size"])
+
+    stages = stage_runs(client, parent.info.run_id)
+    assert sorted(stages) == sorted(STAGES)
+    for name, run in stages.items():
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["git.commit"] == head and run.data.tags["dvc.stage"] == name
+        assert run.data.metrics[f"{name}/wall_seconds"] > 0
+        # every metric is <stage>/<name>, and every stage param carries the stage
+        assert all(k.startswith(f"{name}/") for k in run.data.metrics), run.data.metrics
+        assert all(k.startswith(f"{name}.") for k in run.data.params), run.data.params
+    # the parent holds every stage's latest metrics, for the compare view
+    ev = json.loads((workspace / "data/metrics/evaluate.json").read_text())
+    assert parent.data.metrics["evaluate/bleu"] == ev["bleu"]
+    assert set(parent.data.metrics) == set().union(*(r.data.metrics for r in stages.values()))
+
+    # step-wise curves
+    for stage, key in (("pretrain", "train_loss"), ("finetune", "train_loss"),
+                       ("finetune", "valid_bleu")):
+        history = client.get_metric_history(stages[stage].info.run_id, f"{stage}/{key}")
+        steps = [m.step for m in history]
+        assert len(steps) > 1 and steps == sorted(steps), (stage, key, steps)
+
+    # artifacts: the run's files, the GX report, the vocabulary, weights, tables, plots
+    assert {"params.yaml", "dvc.lock"} <= artifacts(client, parent.info.run_id)
+    assert "gx_report/index.html" in artifacts(client, stages["validate"].info.run_id)
+    assert "vocab/spm.model" in artifacts(client, stages["vocab"].info.run_id)
+    for stage in ("pretrain", "finetune"):
+        got = artifacts(client, stages[stage].info.run_id)
+        assert {"model/model.safetensors", "model/config.json"} <= got
+        assert f"{stage}_loss_curves.png" in got
+    assert {"translations.tsv", "evaluate/samples.json"} <= artifacts(
+        client, stages["evaluate"].info.run_id)
+
+    # data by DVC md5, through log_input
+    inputs = {d.dataset.name: d.dataset.digest
+              for d in client.get_run(stages["evaluate"].info.run_id).inputs.dataset_inputs}
+    outs = {o["path"]: o["md5"] for o in lock(workspace)["finetune"]["outs"]}
+    assert inputs["model"] == outs["data/models/finetune"]
+
+
+@pytest.fixture(scope="module")
+def registered(env, workspace, first_run):
+    digest = retrain.source_digest(load_params(workspace / "params.yaml").clean)
+    with mock.patch.dict(os.environ, env):
+        return retrain.champion_challenger(workspace, first_run.info.run_id, digest)
+
+
+def test_the_translator_is_registered_with_an_alias(client, workspace, first_run, registered):
+    assert registered["action"] == "promoted"
+    model = client.get_registered_model(registry.MODEL_NAME)
+    assert {k: str(v) for k, v in model.aliases.items()} == {"champion": "1"}
+    version = client.get_model_version(registry.MODEL_NAME, "1")
+    assert version.run_id == first_run.info.run_id
+    ev = json.loads((workspace / "data/metrics/evaluate.json").read_text())
+    assert float(version.tags["metric.bleu"]) == ev["bleu"]
+    assert version.tags[registry.MD5_TAG] == next(
+        o["md5"] for o in lock(workspace)["finetune"]["outs"]
+        if o["path"] == "data/models/finetune")
+    # the run now holds the final dvc.lock, evaluate included
+    local = client.download_artifacts(first_run.info.run_id, "dvc.lock", str(workspace / "dl"))
+    assert "evaluate" in yaml.safe_load(Path(local).read_text())["stages"]
+
+
+def local_translations(workspace: Path, **overrides) -> list[str]:
+    from lmops.tracking.serving import Translator
+
+    params = yaml.safe_load((workspace / "params.yaml").read_text())
+    translator = Translator.from_dirs(workspace / "data/models/finetune",
+                                      workspace / "data/vocab",
+                                      decode=params["evaluate"]["decode"])
+    return translator.translate(SOURCES, **overrides)
+
+
+def fresh_env(env: dict[str, str]) -> dict[str, str]:
+    # no PYTHONPATH: the model must bring its own lmops code
+    return {k: v for k, v in dvc_env(env).items() if k != "PYTHONPATH"}
+
+
+def post(url: str, body: dict) -> dict:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as resp:
+            return json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        pytest.fail(f"{url}: HTTP {err.code}: {err.read().decode()}")
+
+
+def test_the_champion_is_served_over_rest(env, workspace, registered, tmp_path):
+    port = free_port()
+    cmd = [str(BIN / "mlflow"), "models", "serve", "-m",
+           f"models:/{registry.MODEL_NAME}@champion", "--env-manager", "local",
+           "-h", "127.0.0.1", "-p", str(port)]
+    base = f"http://127.0.0.1:{port}"
+    with process(cmd, tmp_path / "serve.log", fresh_env(env), f"{base}/ping"):
+        split = post(f"{base}/invocations", {
+            "dataframe_split": {"columns": ["source"], "data": [[s] for s in SOURCES]},
+            "params": {"beam_size": 1}})
+        records = post(f"{base}/invocations",
+                       {"dataframe_records": [{"source": s} for s in SOURCES]})
+    # the served model translates exactly as the pipeline's model does here
+    assert split["predictions"] == [{"translation": t}
+                                    for t in local_translations(workspace, beam_size=1)]
+    assert records["predictions"] == [{"translation": t} for t in local_translations(workspace)]
+    assert all(isinstance(p["translation"], str) for p in records["predictions"])
+
+
+def test_the_pyfunc_loads_and_translates_in_a_fresh_process(env, workspace, registered):
+    code = (
+        "import json, sys, pathlib, mlflow, pandas as pd\n"
+        "m = mlflow.pyfunc.load_model('models:/lmops-translator@champion')\n"
+        f"out = m.predict(pd.DataFrame({{'source': {SOURCES!r}}}))\n"
+        "import lmops\n"
+        "print(json.dumps({'translations': list(out['translation']),\n"
+        "                  'lmops': lmops.__file__, 'pickled': 'cloudpickle' in sys.modules,\n"
+        "                  'signature': m.metadata.get_input_schema().input_names()}))\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=workspace, env=fresh_env(env),
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["translations"] == local_translations(workspace)
+    assert got["signature"] == ["source"]
+    # its code came with the model, not from this checkout
+    assert "/code/lmops/" in got["lmops"] and "/src/lmops/" not in got["lmops"]
+
+    # `lmops translate` gives the same, from the registry and from the local directories
+    cli = [sys.executable, "-m", "lmops", "translate", *SOURCES]
+    by_uri = subprocess.run([*cli, "--model-uri", "models:/lmops-translator@champion"],
+                            cwd=workspace, env=dvc_env(env), capture_output=True, text=True,
+                            timeout=300)
+    assert by_uri.returncode == 0, by_uri.stderr
+    by_dir = subprocess.run([*cli, "--model", "data/models/finetune", "--vocab", "data/vocab"],
+                            cwd=workspace, env=dvc_env(), capture_output=True, text=True,
+                            timeout=300)
+    assert by_dir.returncode == 0, by_dir.stderr
+    assert by_uri.stdout == by_dir.stdout == "".join(
+        f"{t}\n" for t in local_translations(workspace))
+
+
+def set_param(root: Path, section: str, key: str, value) -> None:
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params[section][key] = value
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def test_two_runs_one_param_apart_differ_in_that_param_only(env, client, workspace, first_run,
+                                                             registered):
+    lr = yaml.safe_load((workspace / "params.yaml").read_text())["finetune"]["lr"]
+    for new in (lr * 0.5, lr * 0.25):
+        set_param(workspace, "finetune", "lr", new)
+        dvc(workspace, "repro", "evaluate", env=env)
+    _, second, third = pipeline_runs(client)
+    with mock.patch.dict(os.environ, env):
+        runs = [compare.summarise(r.info.run_id, client) for r in (first_run, second, third)]
+    first, b, c = runs
+    assert b.stages == c.stages == ["finetune", "evaluate"]
+    assert set(b.metrics) == set(c.metrics)
+    assert set(b.metrics) <= set(first.metrics)
+    for x, y in ((b, c), (first, b)):
+        assert set(x.params) == set(y.params)
+        assert [k for k in x.params if x.params[k] != y.params[k]] == ["finetune.lr"]
+    assert c.params["finetune.lr"] == repr(lr * 0.25)
+
+    # the documented command prints the same comparison
+    out = subprocess.run([sys.executable, "-m", "lmops", "compare", b.run_id, c.run_id],
+                         cwd=workspace, env=dvc_env(env), capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    rows = {line.split()[0] for line in out.stdout.splitlines()[2:] if line.strip()}
+    assert "finetune.lr" in rows and "finetune/train_loss" in rows
+    assert not any(r.startswith(("clean.", "model.", "evaluate.")) for r in rows), out.stdout

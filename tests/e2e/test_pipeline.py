@@ -1,0 +1,517 @@
+"""The real `dvc` CLI on a tiny profile: data stages build, cache, rerun narrowly, track."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import dvc, dvc_env, make_tiny_repo
+from tests.support import chaos
+
+DATA_STAGES = ["clean", "validate", "vocab", "tokenise"]
+MODEL_STAGES = ["pretrain", "finetune", "evaluate", "distil", "quantise"]
+STAGES = DATA_STAGES + MODEL_STAGES
+pytestmark = pytest.mark.slow
+
+
+def _env(root: Path) -> dict[str, str]:
+    return dvc_env()
+
+
+def ran(output: str) -> list[str]:
+    return re.findall(r"Running stage '([^']+)'", output)
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    """A fresh git + DVC repo holding the project's pipeline and the tiny profile."""
+    return make_tiny_repo(tmp_path_factory.mktemp("pipeline"))
+
+
+@pytest.fixture(scope="module")
+def first_run(repo) -> str:
+    return dvc(repo, "repro")
+
+
+def params_of(repo: Path) -> dict:
+    return yaml.safe_load((repo / "params.yaml").read_text())
+
+
+def test_data_stages_build(repo, first_run):
+    assert ran(first_run) == STAGES
+    for split in ("mono_train", "mono_valid", "mono_test",
+                  "parallel_train", "parallel_valid", "parallel_test"):
+        assert (repo / "data/clean" / f"{split}.parquet").is_file()
+    assert (repo / "data/validate/index.html").is_file()
+    meta = json.loads((repo / "data/vocab/meta.json").read_text())
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    assert meta["vocab_size"] == params["vocab"]["vocab_size"]
+    sidecar = json.loads((repo / "data/tokens/pretrain_train.json").read_text())
+    assert (repo / "data/tokens/pretrain_train.bin").stat().st_size == (
+        sidecar["length"] * (2 if sidecar["dtype"] == "uint16" else 4))
+    clean = json.loads((repo / "data/metrics/clean.json").read_text())
+    for split in ("mono_train", "parallel_train", "parallel_test"):
+        rows = len(pd.read_parquet(repo / "data/clean" / f"{split}.parquet"))
+        assert rows > 0 and clean[f"{split}.rows"] == rows
+    assert clean["leaked.total"] == 0
+    metrics = dvc(repo, "metrics", "show", "--json")
+    assert "data/metrics/tokenise.json" in metrics
+
+
+def test_stages_are_nested_runs_of_one_pipeline_run(repo, first_run):
+    mlflow.set_tracking_uri(f"sqlite:///{repo}/mlruns/mlflow.db")
+    client = MlflowClient()
+    exp = client.get_experiment_by_name("lmops")
+    parents = client.search_runs([exp.experiment_id], "tags.`lmops.kind` = 'pipeline'")
+    assert len(parents) == 1
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    stages = client.search_runs([exp.experiment_id], "tags.`lmops.kind` = 'stage'")
+    assert sorted(r.data.tags["lmops.stage"] for r in stages) == sorted(STAGES)
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True,
+                            text=True, check=True).stdout.strip()
+    for run in stages:
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert run.data.tags["dvc.stage"] == run.data.tags["lmops.stage"]
+        assert run.data.tags["git.commit"] == commit
+        assert run.data.metrics[f"{run.data.tags['lmops.stage']}/wall_seconds"] > 0
+    vocab = next(r for r in stages if r.data.tags["lmops.stage"] == "vocab")
+    assert vocab.data.params["vocab.vocab_size"] == str(
+        yaml.safe_load((repo / "params.yaml").read_text())["vocab"]["vocab_size"])
+    artifacts = [a.path for a in client.list_artifacts(vocab.info.run_id, "vocab")]
+    assert any(p.endswith("spm.model") for p in artifacts)
+
+
+def test_second_repro_does_nothing(repo, first_run):
+    out = dvc(repo, "repro")
+    assert ran(out) == []
+    assert "up to date" in out or "didn't change" in out
+    assert "changed" not in dvc(repo, "status")
+
+
+def test_one_param_reruns_only_what_reads_it(repo, first_run):
+    from lmops.orchestrate.repro import up_to_date
+
+    assert up_to_date(repo) and up_to_date(repo, "evaluate")
+    params = params_of(repo)
+    params["evaluate"]["n_samples"] += 1
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    # the flow's one-call check agrees with what dvc repro then does
+    assert not up_to_date(repo) and not up_to_date(repo, "evaluate")
+    assert up_to_date(repo, "finetune")
+    assert ran(dvc(repo, "repro")) == ["evaluate"]
+    assert up_to_date(repo)
+    samples = (repo / "data/evaluate/samples.jsonl").read_text().splitlines()
+    assert len(samples) == params["evaluate"]["n_samples"]
+
+
+def test_a_rerun_with_the_same_output_stops_the_cascade(repo, first_run):
+    """tokenise reruns for a new batch size, writes the same bytes; nothing after it reruns."""
+    params = params_of(repo)
+    params["tokenise"]["batch_size"] = 77
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert ran(dvc(repo, "repro")) == ["tokenise"]
+
+
+# ------------------------------------------------------------------ model stages
+
+
+def test_model_stages_learn_and_report(repo, first_run):
+    params = params_of(repo)
+    vocab_size = params["vocab"]["vocab_size"]
+    pre = json.loads((repo / "data/metrics/pretrain.json").read_text())
+    assert pre["steps"] == params["pretrain"]["max_steps"]
+    assert pre["tokens_seen"] == pre["steps"] * params["pretrain"]["batch_size"] * (
+        params["model"]["block_size"])
+    # learning: well below the loss of a uniform guess over the vocabulary
+    assert pre["valid_loss"] < math.log(vocab_size) - 0.5
+    curve = pd.read_csv(repo / "data/plots/pretrain.csv")
+    assert curve["step"].max() == pre["steps"]
+    assert curve["train_loss"].dropna().iloc[-1] < curve["train_loss"].dropna().iloc[0]
+
+    fine = json.loads((repo / "data/metrics/finetune.json").read_text())
+    assert fine["best_step"] in range(1, fine["steps"] + 1)
+    assert fine["best_valid_bleu"] == max(
+        pd.read_csv(repo / "data/plots/finetune.csv")["valid_bleu"].dropna())
+
+    ev = json.loads((repo / "data/metrics/evaluate.json").read_text())
+    assert ev["test_pairs"] == params["evaluate"]["max_test_pairs"]
+    assert 0 <= ev["bleu"] <= 100 and 0 <= ev["chrf"] <= 100
+    assert ev["bleu_signature"].startswith("nrefs:1|")
+    for lang in ("en", "fr"):
+        assert 1 < ev[f"ppl_{lang}"] < vocab_size
+        assert ev[f"ppl_{lang}"] == pytest.approx(math.exp(ev[f"nll_{lang}"]))
+        assert ev[f"bpb_{lang}"] == pytest.approx(
+            ev[f"nll_{lang}"] * ev[f"tokens_{lang}"] / math.log(2) / ev[f"bytes_{lang}"])
+    table = pd.read_csv(repo / "data/evaluate/translations.tsv", sep="\t")
+    assert len(table) == ev["test_pairs"]
+    assert list(table.columns) == ["source", "reference", "hypothesis"]
+
+    shown = json.loads(subprocess.run(["dvc", "metrics", "show", "--json"], cwd=repo,
+                                      env=_env(repo), capture_output=True, text=True,
+                                      check=True).stdout)
+    files = next(iter(shown.values()))["data"]
+    assert files["data/metrics/evaluate.json"]["data"]["bleu"] == ev["bleu"]
+    assert files["data/metrics/pretrain.json"]["data"]["valid_loss"] == pre["valid_loss"]
+    plots = dvc(repo, "plots", "show", "-o", str(repo / "plots-html"))
+    assert (repo / "plots-html" / "index.html").is_file(), plots
+
+
+def test_model_stage_runs_hold_curves_weights_and_samples(repo, first_run):
+    client = MlflowClient(f"sqlite:///{repo}/mlruns/mlflow.db")
+    exp = client.get_experiment_by_name("lmops")
+    runs = {r.data.tags["lmops.stage"]: r for r in client.search_runs(
+        [exp.experiment_id], "tags.`lmops.kind` = 'stage' and attributes.status = 'FINISHED'")}
+    pre = runs["pretrain"]
+    history = client.get_metric_history(pre.info.run_id, "pretrain/train_loss")
+    assert len(history) == params_of(repo)["pretrain"]["max_steps"] // params_of(repo)[
+        "pretrain"]["log_interval"]
+    assert pre.data.params["pretrain.model.n_layer"] == str(params_of(repo)["model"]["n_layer"])
+    names = {a.path for a in client.list_artifacts(pre.info.run_id)}
+    assert "pretrain_loss_curves.png" in names
+    assert {a.path for a in client.list_artifacts(pre.info.run_id, "model")} >= {
+        "model/model.safetensors", "model/config.json", "model/manifest.json"}
+    ev = runs["evaluate"]
+    assert ev.data.metrics["evaluate/bleu"] == json.loads(
+        (repo / "data/metrics/evaluate.json").read_text())["bleu"]
+    assert ev.data.tags["evaluate.bleu_signature"].startswith("nrefs:1|")
+    assert "evaluate/samples.json" in {a.path for a in client.list_artifacts(
+        ev.info.run_id, "evaluate")}
+
+
+def test_distil_and_quantise_compare_smaller_faster_models(repo, first_run):
+    from lmops.config import DecodeConfig
+    from lmops.core.translation import load_model, translate
+    from lmops.core.vocab import Tokenizer
+    from lmops.quantise import load_quantised
+
+    params = params_of(repo)
+    ev = json.loads((repo / "data/metrics/evaluate.json").read_text())
+    dis = json.loads((repo / "data/metrics/distil.json").read_text())
+    assert dis["steps"] == params["distil"]["max_steps"] and dis["method"] == "word"
+    assert dis["test_pairs"] == ev["test_pairs"] and dis["teacher_bleu"] == ev["bleu"]
+    student, _ = load_model(repo / "data/models/distil")
+    teacher, _ = load_model(repo / "data/models/finetune")
+    assert dis["student_params"] == student.num_params() == dis["num_params"]
+    assert dis["param_ratio"] == pytest.approx(student.num_params() / teacher.num_params())
+    assert dis["param_ratio"] <= 1 / 3
+    if ev["bleu"] > 0:
+        assert dis["bleu_retained"] == pytest.approx(dis["bleu"] / ev["bleu"])
+    assert dis["best_valid_bleu"] == max(
+        pd.read_csv(repo / "data/plots/distil.csv")["valid_bleu"].dropna())
+    assert len(pd.read_csv(repo / "data/distil/translations.tsv", sep="\t")) == ev["test_pairs"]
+
+    q = json.loads((repo / "data/metrics/quantise.json").read_text())
+    table = pd.read_csv(repo / "data/plots/quantise.csv").set_index("variant")
+    assert set(table.index) == {"teacher fp32", "student fp32", "student int8",
+                                "student onnx int8", "teacher int8"}
+    assert q["shipped"] in ("student int8", "student onnx int8")
+    assert table.loc[q["shipped"], "shipped"]
+    assert table.loc["student fp32", "bleu"] == dis["bleu"]
+    assert table.loc["teacher fp32", "bleu"] == ev["bleu"]
+    assert (table["num_params"].loc[["student int8", "student onnx int8"]]
+            == student.num_params()).all()
+    assert table.loc["student int8", "file_mb"] < 0.5 * table.loc["student fp32", "file_mb"]
+    assert table.loc["teacher int8", "file_mb"] < 0.35 * table.loc["teacher fp32", "file_mb"]
+    for n in params["quantise"]["speed_batch_sizes"]:
+        assert (table[f"tokens_per_sec_b{n}"] > 0).all()
+        assert table.loc["student fp32", f"speedup_b{n}"] == 1.0
+        assert q[f"shipped_speedup_b{n}"] == table.loc[q["shipped"], f"speedup_b{n}"]
+    # the shipped model loads from its directory alone and translates
+    shipped = load_quantised(repo / "data/models/quantised")
+    tok = Tokenizer.load(repo / "data/vocab")
+    out = translate(shipped, tok, ["In the beginning God created the heaven."], "fr",
+                    DecodeConfig(beam_size=1, max_new_tokens=8))
+    assert len(out) == 1 and isinstance(out[0], str)
+
+    client = MlflowClient(f"sqlite:///{repo}/mlruns/mlflow.db")
+    run = _last_run(repo, "quantise")
+    assert run.data.metrics["quantise/shipped_size_ratio"] == pytest.approx(
+        q["shipped_size_ratio"])
+    names = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert "comparison.png" in names
+    assert "quantise/comparison.json" in {
+        a.path for a in client.list_artifacts(run.info.run_id, "quantise")}
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "distil"])
+def test_a_killed_training_stage_resumes_to_the_same_weights(repo, first_run, stage):
+    """kill -9 mid-run, then `dvc repro`: it resumes from the checkpoint, bit for bit, with
+    the same metrics (timings aside). finetune shares the loop; `make chaos` kills all three
+    at random moments."""
+    weights = repo / "data/models" / stage / "model.safetensors"
+    uninterrupted = chaos.fingerprint(repo, stage)
+    ckpt = repo / "data/train" / stage / "ckpt"
+    shutil.rmtree(ckpt.parent)
+    proc = subprocess.Popen(["dvc", "repro", "--force", "--single-item", stage], cwd=repo,
+                            env=_env(repo), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not list(ckpt.glob("step-*")) and proc.poll() is None:
+            assert time.monotonic() < deadline, "no checkpoint within 300 s"
+            time.sleep(0.02)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    first = sorted(ckpt.glob("step-*"))
+    assert first, f"{stage} finished before it could be killed"
+    killed_at = int(first[-1].name.split("-")[1])
+    assert killed_at < params_of(repo)[stage]["max_steps"]
+    assert not weights.exists()  # dvc removed the old output; none was half-written
+
+    out = dvc(repo, "repro", stage)
+    assert stage in ran(out)
+    metrics = json.loads((repo / "data/metrics" / f"{stage}.json").read_text())
+    assert metrics["resumed_from"] >= killed_at > 0
+    assert chaos.fingerprint(repo, stage) == uninterrupted
+
+
+def test_a_second_repro_in_the_workspace_fails_fast_naming_the_lock(repo, first_run):
+    ckpt = repo / "data/train/pretrain"
+    shutil.rmtree(ckpt)
+    first = subprocess.Popen(["dvc", "repro", "--force", "--single-item", "pretrain"], cwd=repo,
+                             env=_env(repo), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not ckpt.exists():  # the stage runs: dvc holds the workspace lock
+            assert first.poll() is None and time.monotonic() < deadline
+            time.sleep(0.02)
+        start = time.monotonic()
+        second = subprocess.run(["dvc", "repro"], cwd=repo, env=_env(repo),
+                                capture_output=True, text=True, timeout=120)
+        waited = time.monotonic() - start
+        assert first.poll() is None, "the first repro ended before the second tried"
+    finally:
+        first.wait(timeout=300)
+    assert second.returncode != 0
+    # DVC locks the paths a running stage reads and writes; the second run stops at the
+    # first stage that needs one, naming the process that holds it
+    assert "is busy, it is being blocked by" in second.stderr, second.stderr
+    assert f"(PID {first.pid}): " in second.stderr and "rwlock" in second.stderr
+    assert waited < 15
+    assert first.returncode == 0  # the first one was not disturbed
+    dvc(repo, "status")
+
+
+def test_two_queued_experiments_run_at_once_with_their_own_runs_and_equal_metrics(
+        repo, first_run):
+    """`dvc exp run --queue` twice with the same params, both run by two workers: each is
+    a pipeline run of its own in MLflow, and both give identical metrics (determinism:
+    the kill tests compare finetune and distil reruns with uninterrupted runs too)."""
+    for _ in range(2):
+        dvc(repo, "exp", "run", "--queue", "-S", "pretrain.lr=0.0011", "pretrain")
+    dvc(repo, "exp", "run", "--run-all", "--jobs", "2")
+    shown = json.loads(subprocess.run(["dvc", "exp", "show", "--json"], cwd=repo,
+                                      env=_env(repo), capture_output=True, text=True,
+                                      check=True).stdout)
+    exps = {rev["name"]: rev["data"]["metrics"]
+            for base in shown for exp in (base.get("experiments") or []) for rev in exp["revs"]}
+    assert len(exps) == 2, exps
+    stable = [{k: v for k, v in metrics["data/metrics/pretrain.json"]["data"].items()
+               if k not in chaos.VOLATILE} for metrics in exps.values()]
+    assert stable[0] == stable[1]
+    assert stable[0]["valid_loss"] > 0
+    assert stable[0]["steps"] == params_of(repo)["pretrain"]["max_steps"]
+
+    client = MlflowClient(f"sqlite:///{repo}/mlruns/mlflow.db")
+    exp = client.get_experiment_by_name("lmops")
+    ran_in = []
+    for name in exps:
+        parents = client.search_runs([exp.experiment_id],
+                                     f"tags.`lmops.kind` = 'pipeline' and "
+                                     f"tags.`DVC_EXP_NAME` = '{name}'")
+        assert len(parents) == 1 and parents[0].info.run_name == name
+        children = client.search_runs(
+            [exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parents[0].info.run_id}'")
+        ran_in.append(sorted(r.data.tags["lmops.stage"] for r in children))
+        assert all(r.info.status == "FINISHED" for r in children)
+        assert parents[0].info.status == "FINISHED"
+    assert ran_in == [["pretrain"], ["pretrain"]]
+    dvc(repo, "exp", "remove", "--all")
+
+
+def _stage(repo: Path, script: str, params: dict, *args: str) -> subprocess.CompletedProcess:
+    (repo / "params.bad.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return subprocess.run([sys.executable, f"stages/{script}.py", "--params",
+                           "params.bad.yaml", *args], cwd=repo, env=_env(repo),
+                          capture_output=True, text=True, timeout=300)
+
+
+def _last_run(repo: Path, stage: str):
+    client = MlflowClient(f"sqlite:///{repo}/mlruns/mlflow.db")
+    exp = client.get_experiment_by_name("lmops")
+    return client.search_runs([exp.experiment_id], f"tags.`lmops.stage` = '{stage}'",
+                              order_by=["attributes.start_time DESC"], max_results=1)[0]
+
+
+def test_a_diverging_loss_stops_pretrain_with_the_step(repo, first_run):
+    params = params_of(repo)
+    params["pretrain"]["max_loss"] = 1.0  # below the first loss: diverged at step 1
+    out = _stage(repo, "pretrain", params, "--tokens", "data/tokens", "--vocab", "data/vocab",
+                 "--work", "scratch/work", "--out", "scratch/model",
+                 "--metrics", "scratch/m.json", "--curve", "scratch/c.csv")
+    assert out.returncode == 1, out.stderr
+    assert "loss diverged at step 1" in out.stderr and "max_loss 1.0" in out.stderr
+    assert not (repo / "scratch/model").exists() and not (repo / "scratch/m.json").exists()
+    run = _last_run(repo, "pretrain")
+    assert run.info.status == "FAILED"
+    assert "loss diverged at step 1" in run.data.tags["lmops.error"]
+
+
+def test_a_missing_pretrained_model_is_named(repo, first_run):
+    out = _stage(repo, "finetune", params_of(repo), "--tokens", "data/tokens",
+                 "--vocab", "data/vocab", "--init", "data/models/nothing-here",
+                 "--work", "scratch/fw", "--out", "scratch/fm", "--metrics", "scratch/f.json",
+                 "--curve", "scratch/f.csv")
+    assert out.returncode == 1
+    assert "lmops finetune: error: data/models/nothing-here: not found" in out.stderr
+    assert _last_run(repo, "finetune").info.status == "FAILED"
+
+
+def test_a_missing_teacher_stops_distil_with_its_name(repo, first_run):
+    out = _stage(repo, "distil", params_of(repo), "--tokens", "data/tokens",
+                 "--vocab", "data/vocab", "--clean", "data/clean",
+                 "--teacher", "data/models/no-teacher",
+                 "--teacher-translations", "data/evaluate/translations.tsv",
+                 "--work", "scratch/dw",
+                 "--out", "scratch/dm", "--eval-out", "scratch/de",
+                 "--metrics", "scratch/d.json", "--curve", "scratch/d.csv")
+    assert out.returncode == 1
+    assert "lmops distil: error: data/models/no-teacher: not found" in out.stderr
+    assert not (repo / "scratch/dm").exists() and not (repo / "scratch/d.json").exists()
+    assert _last_run(repo, "distil").info.status == "FAILED"
+
+
+# ------------------------------------------------------------------ hardware
+
+
+def test_model_stages_record_the_hardware_they_ran_on(repo, first_run, monkeypatch):
+    """Device, resolved precision, compile, CPU and GPUs: in each metrics file, as params
+    and tags of the stage run, and in `lmops compare`."""
+    import torch
+
+    from lmops.core import hardware
+
+    expected = hardware.precision_name(hardware.autocast_dtype("auto", torch.device("cpu")))
+    for stage in MODEL_STAGES:
+        hw = json.loads((repo / f"data/metrics/{stage}.json").read_text())["hardware"]
+        assert hw["device"] == "cpu" and hw["cpu_capability"] == hardware.cpu_capability()
+        assert hw["cpu"] == hardware.cpu_model() and hw["gpu_count"] == 0
+        # quantise times every variant in fp32 activations; the others resolve auto
+        assert hw["precision"] == ("fp32" if stage == "quantise" else expected), stage
+    assert json.loads((repo / "data/metrics/pretrain.json").read_text())["hardware"][
+        "processes"] == 1
+    client = MlflowClient(f"sqlite:///{repo}/mlruns/mlflow.db")
+    exp = client.get_experiment_by_name("lmops")
+    (run,) = client.search_runs(
+        [exp.experiment_id], "tags.`lmops.stage` = 'pretrain' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"], max_results=1)
+    assert run.data.params["pretrain.hardware.precision"] == expected
+    assert run.data.tags["lmops.hardware.cpu_capability"] == hardware.cpu_capability()
+    assert run.data.tags["lmops.hardware.compile"] == "False"  # the tiny profile's own
+    from lmops.tracking import compare
+
+    monkeypatch.chdir(repo)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    # the pipeline run that holds this stage run (later tests make runs of other stages)
+    text = compare.compare([run.data.tags["mlflow.parentRunId"]], all_rows=True)
+    assert re.search(rf"pretrain\.hardware\.precision\s+{expected}\b", text)
+
+
+def test_each_training_stage_printed_its_estimate_first(repo, first_run):
+    for stage in ("pretrain", "finetune", "distil"):
+        assert re.search(rf"\[{stage}\] estimated [\d.]+ (s|min) on this machine: \d+ steps x ",
+                         first_run), stage
+
+
+def test_estimate_names_what_repro_would_run_and_its_time(repo, first_run):
+    from lmops.orchestrate import estimate
+    from lmops.orchestrate.dag import stages_to_run
+
+    dvc(repo, "repro")  # earlier tests reran single stages: bring the rest up to date
+    assert stages_to_run(repo) == []
+    assert "nothing to run" in estimate.render(estimate.estimate([], repo))
+    params = params_of(repo)
+    params["evaluate"]["decode"]["beam_size"] += 1
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    # evaluate reads it, and distil and quantise score with the same decoding
+    assert stages_to_run(repo) == ["evaluate", "distil", "quantise"]
+    assert stages_to_run(repo, "evaluate") == ["evaluate"]
+    ests = estimate.estimate(stages_to_run(repo), repo)
+    assert [e.stage for e in ests] == ["evaluate", "distil", "quantise"]
+    assert all(e.seconds > 0 for e in ests)
+    # distil resumes at its last step: only the scoring is left
+    assert "0 steps x" in ests[1].detail and f"resuming at step {params['distil']['max_steps']}" \
+        in ests[1].detail
+    text = estimate.render(ests)
+    total = re.search(r"total\s+([\d.]+) (s|min)", text)
+    assert total and "over 45 minutes" not in text
+    # a run ten thousand times longer is named as such, with the faster option
+    steps, params["pretrain"]["max_steps"] = params["pretrain"]["max_steps"], 10**6
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (long,) = estimate.estimate(["pretrain"], repo)
+    assert long.seconds > 45 * 60 and "1000000 steps x" in long.detail
+    assert "dvc exp run $(lmops params set-args params.fast.yaml)" in estimate.render([long])
+    params["pretrain"]["max_steps"] = steps
+    params["evaluate"]["decode"]["beam_size"] -= 1
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert stages_to_run(repo) == [] and ran(dvc(repo, "repro")) == []
+
+
+def test_nproc_2_trains_pretrain_under_torchrun_as_one_process_does(repo, first_run):
+    """`dvc repro` alone: pretrain relaunches itself under torchrun (gloo, 2 CPU processes)
+    and ends with the weights one process gets from the same params, in fp32."""
+    import torch
+    from safetensors.torch import load_file
+
+    dvc(repo, "repro")  # earlier tests reran single stages: bring the rest up to date
+    model = repo / "data/models/pretrain/model.safetensors"
+    # what the first run wrote: put back at the end, so later `dvc repro`s run nothing
+    kept = ["dvc.lock", "params.yaml", "data/models/pretrain", "data/train/pretrain",
+            "data/metrics/pretrain.json", "data/plots/pretrain.csv"]
+    backup = repo.parent / "nproc-backup"
+
+    def copy(src: Path, dst: Path) -> None:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        (shutil.copytree if src.is_dir() else shutil.copy2)(src, dst)
+
+    for path in kept:
+        copy(repo / path, backup / path)
+    params = params_of(repo)
+    params["pretrain"]["precision"] = "fp32"
+    results = {}
+    for nproc in (1, 2):
+        params["pretrain"]["nproc"] = nproc
+        (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        shutil.rmtree(repo / "data/train/pretrain", ignore_errors=True)  # train, not resume
+        out = dvc(repo, "repro", "pretrain")
+        assert ran(out) == ["pretrain"]
+        metrics = json.loads((repo / "data/metrics/pretrain.json").read_text())
+        assert metrics["hardware"]["processes"] == nproc
+        results[nproc] = (load_file(model), metrics["train_loss"])
+    assert "torchrun" in out and "2 data-parallel processes" in out
+    (one, loss1), (two, loss2) = results[1], results[2]
+    assert loss2 == pytest.approx(loss1, rel=1e-4)
+    for name, weight in one.items():
+        torch.testing.assert_close(two[name], weight, atol=1e-4, rtol=1e-4)
+    for path in kept:
+        shutil.rmtree(repo / path, ignore_errors=True)
+        copy(backup / path, repo / path)
+    assert ran(dvc(repo, "repro")) == []

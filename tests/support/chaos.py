@@ -1,0 +1,206 @@
+"""Crash loop: ``kill -9`` the training stages at random moments, rerun ``dvc repro``, and
+check that every rerun ends with the weights of an uninterrupted run, bit for bit.
+
+    make chaos                                   # 20 kills on the chaos profile
+    python -m tests.support.chaos --kills 40 --seed 7    # more, or another sequence of kill times
+
+It builds a throwaway git + DVC workspace from this checkout (the tiny profile with longer
+training, so a kill lands mid-training more often than in start-up), runs the pipeline
+once to ``distil`` uninterrupted as the reference, then repeats: pick a training stage,
+discard its checkpoints, start ``dvc repro --force`` of it, ``SIGKILL`` the whole process
+group (dvc and the stage) at a random moment (mostly a random time after a randomly chosen
+checkpoint, so in a step, an evaluation or a checkpoint write; sometimes in start-up),
+sometimes kill the rerun too, and finally let ``dvc repro`` finish. A kill survived when
+the rerun's weights (``model.safetensors``) and metrics, timings aside, equal the
+reference's. Prints ``survived/total``; exits 1 if any kill was not survived.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lmops.core.checkpoint import sha256
+from tests.support import workspace
+
+STAGES = ("pretrain", "finetune", "distil")
+# longer training than the tiny profile so that the kills spread over the training loop
+PROFILE = {
+    "pretrain": {"max_steps": 150, "checkpoint_interval": 10, "eval_interval": 50},
+    "finetune": {"max_steps": 120, "checkpoint_interval": 10, "eval_interval": 40},
+    "distil": {"max_steps": 120, "checkpoint_interval": 10, "eval_interval": 40},
+}
+# metrics that measure the machine, not the model, or say where a run resumed
+VOLATILE = ("wall_seconds", "tokens_per_sec", "resumed_from", "decode_seconds",
+            "ms_per_sentence", "sentences_per_sec")
+
+
+@dataclass
+class Kill:
+    stage: str
+    after: int            # the checkpoint step the kill waited for (0: none, in start-up)
+    delay: float          # seconds after that (or after the start) the group was killed
+    checkpoint: int       # the newest checkpoint step on disk after the kill (0: none)
+    kills: int            # 1, or 2 when the rerun was killed too
+    survived: bool
+    detail: str = ""
+
+
+def stable_metrics(path: Path) -> dict[str, Any]:
+    data = json.loads(path.read_text())
+    return {k: v for k, v in data.items() if k not in VOLATILE}
+
+
+def fingerprint(root: Path, stage: str) -> tuple[str, dict[str, Any]]:
+    return (sha256(root / "data/models" / stage / "model.safetensors"),
+            stable_metrics(root / "data/metrics" / f"{stage}.json"))
+
+
+def _dvc(root: Path, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    return subprocess.run(["dvc", *args], cwd=root, env=workspace.clean_env(TQDM_DISABLE="1"),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _killed_run(root: Path, stage: str, force: bool, after_step: int, delay: float) -> bool:
+    """Start `dvc repro` of ``stage``; once its checkpoint for ``after_step`` is on disk (at
+    once for 0), wait ``delay`` seconds and SIGKILL the whole process group.
+    Returns False if the run ended before the kill."""
+    cmd = ["dvc", "repro", "--single-item", stage] + (["--force"] if force else [])
+    proc = subprocess.Popen(cmd, cwd=root, env=workspace.clean_env(TQDM_DISABLE="1"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    while after_step and newest_checkpoint(root, stage) < after_step and proc.poll() is None:
+        time.sleep(0.01)
+    try:
+        proc.wait(timeout=delay)
+        return False
+    except subprocess.TimeoutExpired:
+        workspace.stop(proc, signal.SIGKILL)
+        return True
+
+
+def newest_checkpoint(root: Path, stage: str) -> int:
+    steps = [int(p.name.split("-")[1]) for p in (root / "data/train" / stage).glob("*/step-*")
+             if p.name.split("-")[1].isdigit()]
+    return max(steps, default=0)
+
+
+def build(root: Path) -> dict[str, tuple[float, float]]:
+    """Make the workspace, run the pipeline to distil once; returns for each training stage
+    when its first checkpoint appeared and when it ended, in seconds after its start."""
+    workspace.make(root, "params.tiny.yaml")
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    for stage, values in PROFILE.items():
+        params[stage].update(values)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = _dvc(root, "repro", "distil")
+    if out.returncode != 0:
+        raise SystemExit(f"the reference run failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+    windows = {}
+    for stage in STAGES:  # when each stage's training loop runs, from `dvc repro` started
+        shutil.rmtree(root / "data/train" / stage)  # or it resumes its finished run
+        start = time.perf_counter()
+        proc = subprocess.Popen(["dvc", "repro", "--force", "--single-item", stage], cwd=root,
+                                env=workspace.clean_env(TQDM_DISABLE="1"),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        first = None
+        while proc.poll() is None:
+            if first is None and newest_checkpoint(root, stage):
+                first = time.perf_counter() - start
+            time.sleep(0.05)
+        if proc.returncode != 0:
+            raise SystemExit(f"dvc repro --force {stage} failed:\n{proc.stderr.read()[-3000:]}")
+        windows[stage] = (first or 0.0, time.perf_counter() - start)
+    return windows
+
+
+def chaos(root: Path, kills: int, seed: int, log=print) -> list[Kill]:
+    rng = random.Random(seed)
+    log(f"building the workspace and the uninterrupted reference in {root} ...")
+    windows = build(root)
+    reference = {stage: fingerprint(root, stage) for stage in STAGES}
+    log("reference (first checkpoint, end): " + ", ".join(
+        f"{s} {a:.1f} s, {b:.1f} s" for s, (a, b) in windows.items()))
+
+    def draw(stage: str) -> tuple[int, float]:
+        """Where to kill: mostly inside the training loop, some time after a random
+        checkpoint (so the kill can land in a step, an evaluation or a checkpoint write);
+        sometimes in start-up, before the first checkpoint."""
+        first, end = windows[stage]
+        interval, steps = PROFILE[stage]["checkpoint_interval"], PROFILE[stage]["max_steps"]
+        if rng.random() < 0.15:
+            return 0, rng.uniform(0.1, max(first, 0.2))
+        per_interval = (end - first) / (steps // interval)
+        return rng.randrange(interval, steps, interval), rng.uniform(0, per_interval)
+
+    results: list[Kill] = []
+    done = 0
+    while done < kills:
+        stage = rng.choice(STAGES)
+        shutil.rmtree(root / "data/train" / stage, ignore_errors=True)
+        after, delay = draw(stage)
+        if not _killed_run(root, stage, True, after, delay):
+            continue  # it finished first: no kill, draw again
+        count = 1
+        checkpoint = newest_checkpoint(root, stage)
+        # sometimes kill the resumed run as well
+        if done + 1 < kills and rng.random() < 0.3 and _killed_run(root, stage, False,
+                                                                   *draw(stage)):
+            count += 1
+        out = _dvc(root, "repro", "--single-item", stage)
+        if out.returncode != 0:
+            kill = Kill(stage, after, delay, checkpoint, count, False,
+                        f"the rerun failed: {out.stderr.strip()[-500:]}")
+        else:
+            now = fingerprint(root, stage)
+            same = now == reference[stage]
+            resumed = json.loads((root / "data/metrics" / f"{stage}.json").read_text()).get(
+                "resumed_from")
+            detail = f"resumed from step {resumed}"
+            if not same:
+                changed = sorted(k for k in now[1] if now[1][k] != reference[stage][1].get(k))
+                detail += (" - weights differ" if now[0] != reference[stage][0] else "") + (
+                    f" - metrics differ: {', '.join(changed)}" if changed else "")
+            kill = Kill(stage, after, delay, checkpoint, count, same, detail)
+        results.append(kill)
+        done += count
+        when = f"{delay:.2f} s after checkpoint {after}" if after else f"at {delay:.1f} s"
+        log(f"[{done:>3}/{kills}] {stage:<8} killed {when} (newest checkpoint on disk: "
+            f"step {checkpoint}){' and its rerun' if count > 1 else ''}: "
+            f"{'survived' if kill.survived else 'NOT SURVIVED'}, {kill.detail}")
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m tests.support.chaos", description=__doc__.splitlines()[0])
+    p.add_argument("--kills", type=int, default=20, help="number of kill -9s (default 20)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the stage and delay draws")
+    p.add_argument("--keep", type=Path, help="build the workspace here and keep it")
+    args = p.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="lmops-chaos-") as tmp:
+        root = args.keep or Path(tmp) / "repo"
+        started = time.perf_counter()
+        results = chaos(root, args.kills, args.seed)
+    kills = sum(r.kills for r in results)
+    survived = sum(r.kills for r in results if r.survived)
+    by_stage = {s: sum(r.kills for r in results if r.stage == s) for s in STAGES}
+    print(f"\nsurvived {survived}/{kills} kill -9s ("
+          + ", ".join(f"{s} {n}" for s, n in by_stage.items())
+          + f") in {time.perf_counter() - started:.0f} s")
+    sys.exit(0 if survived == kills else 1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,132 @@
+"""Throwaway copies of this project: a git + DVC workspace on a params profile, and the
+servers and processes that run in it.
+
+Used by the crash loop (``make chaos``), the benchmarks and the tests, so each of them
+runs the real ``dvc`` CLI, ``prefect`` server and stage scripts on a small profile without
+touching the checkout it came from.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import yaml
+
+from lmops.config import load_profile
+
+# what a workspace needs: the pipeline, its code and the deployments
+FILES = ("dvc.yaml", "prefect.yaml", "pyproject.toml")
+FOLDERS = ("stages", "src", "flows")
+BIN = Path(sys.executable).parent
+
+
+def checkout() -> Path:
+    """The project checkout this package was installed from (holds dvc.yaml)."""
+    return Path(__file__).resolve().parents[2]
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """This environment without MLflow, DVC, Prefect or lmops settings (a workspace uses its
+    own stores unless ``extra`` names one), with this interpreter's tools first on PATH and
+    no analytics."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("MLFLOW_", "DVC_", "LMOPS_", "PREFECT_"))}
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env["GX_ANALYTICS_ENABLED"] = "false"
+    env["DVC_NO_ANALYTICS"] = "1"  # no background daemon trying to reach the network
+    env.update(extra)
+    return env
+
+
+def make(dest: str | Path, profile: str | Path | None = "params.tiny.yaml",
+         source: str | Path | None = None) -> Path:
+    """A fresh git + DVC repo in ``dest`` with the project's pipeline, code and flows, and
+    ``profile`` merged over ``params.yaml`` as its params (``None``: the defaults)."""
+    source = Path(source) if source else checkout()
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in FILES:
+        shutil.copy(source / name, dest)
+    for folder in FOLDERS:
+        shutil.copytree(source / folder, dest / folder,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    base = source / "params.yaml"
+    params = load_profile(source / profile, base) if profile else yaml.safe_load(base.read_text())
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (dest / ".gitignore").write_text("mlruns/\n")
+    env = clean_env()
+    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["git", "add", "-A"],
+                ["git", "-c", "user.name=lmops", "-c", "user.email=lmops@localhost",
+                 "commit", "-qm", "workspace"]):
+        subprocess.run(cmd, cwd=dest, check=True, env=env, capture_output=True)
+    return dest
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 20) -> None:
+    """Stop a process group started with ``start_new_session=True``: ``sig``, then SIGKILL
+    if it lingers, then SIGKILL to whatever of the group outlived its leader."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, sig)
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        except ProcessLookupError:
+            pass
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def wait_http(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
+    """Wait until ``url`` answers, failing early if ``proc`` exits."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=2):
+            return
+        if proc.poll() is not None:
+            raise RuntimeError(f"{url}: the server exited with code {proc.returncode}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{url}: no answer within {timeout:.0f} s")
+        time.sleep(0.5)
+
+
+@contextlib.contextmanager
+def prefect_server(home: str | Path, log: str | Path | None = None) -> Iterator[dict[str, str]]:
+    """``prefect server start`` on 127.0.0.1, a free port, its own home and database.
+
+    Yields the environment that points the CLI, workers and flows at it."""
+    home = Path(home)
+    home.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    env = clean_env(
+        PREFECT_HOME=str(home), PREFECT_API_URL=f"http://127.0.0.1:{port}/api",
+        PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{home}/prefect.db",
+        PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_UI_ENABLED="false")
+    out = open(log, "w") if log else subprocess.DEVNULL  # noqa: SIM115 - closed below
+    proc = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1",
+                             "--port", str(port)], env=env, stdout=out,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_http(f"{env['PREFECT_API_URL']}/health", proc)
+        yield env
+    finally:
+        stop(proc)
+        if log:
+            out.close()
