@@ -6,8 +6,8 @@ Run once, with no server (Prefect starts a temporary local one):
     python flows/pipeline.py --target tokenise        # one stage and what it needs
     python flows/pipeline.py -S vocab.vocab_size=4000 --experiment big-vocab   # a DVC experiment
 
-Against a server: `prefect deploy --all` (prefect.yaml) and a worker; see README
-"Orchestration (Prefect)". The logic lives in lmops.orchestrate; this file only adds
+Against a server: `prefect deploy --all` (prefect.yaml) and a worker; see
+docs/orchestration.md. The logic lives in lmops.orchestrate; this file only adds
 Prefect's tasks, retries, tags and artifacts.
 """
 
@@ -22,6 +22,7 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from lmops.orchestrate import dag, repro
+from lmops.tracking import tags as tag
 
 # DVC owns caching: a task never skips on Prefect's cache, every call asks `dvc repro`.
 # Retries only for transient I/O (repro.retry_condition). flows/retrain.py uses these too.
@@ -78,7 +79,7 @@ def pipeline(repo: str = ".", target: str | None = None,
               "prefect.flow_run_name": runtime.flow_run.name,
               "prefect.deployment": runtime.deployment.name,
               "prefect.flow_run_url": runtime.flow_run.ui_url,
-              "lmops.target": target, "dvc.exp_name": experiment},
+              tag.TARGET: target, "dvc.exp_name": experiment},
         params={"flow.target": target or "(all)", "flow.params": params or "",
                 "flow.experiment": experiment or ""},
         name=experiment)

@@ -2,7 +2,7 @@
 
     python flows/retrain.py                      # once, on Prefect's temporary server
     python flows/retrain.py --force              # even if the source data is unchanged
-    prefect deploy --all                         # nightly, see prefect.yaml and the README
+    prefect deploy --all                         # nightly, see prefect.yaml and docs/orchestration.md
 
 A digest of the raw corpora is compared with the last completed retraining's; unchanged
 data records a skipped run and stops. Otherwise the pipeline runs up to evaluate as a

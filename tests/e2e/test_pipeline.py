@@ -104,6 +104,30 @@ def test_second_repro_does_nothing(repo, first_run):
     assert "changed" not in dvc(repo, "status")
 
 
+def test_a_change_to_logging_code_reruns_nothing_and_to_the_model_reruns_training(
+        repo, first_run):
+    """The deps rule at work (tests/support/imports.py): tracking code is no stage's dep."""
+    from lmops.orchestrate import dag
+
+    runs = repo / "src/lmops/tracking/runs.py"
+    model = repo / "src/lmops/core/model.py"
+    saved = runs.read_text(), model.read_text()
+    try:
+        runs.write_text(saved[0] + "\n# a change to how metrics are logged\n")
+        assert "changed" not in dvc(repo, "status")
+        assert dag.stages_to_run(repo) == []
+        model.write_text(saved[1] + "\n# a change to the model\n")
+        changed = set(json.loads(dvc(repo, "status", "--json")))
+        readers = {name for name, stage in dag.load_dvc_yaml(repo)["stages"].items()
+                   if "src/lmops/core/model.py" in stage["deps"]}
+        assert changed == readers and {"pretrain", "finetune", "distil"} <= readers
+        assert not readers & {"clean", "validate", "vocab", "tokenise"}
+    finally:
+        runs.write_text(saved[0])
+        model.write_text(saved[1])
+    assert "changed" not in dvc(repo, "status")
+
+
 def test_one_param_reruns_only_what_reads_it(repo, first_run):
     from lmops.orchestrate.repro import up_to_date
 

@@ -145,7 +145,7 @@ def train(out: Path, steps: int, on_eval) -> object:
     return fit(TinyLM(), window_batches(tokens(), BLOCK, SEED), lm_loss,
                config(max_steps=steps, eval_interval=1, checkpoint_interval=steps),
                out, seed=SEED, stage=STAGE, resolved_config={"model": "tiny"},
-               evaluate=evaluate)
+               evaluate=evaluate, log=tracking.StageLog())
 
 
 def assert_every_step(client, run_id: str, result, steps: int) -> dict:

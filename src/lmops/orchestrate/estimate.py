@@ -31,7 +31,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -144,12 +144,12 @@ def train_step_seconds(cfg: ModelConfig, vocab: int, rows: int, width: int,
     included):
     one step of one row first (kernels chosen, optimiser state made), then the mean of
     full steps."""
-    from lmops.core.train import IGNORE_INDEX, lm_loss, make_optimizer
+    from lmops.core.train import IGNORE_INDEX, LossFn, lm_loss, make_optimizer
 
     torch.manual_seed(0)
     model = _model(cfg, vocab, device)
     opt = make_optimizer(model, train, device)
-    loss_fn = lm_loss
+    loss_fn: LossFn = lm_loss
     if teacher is not None and getattr(train, "method", "word") == "word":
         from lmops.core.losses import word_loss
         from lmops.core.model import Transformer
@@ -220,7 +220,8 @@ def decode_seconds(cfg: ModelConfig, vocab: int, device: torch.device, precision
                 model.generate_greedy(prompts, steps, eos, 0)
 
     run(1)
-    t2, t18, t34 = (_timed(lambda k=k: run(k), 1, 0.05) for k in (2, 18, 34))
+    t2, t18, t34 = (_timed(cast("Callable[[], None]", lambda k=k: run(k)), 1, 0.05)
+                    for k in (2, 18, 34))
     early, late = max(t18 - t2, 1e-6) / 16, max(t34 - t18, 1e-6) / 16  # a step at 10, at 26
     slope = max(0.0, (late - early) / 16)
     rest = max(0, new_tokens - 2)  # steps 3 .. new_tokens, each early + slope * (t - 10)

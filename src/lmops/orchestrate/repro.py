@@ -28,6 +28,8 @@ from lmops.config import dvc_set_args, flatten
 from lmops.errors import LmopsError
 from lmops.orchestrate.dag import ACCELERATOR_STAGES, metrics_files
 from lmops.tracking import runs as tracking
+from lmops.tracking import tags as tag
+from lmops.tracking.compare import format_value
 from lmops.tracking.redact import public_url
 
 GPU_TAG = "gpu"
@@ -246,30 +248,18 @@ def start_parent_run(root: str | Path, tags: Mapping[str, str],
                      params: Mapping[str, Any] | None = None,
                      name: str | None = None) -> tuple[str, str]:
     """Create the pipeline's parent run (stages nest under it); returns (run id, experiment id)."""
-    from mlflow.tracking import MlflowClient
-
     with in_dir(root):
-        experiment_id = tracking.setup()
-        client = MlflowClient()
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        all_tags = {**tracking.base_tags(), "lmops.kind": "pipeline",
-                    **{k: str(v) for k, v in tags.items() if v is not None}}
-        run = client.create_run(experiment_id, run_name=name or f"pipeline-{stamp}",
-                                tags=all_tags)
-        for key, value in (params or {}).items():
-            client.log_param(run.info.run_id, key, str(value)[:6000])
-    return run.info.run_id, experiment_id
+        client, experiment_id = tracking.client_and_experiment()
+        run_id = tracking.create_pipeline_run(client, experiment_id, name, tags, params)
+    return run_id, experiment_id
 
 
 def end_parent_run(root: str | Path, run_id: str, ok: bool,
                    results: Iterable[StageResult] = ()) -> None:
-    from mlflow.tracking import MlflowClient
-
     with in_dir(root):
-        tracking.setup()
-        client = MlflowClient()
+        client = tracking.client()
         for r in results:
-            client.set_tag(run_id, f"lmops.stage_status.{r.stage}", r.status)
+            client.set_tag(run_id, f"{tag.STAGE_STATUS}{r.stage}", r.status)
         tracking.log_run_files(run_id, client, root)  # the final dvc.lock, every stage in it
         client.set_terminated(run_id, status="FINISHED" if ok else "FAILED")
 
@@ -282,14 +272,6 @@ def run_url(root: str | Path, experiment_id: str, run_id: str) -> str:
     base = public_url(uri) if uri.startswith(("http://", "https://")) else os.environ.get(
         "LMOPS_MLFLOW_UI_URL", "http://127.0.0.1:5000")
     return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
-
-
-def _fmt(value: Any) -> str:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return str(value)
-    if isinstance(value, int):
-        return str(value)
-    return f"{value:.4g}"
 
 
 def metrics_table(root: str | Path, dvc_yaml: Mapping[str, Any],
@@ -312,7 +294,7 @@ def metrics_table(root: str | Path, dvc_yaml: Mapping[str, Any],
             numeric = {k: v for k, v in data.items()
                        if isinstance(v, int | float) and not isinstance(v, bool)}
             for key, value in numeric.items():
-                lines.append(f"| {stage} | {status.get(stage, '')} | {key} | {_fmt(value)} |")
+                lines.append(f"| {stage} | {status.get(stage, '')} | {key} | {format_value(value, width=None)} |")
     return "\n".join(lines) + "\n"
 
 

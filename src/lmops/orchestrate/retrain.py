@@ -32,11 +32,12 @@ from lmops.orchestrate.dag import load_dvc_yaml
 from lmops.orchestrate.repro import in_dir
 from lmops.tracking import registry
 from lmops.tracking import runs as tracking
+from lmops.tracking import tags as tag
 
-DIGEST_TAG = "lmops.source_digest"
-ACTION_TAG = "lmops.retrain.action"
-REASON_TAG = "lmops.retrain.reason"
-DONE_TAG = "lmops.retrain.done"  # on a pipeline run whose retraining reached a decision
+DIGEST_TAG = tag.SOURCE_DIGEST
+ACTION_TAG = tag.RETRAIN_ACTION
+REASON_TAG = tag.RETRAIN_REASON
+DONE_TAG = tag.RETRAIN_DONE
 VALIDATE_STAGE = "validate"
 
 
@@ -45,6 +46,7 @@ VALIDATE_STAGE = "validate"
 
 def _hub_revision(src: SourceConfig) -> str:
     """The commit a hub dataset's main branch is at now (needs the network)."""
+    assert src.dataset is not None  # SourceConfig requires it for type hub
     try:
         from huggingface_hub import HfApi
 
@@ -79,17 +81,10 @@ def source_digest(cfg: CleanConfig) -> str:
     return h.hexdigest()
 
 
-def _client():
-    from mlflow.tracking import MlflowClient
-
-    experiment_id = tracking.setup()  # first: it sets the tracking URI the client reads
-    return MlflowClient(), experiment_id
-
-
 def last_completed(root: str | Path) -> Any | None:
     """The latest pipeline run whose retraining reached a decision, or None."""
     with in_dir(root):
-        client, experiment_id = _client()
+        client, experiment_id = tracking.client_and_experiment()
         runs = client.search_runs([experiment_id], f"tags.`{DONE_TAG}` = 'true'",
                                   order_by=["attributes.start_time DESC"], max_results=1)
     return runs[0] if runs else None
@@ -101,9 +96,9 @@ def record_skip(root: str | Path, digest: str, last: Any,
     reason = (f"source data unchanged since run {last.info.run_id} "
               f"(digest {digest[:12]})")
     with in_dir(root):
-        client, experiment_id = _client()
+        client, experiment_id = tracking.client_and_experiment()
         run = client.create_run(experiment_id, run_name="retrain-skipped", tags={
-            **tracking.base_tags(), "lmops.kind": "retrain", ACTION_TAG: "skipped",
+            **tracking.base_tags(), tag.KIND: tag.KIND_RETRAIN, ACTION_TAG: "skipped",
             REASON_TAG: reason, DIGEST_TAG: digest, **(extra_tags or {})})
         client.set_terminated(run.info.run_id, "FINISHED")
     return {"action": "skipped", "reason": reason, "mlflow_run_id": run.info.run_id,
@@ -161,14 +156,11 @@ def evaluate_version(version: Any, root: Path, dvc_yaml: Mapping[str, Any],
                      params: Params) -> dict[str, Any]:
     """Score a registered version on this workspace's test set and held-out text, with
     the workspace's evaluation settings: the same yardstick as the challenger."""
-    import mlflow
-
     from lmops.pipeline.evaluate import evaluate
 
     args = registry.cmd_args(dvc_yaml, registry.EVALUATE_STAGE)
     with tempfile.TemporaryDirectory(prefix="lmops-champion-") as tmp:
-        got = Path(mlflow.artifacts.download_artifacts(
-            f"models:/{version.name}/{version.version}", dst_path=tmp))
+        got = registry.download(version, tmp)
         model_dir = _find_dir(got, "manifest.json", "model weights")
         vocab_dir = _find_dir(got, "spm.model", "vocabulary")
         metrics, _ = evaluate(model_dir, vocab_dir, root / args["clean"], root / args["tokens"],
@@ -178,7 +170,7 @@ def evaluate_version(version: Any, root: Path, dvc_yaml: Mapping[str, Any],
 
 def _log_decision(run_id: str, decision: Mapping[str, Any], digest: str,
                   challenger: Mapping[str, Any], champion: Mapping[str, Any] | None) -> None:
-    client, _ = _client()
+    client, _ = tracking.client_and_experiment()
     for key, value in {ACTION_TAG: decision["action"], REASON_TAG: decision["reason"],
                        DIGEST_TAG: digest, DONE_TAG: "true"}.items():
         client.set_tag(run_id, key, value)
@@ -201,7 +193,7 @@ def champion_challenger(root: str | Path, run_id: str, digest: str,
         champ = registry.version_by_alias(cfg.model_name, registry.CHAMPION)
         md5 = tracking.digest(cand.model_dir)
         if champ is not None and champ.tags.get(registry.MD5_TAG) == md5:
-            decision = {"action": "unchanged", "champion": str(champ.version),
+            decision: dict[str, Any] = {"action": "unchanged", "champion": str(champ.version),
                         "reason": "the pipeline produced the champion's model again"}
             _log_decision(run_id, decision, digest, cand.metrics, None)
             return decision

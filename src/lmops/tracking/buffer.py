@@ -48,9 +48,10 @@ import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from lmops.errors import LmopsError
+from lmops.tracking import tags as tag
 from lmops.tracking.redact import redact, redact_uri
 
 try:  # POSIX: a spool file is locked while the stage that writes it is alive
@@ -160,7 +161,7 @@ def probe(uri: str, timeout: float = PROBE_TIMEOUT) -> str | None:
 
 def unreachable_message(uri: str, reason: str) -> str:
     return (f"MLflow tracking server {redact_uri(uri)} is not answering ({reason}); "
-            "start it (README: Team set-up) or unset MLFLOW_TRACKING_URI to track to "
+            "start it (docs/tracking.md, 'Team set-up') or unset MLFLOW_TRACKING_URI to track to "
             "mlruns/ in this checkout")
 
 
@@ -184,7 +185,7 @@ def http_settings(values: Mapping[str, str], override: bool = False) -> Iterator
             if before[k] is None:
                 os.environ.pop(k, None)
             else:
-                os.environ[k] = before[k]
+                os.environ[k] = cast(str, before[k])  # not None: checked above
 
 
 def fail_fast_http() -> contextlib.AbstractContextManager[None]:
@@ -256,8 +257,9 @@ class RunBuffer:
         if not metrics:
             return
         run_id, ts, step = run_id or self.run_id, timestamp or now_ms(), step or 0
-        rows = [{"key": k, "value": float(v), "timestamp": ts, "step": int(step)}
-                for k, v in metrics.items()]
+        rows: list[dict[str, Any]] = [
+            {"key": k, "value": float(v), "timestamp": ts, "step": int(step)}
+            for k, v in metrics.items()]
         latest = self._latest.setdefault(run_id, {})
         for row in rows:
             old = latest.get(row["key"])
@@ -535,7 +537,7 @@ class RunBuffer:
 
     def end_abandoned(self, message: str) -> None:
         """Mark the stage run FAILED, after what is kept: its process died before ending it."""
-        self._keep({"run_id": self.run_id, "kind": "tags", "tags": {"lmops.error": message}})
+        self._keep({"run_id": self.run_id, "kind": "tags", "tags": {tag.ERROR: message}})
         self._keep({"run_id": self.run_id, "kind": "end", "status": "FAILED",
                     "end_time": now_ms()})
 

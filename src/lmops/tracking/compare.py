@@ -17,6 +17,7 @@ from typing import Any
 
 from lmops.errors import LmopsError
 from lmops.tracking import runs as tracking
+from lmops.tracking import tags as tag
 
 # values that change on every run, hidden unless asked for: they would make every row differ
 VOLATILE_SUFFIXES = ("/wall_seconds", "/decode_seconds", "/ms_per_sentence", "/tok_s",
@@ -36,16 +37,9 @@ class RunSummary:
     hardware: dict[str, str] = field(default_factory=dict)
 
 
-def _client() -> Any:
-    from mlflow.tracking import MlflowClient
-
-    tracking.setup()
-    return MlflowClient()
-
-
 def summarise(run_id: str, client: Any = None) -> RunSummary:
     """A pipeline run's params and latest metrics, its own and its nested stage runs'."""
-    client = client or _client()
+    client = client or tracking.client()
     from mlflow.exceptions import MlflowException
 
     try:
@@ -65,7 +59,7 @@ def summarise(run_id: str, client: Any = None) -> RunSummary:
         if not own_params:
             out.params.update(child.data.params)
         out.metrics.update(child.data.metrics)
-        stage = child.data.tags.get("lmops.stage")
+        stage = child.data.tags.get(tag.STAGE)
         out.hardware.update({f"{stage}.hardware.{k.removeprefix(tracking.HARDWARE_TAG)}": v
                              for k, v in child.data.tags.items()
                              if stage and k.startswith(tracking.HARDWARE_TAG)})
@@ -76,14 +70,14 @@ def summarise(run_id: str, client: Any = None) -> RunSummary:
 
 def recent_runs(n: int, experiment: str | None = None, client: Any = None) -> list[str]:
     """Ids of the last ``n`` pipeline (parent) runs of the experiment, newest first."""
-    client = client or _client()
+    client = client or tracking.client()
     exp_id = tracking.setup() if experiment is None else None
     if experiment is not None:
         exp = client.get_experiment_by_name(experiment)
         if exp is None:
             raise LmopsError(f"MLflow experiment {experiment!r}: not found")
         exp_id = exp.experiment_id
-    runs = client.search_runs([exp_id], filter_string="tags.`lmops.kind` = 'pipeline'",
+    runs = client.search_runs([exp_id], filter_string=f"tags.`{tag.KIND}` = '{tag.KIND_PIPELINE}'",
                               order_by=["attributes.start_time DESC"], max_results=n)
     return [r.info.run_id for r in runs]
 
@@ -117,19 +111,21 @@ def table(runs: Sequence[RunSummary], all_rows: bool = False,
     return rows
 
 
-def _fmt(value: Any) -> str:
+def format_value(value: Any, width: int | None = 40) -> str:
+    """A metric or param for a table: floats to 4 significant digits, None as "-", text
+    cut to ``width`` characters (None: never cut)."""
     if value is None:
         return "-"
     if isinstance(value, float):
         return f"{value:.4g}"
     text = str(value)
-    return text if len(text) <= 40 else text[:37] + "..."
+    return text if width is None or len(text) <= width else text[: width - 3] + "..."
 
 
 def render(runs: Sequence[RunSummary], rows: Sequence[tuple[str, str, list[Any]]]) -> str:
     """A plain-text table: one column per run."""
     header = ["", *[f"{r.name} ({r.run_id[:8]})" for r in runs]]
-    body = [[key, *[_fmt(v) for v in values]] for _, key, values in rows]
+    body = [[key, *[format_value(v) for v in values]] for _, key, values in rows]
     stages = ["stages", *[",".join(r.stages) or "-" for r in runs]]
     commits = ["git.commit", *[r.tags.get("git.commit", "-")[:10] for r in runs]]
     lines = [header, commits, stages, *body]
@@ -145,7 +141,7 @@ def render(runs: Sequence[RunSummary], rows: Sequence[tuple[str, str, list[Any]]
 def compare(run_ids: Sequence[str] = (), last: int = 2, experiment: str | None = None,
             all_rows: bool = False, volatile: bool = False) -> str:
     """The comparison table of the given runs, or of the last ``last`` pipeline runs."""
-    client = _client()
+    client = tracking.client()
     ids = list(run_ids) or recent_runs(last, experiment, client)
     if not ids:
         raise LmopsError(f"no pipeline runs in MLflow at {tracking.tracking_uri()} "

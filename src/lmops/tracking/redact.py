@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import urllib.parse
+from collections.abc import Mapping
 
 MASK = "***"
 # environment variables whose value is a credential: by name, and these in any case
@@ -29,7 +30,7 @@ _QUERY_SECRET = re.compile(
     r"[^&\s'\"]+", re.IGNORECASE)
 
 
-def secret_values(env: dict[str, str] | None = None) -> list[str]:
+def secret_values(env: Mapping[str, str] | None = None) -> list[str]:
     """Values of the credential variables of ``env`` (this process's environment)."""
     env = os.environ if env is None else env
     values = {v for k, v in env.items()

@@ -61,16 +61,9 @@ def candidate(root: str | Path, dvc_yaml: Mapping[str, Any]) -> Candidate:
     return Candidate(paths["model"], paths["vocab"], metrics)
 
 
-def _client():
-    from mlflow.tracking import MlflowClient
-
-    tracking.setup()
-    return MlflowClient()
-
-
 def version_by_alias(name: str, alias: str) -> Any | None:
     """The version ``alias`` points at, or None (no such model or alias yet)."""
-    client = _client()
+    client = tracking.client()
     found = client.search_registered_models(filter_string=f"name = '{name}'")
     if not found or alias not in found[0].aliases:
         return None
@@ -88,7 +81,7 @@ def register(cand: Candidate, run_id: str, name: str = MODEL_NAME,
 
     from lmops.tracking import serving
 
-    client = _client()
+    client = tracking.client()
     try:
         client.create_registered_model(
             name, description="English->French translator: a pyfunc taking a 'source' "
@@ -142,9 +135,17 @@ def _resumed(run_id: str) -> Iterator[Any]:
 
 def promote(name: str, version: str) -> None:
     """``champion`` moves to ``version``; the one it leaves keeps the alias ``previous``."""
-    client = _client()
+    client = tracking.client()
     old = version_by_alias(name, CHAMPION)
     if old is not None and str(old.version) != str(version):
         client.set_registered_model_alias(name, PREVIOUS, old.version)
     client.set_registered_model_alias(name, CHAMPION, version)
     client.delete_registered_model_alias(name, CHALLENGER)
+
+
+def download(version: Any, dst: str | Path) -> Path:
+    """A registered model version's files, downloaded into ``dst``."""
+    import mlflow
+
+    return Path(mlflow.artifacts.download_artifacts(
+        f"models:/{version.name}/{version.version}", dst_path=str(dst)))

@@ -41,14 +41,15 @@ from lmops.config import DEFAULT_PARAMS, flatten
 from lmops.errors import DataError, LmopsError
 from lmops.io import file_digest
 from lmops.tracking import buffer as tracking_buffer
+from lmops.tracking import tags as tag
 from lmops.tracking.buffer import SPOOL_DIR, RunBuffer, TrackingServerError, unreachable_reason
 from lmops.tracking.redact import redact
 
 EXPERIMENT_ENV = "MLFLOW_EXPERIMENT_NAME"
 PARENT_ENV = "LMOPS_PARENT_RUN_ID"
 DEFAULT_EXPERIMENT = "lmops"
-KEY_TAG = "lmops.pipeline_key"
-HARDWARE_TAG = "lmops.hardware."  # + a key of lmops.hardware.facts: what ran where
+KEY_TAG = tag.PIPELINE_KEY
+HARDWARE_TAG = tag.HARDWARE
 DVC_ENV_TAGS = ("DVC_STAGE", "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV", "DVC_ROOT")
 # the params file of this process (stage.run sets it from --params); params.yaml otherwise
 _params_file: Path | None = None
@@ -163,6 +164,34 @@ def base_tags() -> dict[str, str]:
     return tags
 
 
+def client_and_experiment() -> tuple[Any, str]:
+    """The one MLflow client factory: a client on this project's store and the experiment's
+    id (``setup`` runs first: it sets the URI the client reads)."""
+    from mlflow.tracking import MlflowClient
+
+    experiment_id = setup()
+    return MlflowClient(), experiment_id
+
+
+def client() -> Any:
+    """An MLflow client on this project's store (:func:`client_and_experiment`)."""
+    return client_and_experiment()[0]
+
+
+def create_pipeline_run(client: Any, experiment_id: str, name: str | None = None,
+                        tags: Mapping[str, Any] | None = None,
+                        params: Mapping[str, Any] | None = None) -> str:
+    """The one place a pipeline's parent run is made (the stage runs nest under it): by a
+    flow before its first stage, or by the first stage of a plain ``dvc repro``."""
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    all_tags = {**base_tags(), tag.KIND: tag.KIND_PIPELINE,
+                **{k: str(v) for k, v in (tags or {}).items() if v is not None}}
+    run = client.create_run(experiment_id, run_name=name or f"pipeline-{stamp}", tags=all_tags)
+    for key, value in (params or {}).items():
+        client.log_param(run.info.run_id, key, str(value)[:6000])
+    return run.info.run_id
+
+
 def _find_or_create_parent(client: Any, experiment_id: str) -> str:
     if os.environ.get(PARENT_ENV):
         return os.environ[PARENT_ENV]
@@ -173,13 +202,8 @@ def _find_or_create_parent(client: Any, experiment_id: str) -> str:
         )
         if found:
             return found[0].info.run_id
-    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    name = os.environ.get("DVC_EXP_NAME") or f"pipeline-{stamp}"
-    tags = {**base_tags(), "lmops.kind": "pipeline"}
-    if key is not None:
-        tags[KEY_TAG] = key
-    run = client.create_run(experiment_id, run_name=name, tags=tags)
-    return run.info.run_id
+    return create_pipeline_run(client, experiment_id, os.environ.get("DVC_EXP_NAME"),
+                               {KEY_TAG: key})
 
 
 def is_worker_rank() -> bool:
@@ -201,7 +225,7 @@ def _start_stage_run(stage: str) -> tuple[Any, Any, str]:
         client = MlflowClient()
         parent_id = _find_or_create_parent(client, experiment_id)
         client.update_run(parent_id, status="RUNNING")
-        tags = {**base_tags(), "lmops.stage": stage, "lmops.kind": "stage"}
+        tags = {**base_tags(), tag.STAGE: stage, tag.KIND: tag.KIND_STAGE}
         run = mlflow.start_run(experiment_id=experiment_id, run_name=stage,
                                parent_run_id=parent_id, tags=tags)
     except Exception as err:
@@ -246,7 +270,7 @@ def stage_run(stage: str, params: dict[str, Any] | None = None) -> Iterator[Any]
         except BaseException as err:
             killed = isinstance(err, KeyboardInterrupt)
             with _secondary("the failure could not be recorded in MLflow"):
-                buffer.set_tags({"lmops.error": redact(f"{type(err).__name__}: {err}")[:5000]})
+                buffer.set_tags({tag.ERROR: redact(f"{type(err).__name__}: {err}")[:5000]})
                 buffer.end_active_run("KILLED" if killed else "FAILED")
             raise
         finally:
@@ -573,7 +597,8 @@ def log_data_input(path: str | Path, name: str, context: str = "input") -> str:
         # MLflow registers its local-file source twice and warns that the URI is ambiguous.
         warnings.simplefilter("ignore", UserWarning)
         source = resolve_dataset_source(Path(path).resolve().as_uri())
-    dataset = MetaDataset(source=source, name=name, digest=md5)
+    # mlflow's Dataset marks profile abstract but is no ABC; MetaDataset leaves it out
+    dataset = MetaDataset(source=source, name=name, digest=md5)  # type: ignore[abstract]
     if (buffer := active_buffer()) is not None:
         buffer.log_input(dataset.to_dict(), context)
         buffer.set_tags({f"data.{name}.md5": md5})

@@ -33,9 +33,11 @@ from typing import Any
 
 import mlflow
 import pandas as pd
+from mlflow.pyfunc import PythonModel
 
 from lmops.config import DecodeConfig
 from lmops.errors import LmopsError
+from lmops.tracking import tags as tag
 
 INPUT_COLUMN = "source"
 OUTPUT_COLUMN = "translation"
@@ -49,7 +51,7 @@ REQUEST_PARAMS = ("beam_size", "max_new_tokens")
 REQUIREMENTS = ("mlflow", "torch", "numpy", "pandas", "sentencepiece", "safetensors",
                 "pydantic", "pyyaml", "tqdm")
 # the "models from code" file: executed when the model loads, so it must only build
-MODEL_CODE = '''"""lmops translator (MLflow models from code): the class lives in lmops.serving."""
+MODEL_CODE = '''"""lmops translator (MLflow models from code): the class lives in lmops.tracking.serving."""
 import mlflow
 
 from lmops.tracking.serving import TranslatorModel
@@ -126,7 +128,7 @@ def sources_of(model_input: Any) -> list[str]:
                      f"{INPUT_COLUMN!r} column")
 
 
-class TranslatorModel(mlflow.pyfunc.PythonModel):
+class TranslatorModel(PythonModel):
     """The pyfunc: ``predict`` takes a ``source`` column and returns a ``translation`` one."""
 
     def __init__(self) -> None:
@@ -212,7 +214,7 @@ def log_translator(model_dir: str | Path, vocab_dir: str | Path, name: str = "tr
             name=name, python_model=str(code_file), code_paths=[str(package)],
             artifacts={k: str(v) for k, v in staged.items()},
             signature=signature(decode), pip_requirements=requirements(),
-            metadata={**(metadata or {}), "lmops.translator": config})
+            metadata={**(metadata or {}), tag.TRANSLATOR: config})
 
 
 def load_translator(model_uri: str) -> Any:

@@ -21,6 +21,7 @@ import sys
 import traceback
 import warnings
 from collections.abc import Callable
+from types import TracebackType
 from typing import NoReturn
 
 from lmops.config import ConfigError, load_params
@@ -41,7 +42,8 @@ def parser(description: str, paths: type | None = None) -> argparse.ArgumentPars
     return p
 
 
-def _redacted_traceback(exc_type: type[BaseException], exc: BaseException, tb: object) -> None:
+def _redacted_traceback(exc_type: type[BaseException], exc: BaseException,
+                        tb: TracebackType | None) -> None:
     # a traceback may quote the tracking URI, user and password included, or a token
     sys.stderr.write(redact("".join(traceback.format_exception(exc_type, exc, tb))))
 
