@@ -107,11 +107,15 @@ class SplitConfig(_Section):
         description="Parallel groups held out whole for the test set.",
     )
     parallel_valid_fraction: float = Field(
-        default=0.02, ge=0, lt=0.5,
+        default=0.02,
+        ge=0,
+        lt=0.5,
         description="Parallel sources without group_column: random share for validation.",
     )
     parallel_test_fraction: float = Field(
-        default=0.03, ge=0, lt=0.5,
+        default=0.03,
+        ge=0,
+        lt=0.5,
         description="Parallel sources without group_column: random share for test.",
     )
 
@@ -131,7 +135,8 @@ class CleanConfig(_Section):
     min_chars: int = Field(default=3, ge=1, description="Drop texts shorter than this.")
     max_chars: int = Field(default=2000, ge=1, description="Drop texts longer than this.")
     max_line_bytes: int = Field(
-        default=1 << 20, ge=1,
+        default=1 << 20,
+        ge=1,
         description="text sources: a line longer than this (bytes) stops the stage, naming "
         "the line; a file without line breaks is not one text a line. Longer than max_chars "
         "but within this, a text is dropped and counted as too_long.",
@@ -147,8 +152,10 @@ class CleanConfig(_Section):
         if self.min_chars >= self.max_chars:
             raise ValueError("clean.min_chars must be below clean.max_chars")
         if self.max_line_bytes < 4 * self.max_chars:  # UTF-8: up to 4 bytes a character
-            raise ValueError(f"clean.max_line_bytes ({self.max_line_bytes}) must be at least "
-                             f"4 x clean.max_chars ({4 * self.max_chars})")
+            raise ValueError(
+                f"clean.max_line_bytes ({self.max_line_bytes}) must be at least "
+                f"4 x clean.max_chars ({4 * self.max_chars})"
+            )
         if self.source_lang == self.target_lang:
             raise ValueError("clean.source_lang and clean.target_lang must differ")
         if not self.sources:
@@ -173,7 +180,9 @@ class ValidateConfig(_Section):
         default=0.01, ge=0, le=1, description="Largest share of duplicate texts in a split."
     )
     min_script_fraction: float = Field(
-        default=0.98, ge=0, le=1,
+        default=0.98,
+        ge=0,
+        le=1,
         description="Share of rows that must use only the language's expected script.",
     )
     max_length_ratio: float = Field(
@@ -217,17 +226,20 @@ class ModelConfig(_Section):
     @model_validator(mode="after")
     def _heads(self) -> ModelConfig:
         if self.n_embd % self.n_head:
-            raise ValueError(f"model.n_embd ({self.n_embd}) must be divisible by "
-                             f"model.n_head ({self.n_head})")
+            raise ValueError(
+                f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head})"
+            )
         if (self.n_embd // self.n_head) % 2:
             raise ValueError("model.n_embd / model.n_head must be even (rotary embeddings)")
         return self
 
 
 Precision = Literal["auto", "fp32", "bf16"]
-PRECISION_HELP = ("auto: bf16 autocast where the hardware has bf16 arithmetic (CUDA that "
-                  "reports it, CPUs with AVX-512 BF16 or AMX, Arm BF16), else fp32; a forced "
-                  "bf16 on a CPU without it is emulated, about 80x slower than fp32.")
+PRECISION_HELP = (
+    "auto: bf16 autocast where the hardware has bf16 arithmetic (CUDA that "
+    "reports it, CPUs with AVX-512 BF16 or AMX, Arm BF16), else fp32; a forced "
+    "bf16 on a CPU without it is emulated, about 80x slower than fp32."
+)
 
 
 class TrainConfig(_Section):
@@ -249,12 +261,14 @@ class TrainConfig(_Section):
     log_interval: int = Field(default=10, ge=1, description="Steps between metric logs.")
     precision: Precision = Field(default="auto", description=PRECISION_HELP)
     compile: bool | Literal["auto"] = Field(
-        default=False, description="torch.compile the model. auto: where it pays (CUDA, and "
+        default=False,
+        description="torch.compile the model. auto: where it pays (CUDA, and "
         "CPUs training in bf16); on a CPU in fp32 it was slower than eager.",
     )
     device: Literal["auto", "cpu", "cuda", "mps"] = Field(default="auto", description="Device.")
     nproc: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
-        default="auto", description="Data-parallel processes; the stage relaunches itself under "
+        default="auto",
+        description="Data-parallel processes; the stage relaunches itself under "
         "torchrun for more than 1. auto: one per visible CUDA device when the device is "
         "cuda, else 1. The result is that of one process (the global batch stays "
         "batch_size x grad_accum).",
@@ -280,7 +294,9 @@ class FinetuneConfig(TrainConfig):
         default=64, ge=1, description="Validation pairs translated (greedy) for BLEU."
     )
     lm_mix: float = Field(
-        default=0.1, ge=0, lt=1,
+        default=0.1,
+        ge=0,
+        lt=1,
         description="Share of each batch that is pretraining text (language-model replay), "
         "so the translator keeps its perplexity on plain text.",
     )
@@ -323,24 +339,31 @@ class DistilConfig(TrainConfig):
         description="Student size (like `model`); block_size must equal the teacher's.",
     )
     method: Literal["word", "sequence"] = Field(
-        default="word", description="word: KL to the teacher's soft targets mixed with CE; "
+        default="word",
+        description="word: KL to the teacher's soft targets mixed with CE; "
         "sequence: CE on the teacher's beam-search translations.",
     )
     alpha: float = Field(
-        default=0.5, ge=0, le=1,
+        default=0.5,
+        ge=0,
+        le=1,
         description="word: weight of the KL term; 1 - alpha weighs the cross-entropy.",
     )
     temperature: float = Field(
-        default=2.0, gt=0, description="word: softmax temperature of teacher and student.",
+        default=2.0,
+        gt=0,
+        description="word: softmax temperature of teacher and student.",
     )
     init: Literal["scratch", "pruned"] = Field(
-        default="pruned", description="scratch: random weights; pruned: a copy of the "
+        default="pruned",
+        description="scratch: random weights; pruned: a copy of the "
         "teacher cut to the student's shape: the layers keep_layers and, in them, the "
         "residual channels, heads and MLP neurons the teacher uses most (needs the "
         "teacher's head width, no dimension larger than the teacher's).",
     )
     keep_layers: list[int] | None = Field(
-        default=None, description="pruned: teacher block indices to keep, in order "
+        default=None,
+        description="pruned: teacher block indices to keep, in order "
         "(None: model.n_layer evenly spaced ones, first and last included).",
     )
     sequence_decode: DecodeConfig = Field(
@@ -348,45 +371,55 @@ class DistilConfig(TrainConfig):
         description="sequence: how the teacher translates the training sources.",
     )
     sequence_max_pairs: int | None = Field(
-        default=2000, gt=0,
+        default=2000,
+        gt=0,
         description="sequence: training pairs the teacher translates (None = all of them).",
     )
     bleu_samples: int = Field(
-        default=64, ge=1, description="Validation pairs translated (greedy) for BLEU.",
+        default=64,
+        ge=1,
+        description="Validation pairs translated (greedy) for BLEU.",
     )
 
     @model_validator(mode="after")
     def _layers(self) -> DistilConfig:
         if self.keep_layers is not None:
             if len(self.keep_layers) != self.model.n_layer:
-                raise ValueError(f"distil.keep_layers has {len(self.keep_layers)} entries, "
-                                 f"distil.model.n_layer is {self.model.n_layer}")
+                raise ValueError(
+                    f"distil.keep_layers has {len(self.keep_layers)} entries, "
+                    f"distil.model.n_layer is {self.model.n_layer}"
+                )
             if len(set(self.keep_layers)) != len(self.keep_layers) or min(self.keep_layers) < 0:
                 raise ValueError("distil.keep_layers must be distinct non-negative indices")
         return self
 
 
 class QuantiseConfig(_Section):
-    """int8 post-training quantisation for CPU inference, and the speed measurements."""
+    """int8 post-training quantisation for CPU inference (ONNX export, onnxruntime
+    ``quantize_dynamic``), and the speed measurements."""
 
-    onnx: bool = Field(
-        default=True,
-        description="Also export to ONNX, quantise with onnxruntime and measure that.",
-    )
     teacher: bool = Field(
-        default=True, description="Quantise and score the teacher too, for comparison.",
+        default=True,
+        description="Quantise and score the teacher too, for comparison.",
     )
     speed_sentences: int = Field(
-        default=64, ge=1, description="Test sources decoded (greedy) to time each variant.",
+        default=64,
+        ge=1,
+        description="Test sources decoded (greedy) to time each variant.",
     )
     speed_batch_sizes: list[int] = Field(
-        default_factory=lambda: [1, 16], description="Batch sizes timed.",
+        default_factory=lambda: [1, 16],
+        description="Batch sizes timed.",
     )
     speed_rounds: int = Field(
-        default=1, ge=1, description="Timing rounds, variants interleaved; the median counts.",
+        default=1,
+        ge=1,
+        description="Timing rounds, variants interleaved; the median counts.",
     )
     num_threads: int = Field(
-        default=0, ge=0, description="torch and onnxruntime CPU threads (0 = default).",
+        default=0,
+        ge=0,
+        description="torch and onnxruntime CPU threads (0 = default).",
     )
 
     @model_validator(mode="after")
@@ -400,14 +433,16 @@ class RetrainConfig(_Section):
     """Scheduled retraining (flows/retrain.py): when a challenger replaces the champion."""
 
     model_name: str = Field(
-        default="lmops-translator", description="The registered model in MLflow.",
+        default="lmops-translator",
+        description="The registered model in MLflow.",
     )
     min_bleu_gain: float = Field(
         default=0.5,
         description="Test BLEU the challenger must gain over the champion to replace it.",
     )
     max_ppl_increase: float = Field(
-        default=0.05, ge=0.0,
+        default=0.05,
+        ge=0.0,
         description="The most the challenger's held-out perplexity may rise over the "
         "champion's in any language, relative (0.05 = 5%); per byte, so vocabularies compare.",
     )
@@ -505,8 +540,12 @@ def dvc_set_args(overrides: dict[str, Any], prefix: str = "") -> list[str]:
         if isinstance(value, dict):
             args += dvc_set_args(value, f"{name}.")
         else:
-            args += ["-S", f"{name}={yaml.safe_dump(value, default_flow_style=True).strip()}"
-                     .removesuffix("\n...")]
+            args += [
+                "-S",
+                f"{name}={yaml.safe_dump(value, default_flow_style=True).strip()}".removesuffix(
+                    "\n..."
+                ),
+            ]
     return args
 
 

@@ -53,8 +53,14 @@ def params_of(repo: Path) -> dict:
 
 def test_data_stages_build(repo, first_run):
     assert ran(first_run) == STAGES
-    for split in ("mono_train", "mono_valid", "mono_test",
-                  "parallel_train", "parallel_valid", "parallel_test"):
+    for split in (
+        "mono_train",
+        "mono_valid",
+        "mono_test",
+        "parallel_train",
+        "parallel_valid",
+        "parallel_test",
+    ):
         assert (repo / "data/clean" / f"{split}.parquet").is_file()
     assert (repo / "data/validate/index.html").is_file()
     meta = json.loads((repo / "data/vocab/meta.json").read_text())
@@ -62,7 +68,8 @@ def test_data_stages_build(repo, first_run):
     assert meta["vocab_size"] == params["vocab"]["vocab_size"]
     sidecar = json.loads((repo / "data/tokens/pretrain_train.json").read_text())
     assert (repo / "data/tokens/pretrain_train.bin").stat().st_size == (
-        sidecar["length"] * (2 if sidecar["dtype"] == "uint16" else 4))
+        sidecar["length"] * (2 if sidecar["dtype"] == "uint16" else 4)
+    )
     clean = json.loads((repo / "data/metrics/clean.json").read_text())
     for split in ("mono_train", "parallel_train", "parallel_test"):
         rows = len(pd.read_parquet(repo / "data/clean" / f"{split}.parquet"))
@@ -82,8 +89,9 @@ def test_stages_are_nested_runs_of_one_pipeline_run(repo, first_run):
     assert parent.info.status == "FINISHED"
     stages = client.search_runs([exp.experiment_id], "tags.`lmops.kind` = 'stage'")
     assert sorted(r.data.tags["lmops.stage"] for r in stages) == sorted(STAGES)
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True,
-                            text=True, check=True).stdout.strip()
+    commit = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=True
+    ).stdout.strip()
     for run in stages:
         assert run.info.status == "FINISHED"
         assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
@@ -92,7 +100,8 @@ def test_stages_are_nested_runs_of_one_pipeline_run(repo, first_run):
         assert run.data.metrics[f"{run.data.tags['lmops.stage']}/wall_seconds"] > 0
     vocab = next(r for r in stages if r.data.tags["lmops.stage"] == "vocab")
     assert vocab.data.params["vocab.vocab_size"] == str(
-        yaml.safe_load((repo / "params.yaml").read_text())["vocab"]["vocab_size"])
+        yaml.safe_load((repo / "params.yaml").read_text())["vocab"]["vocab_size"]
+    )
     artifacts = [a.path for a in client.list_artifacts(vocab.info.run_id, "vocab")]
     assert any(p.endswith("spm.model") for p in artifacts)
 
@@ -104,8 +113,7 @@ def test_second_repro_does_nothing(repo, first_run):
     assert "changed" not in dvc(repo, "status")
 
 
-def test_a_change_to_logging_code_reruns_nothing_and_to_the_model_reruns_training(
-        repo, first_run):
+def test_a_change_to_logging_code_reruns_nothing_and_to_the_model_reruns_training(repo, first_run):
     """The deps rule at work (tests/support/imports.py): tracking code is no stage's dep."""
     from lmops.orchestrate import dag
 
@@ -118,8 +126,11 @@ def test_a_change_to_logging_code_reruns_nothing_and_to_the_model_reruns_trainin
         assert dag.stages_to_run(repo) == []
         model.write_text(saved[1] + "\n# a change to the model\n")
         changed = set(json.loads(dvc(repo, "status", "--json")))
-        readers = {name for name, stage in dag.load_dvc_yaml(repo)["stages"].items()
-                   if "src/lmops/core/model.py" in stage["deps"]}
+        readers = {
+            name
+            for name, stage in dag.load_dvc_yaml(repo)["stages"].items()
+            if "src/lmops/core/model.py" in stage["deps"]
+        }
         assert changed == readers and {"pretrain", "finetune", "distil"} <= readers
         assert not readers & {"clean", "validate", "vocab", "tokenise"}
     finally:
@@ -160,8 +171,10 @@ def test_model_stages_learn_and_report(repo, first_run):
     vocab_size = params["vocab"]["vocab_size"]
     pre = json.loads((repo / "data/metrics/pretrain.json").read_text())
     assert pre["steps"] == params["pretrain"]["max_steps"]
-    assert pre["tokens_seen"] == pre["steps"] * params["pretrain"]["batch_size"] * (
-        params["model"]["block_size"])
+    assert (
+        pre["tokens_seen"]
+        == pre["steps"] * params["pretrain"]["batch_size"] * (params["model"]["block_size"])
+    )
     # learning: well below the loss of a uniform guess over the vocabulary
     assert pre["valid_loss"] < math.log(vocab_size) - 0.5
     curve = pd.read_csv(repo / "data/plots/pretrain.csv")
@@ -171,7 +184,8 @@ def test_model_stages_learn_and_report(repo, first_run):
     fine = json.loads((repo / "data/metrics/finetune.json").read_text())
     assert fine["best_step"] in range(1, fine["steps"] + 1)
     assert fine["best_valid_bleu"] == max(
-        pd.read_csv(repo / "data/plots/finetune.csv")["valid_bleu"].dropna())
+        pd.read_csv(repo / "data/plots/finetune.csv")["valid_bleu"].dropna()
+    )
 
     ev = json.loads((repo / "data/metrics/evaluate.json").read_text())
     assert ev["test_pairs"] == params["evaluate"]["max_test_pairs"]
@@ -181,14 +195,22 @@ def test_model_stages_learn_and_report(repo, first_run):
         assert 1 < ev[f"ppl_{lang}"] < vocab_size
         assert ev[f"ppl_{lang}"] == pytest.approx(math.exp(ev[f"nll_{lang}"]))
         assert ev[f"bpb_{lang}"] == pytest.approx(
-            ev[f"nll_{lang}"] * ev[f"tokens_{lang}"] / math.log(2) / ev[f"bytes_{lang}"])
+            ev[f"nll_{lang}"] * ev[f"tokens_{lang}"] / math.log(2) / ev[f"bytes_{lang}"]
+        )
     table = pd.read_csv(repo / "data/evaluate/translations.tsv", sep="\t")
     assert len(table) == ev["test_pairs"]
     assert list(table.columns) == ["source", "reference", "hypothesis"]
 
-    shown = json.loads(subprocess.run(["dvc", "metrics", "show", "--json"], cwd=repo,
-                                      env=_env(repo), capture_output=True, text=True,
-                                      check=True).stdout)
+    shown = json.loads(
+        subprocess.run(
+            ["dvc", "metrics", "show", "--json"],
+            cwd=repo,
+            env=_env(repo),
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    )
     files = next(iter(shown.values()))["data"]
     assert files["data/metrics/evaluate.json"]["data"]["bleu"] == ev["bleu"]
     assert files["data/metrics/pretrain.json"]["data"]["valid_loss"] == pre["valid_loss"]
@@ -199,30 +221,42 @@ def test_model_stages_learn_and_report(repo, first_run):
 def test_model_stage_runs_hold_curves_weights_and_samples(repo, first_run):
     client = MlflowClient(f"sqlite:///{repo}/mlruns/mlflow.db")
     exp = client.get_experiment_by_name("lmops")
-    runs = {r.data.tags["lmops.stage"]: r for r in client.search_runs(
-        [exp.experiment_id], "tags.`lmops.kind` = 'stage' and attributes.status = 'FINISHED'")}
+    runs = {
+        r.data.tags["lmops.stage"]: r
+        for r in client.search_runs(
+            [exp.experiment_id], "tags.`lmops.kind` = 'stage' and attributes.status = 'FINISHED'"
+        )
+    }
     pre = runs["pretrain"]
     history = client.get_metric_history(pre.info.run_id, "pretrain/train_loss")
-    assert len(history) == params_of(repo)["pretrain"]["max_steps"] // params_of(repo)[
-        "pretrain"]["log_interval"]
+    assert (
+        len(history)
+        == params_of(repo)["pretrain"]["max_steps"] // params_of(repo)["pretrain"]["log_interval"]
+    )
     assert pre.data.params["pretrain.model.n_layer"] == str(params_of(repo)["model"]["n_layer"])
     names = {a.path for a in client.list_artifacts(pre.info.run_id)}
     assert "pretrain_loss_curves.png" in names
     assert {a.path for a in client.list_artifacts(pre.info.run_id, "model")} >= {
-        "model/model.safetensors", "model/config.json", "model/manifest.json"}
+        "model/model.safetensors",
+        "model/config.json",
+        "model/manifest.json",
+    }
     ev = runs["evaluate"]
-    assert ev.data.metrics["evaluate/bleu"] == json.loads(
-        (repo / "data/metrics/evaluate.json").read_text())["bleu"]
+    assert (
+        ev.data.metrics["evaluate/bleu"]
+        == json.loads((repo / "data/metrics/evaluate.json").read_text())["bleu"]
+    )
     assert ev.data.tags["evaluate.bleu_signature"].startswith("nrefs:1|")
-    assert "evaluate/samples.json" in {a.path for a in client.list_artifacts(
-        ev.info.run_id, "evaluate")}
+    assert "evaluate/samples.json" in {
+        a.path for a in client.list_artifacts(ev.info.run_id, "evaluate")
+    }
 
 
 def test_distil_and_quantise_compare_smaller_faster_models(repo, first_run):
     from lmops.config import DecodeConfig
+    from lmops.core.quantised import load_quantised
     from lmops.core.translation import load_model, translate
     from lmops.core.vocab import Tokenizer
-    from lmops.quantise import load_quantised
 
     params = params_of(repo)
     ev = json.loads((repo / "data/metrics/evaluate.json").read_text())
@@ -237,21 +271,26 @@ def test_distil_and_quantise_compare_smaller_faster_models(repo, first_run):
     if ev["bleu"] > 0:
         assert dis["bleu_retained"] == pytest.approx(dis["bleu"] / ev["bleu"])
     assert dis["best_valid_bleu"] == max(
-        pd.read_csv(repo / "data/plots/distil.csv")["valid_bleu"].dropna())
+        pd.read_csv(repo / "data/plots/distil.csv")["valid_bleu"].dropna()
+    )
     assert len(pd.read_csv(repo / "data/distil/translations.tsv", sep="\t")) == ev["test_pairs"]
 
     q = json.loads((repo / "data/metrics/quantise.json").read_text())
     table = pd.read_csv(repo / "data/plots/quantise.csv").set_index("variant")
-    assert set(table.index) == {"teacher fp32", "student fp32", "student int8",
-                                "student onnx int8", "teacher int8"}
-    assert q["shipped"] in ("student int8", "student onnx int8")
+    assert set(table.index) == {
+        "teacher fp32",
+        "student fp32",
+        "student onnx int8",
+        "teacher onnx int8",
+    }
+    assert q["shipped"] == "student onnx int8"
     assert table.loc[q["shipped"], "shipped"]
     assert table.loc["student fp32", "bleu"] == dis["bleu"]
     assert table.loc["teacher fp32", "bleu"] == ev["bleu"]
-    assert (table["num_params"].loc[["student int8", "student onnx int8"]]
-            == student.num_params()).all()
-    assert table.loc["student int8", "file_mb"] < 0.5 * table.loc["student fp32", "file_mb"]
-    assert table.loc["teacher int8", "file_mb"] < 0.35 * table.loc["teacher fp32", "file_mb"]
+    assert table.loc["student onnx int8", "num_params"] == student.num_params()
+    # the graph is a larger share of a tiny model's file than of the default one's (27%)
+    assert table.loc["student onnx int8", "file_mb"] < 0.5 * table.loc["student fp32", "file_mb"]
+    assert table.loc["teacher onnx int8", "file_mb"] < 0.35 * table.loc["teacher fp32", "file_mb"]
     for n in params["quantise"]["speed_batch_sizes"]:
         assert (table[f"tokens_per_sec_b{n}"] > 0).all()
         assert table.loc["student fp32", f"speedup_b{n}"] == 1.0
@@ -259,18 +298,23 @@ def test_distil_and_quantise_compare_smaller_faster_models(repo, first_run):
     # the shipped model loads from its directory alone and translates
     shipped = load_quantised(repo / "data/models/quantised")
     tok = Tokenizer.load(repo / "data/vocab")
-    out = translate(shipped, tok, ["In the beginning God created the heaven."], "fr",
-                    DecodeConfig(beam_size=1, max_new_tokens=8))
+    out = translate(
+        shipped,
+        tok,
+        ["In the beginning God created the heaven."],
+        "fr",
+        DecodeConfig(beam_size=1, max_new_tokens=8),
+    )
     assert len(out) == 1 and isinstance(out[0], str)
 
     client = MlflowClient(f"sqlite:///{repo}/mlruns/mlflow.db")
     run = _last_run(repo, "quantise")
-    assert run.data.metrics["quantise/shipped_size_ratio"] == pytest.approx(
-        q["shipped_size_ratio"])
+    assert run.data.metrics["quantise/shipped_size_ratio"] == pytest.approx(q["shipped_size_ratio"])
     names = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert "comparison.png" in names
     assert "quantise/comparison.json" in {
-        a.path for a in client.list_artifacts(run.info.run_id, "quantise")}
+        a.path for a in client.list_artifacts(run.info.run_id, "quantise")
+    }
 
 
 @pytest.mark.parametrize("stage", ["pretrain", "distil"])
@@ -282,9 +326,14 @@ def test_a_killed_training_stage_resumes_to_the_same_weights(repo, first_run, st
     uninterrupted = chaos.fingerprint(repo, stage)
     ckpt = repo / "data/train" / stage / "ckpt"
     shutil.rmtree(ckpt.parent)
-    proc = subprocess.Popen(["dvc", "repro", "--force", "--single-item", stage], cwd=repo,
-                            env=_env(repo), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        ["dvc", "repro", "--force", "--single-item", stage],
+        cwd=repo,
+        env=_env(repo),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 300
         while not list(ckpt.glob("step-*")) and proc.poll() is None:
@@ -309,17 +358,23 @@ def test_a_killed_training_stage_resumes_to_the_same_weights(repo, first_run, st
 def test_a_second_repro_in_the_workspace_fails_fast_naming_the_lock(repo, first_run):
     ckpt = repo / "data/train/pretrain"
     shutil.rmtree(ckpt)
-    first = subprocess.Popen(["dvc", "repro", "--force", "--single-item", "pretrain"], cwd=repo,
-                             env=_env(repo), stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL, start_new_session=True)
+    first = subprocess.Popen(
+        ["dvc", "repro", "--force", "--single-item", "pretrain"],
+        cwd=repo,
+        env=_env(repo),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 120
         while not ckpt.exists():  # the stage runs: dvc holds the workspace lock
             assert first.poll() is None and time.monotonic() < deadline
             time.sleep(0.02)
         start = time.monotonic()
-        second = subprocess.run(["dvc", "repro"], cwd=repo, env=_env(repo),
-                                capture_output=True, text=True, timeout=120)
+        second = subprocess.run(
+            ["dvc", "repro"], cwd=repo, env=_env(repo), capture_output=True, text=True, timeout=120
+        )
         waited = time.monotonic() - start
         assert first.poll() is None, "the first repro ended before the second tried"
     finally:
@@ -334,22 +389,38 @@ def test_a_second_repro_in_the_workspace_fails_fast_naming_the_lock(repo, first_
     dvc(repo, "status")
 
 
-def test_two_queued_experiments_run_at_once_with_their_own_runs_and_equal_metrics(
-        repo, first_run):
+def test_two_queued_experiments_run_at_once_with_their_own_runs_and_equal_metrics(repo, first_run):
     """`dvc exp run --queue` twice with the same params, both run by two workers: each is
     a pipeline run of its own in MLflow, and both give identical metrics (determinism:
     the kill tests compare finetune and distil reruns with uninterrupted runs too)."""
     for _ in range(2):
         dvc(repo, "exp", "run", "--queue", "-S", "pretrain.lr=0.0011", "pretrain")
     dvc(repo, "exp", "run", "--run-all", "--jobs", "2")
-    shown = json.loads(subprocess.run(["dvc", "exp", "show", "--json"], cwd=repo,
-                                      env=_env(repo), capture_output=True, text=True,
-                                      check=True).stdout)
-    exps = {rev["name"]: rev["data"]["metrics"]
-            for base in shown for exp in (base.get("experiments") or []) for rev in exp["revs"]}
+    shown = json.loads(
+        subprocess.run(
+            ["dvc", "exp", "show", "--json"],
+            cwd=repo,
+            env=_env(repo),
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    )
+    exps = {
+        rev["name"]: rev["data"]["metrics"]
+        for base in shown
+        for exp in (base.get("experiments") or [])
+        for rev in exp["revs"]
+    }
     assert len(exps) == 2, exps
-    stable = [{k: v for k, v in metrics["data/metrics/pretrain.json"]["data"].items()
-               if k not in chaos.VOLATILE} for metrics in exps.values()]
+    stable = [
+        {
+            k: v
+            for k, v in metrics["data/metrics/pretrain.json"]["data"].items()
+            if k not in chaos.VOLATILE
+        }
+        for metrics in exps.values()
+    ]
     assert stable[0] == stable[1]
     assert stable[0]["valid_loss"] > 0
     assert stable[0]["steps"] == params_of(repo)["pretrain"]["max_steps"]
@@ -358,12 +429,14 @@ def test_two_queued_experiments_run_at_once_with_their_own_runs_and_equal_metric
     exp = client.get_experiment_by_name("lmops")
     ran_in = []
     for name in exps:
-        parents = client.search_runs([exp.experiment_id],
-                                     f"tags.`lmops.kind` = 'pipeline' and "
-                                     f"tags.`DVC_EXP_NAME` = '{name}'")
+        parents = client.search_runs(
+            [exp.experiment_id],
+            f"tags.`lmops.kind` = 'pipeline' and tags.`DVC_EXP_NAME` = '{name}'",
+        )
         assert len(parents) == 1 and parents[0].info.run_name == name
         children = client.search_runs(
-            [exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parents[0].info.run_id}'")
+            [exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parents[0].info.run_id}'"
+        )
         ran_in.append(sorted(r.data.tags["lmops.stage"] for r in children))
         assert all(r.info.status == "FINISHED" for r in children)
         assert parents[0].info.status == "FINISHED"
@@ -373,24 +446,47 @@ def test_two_queued_experiments_run_at_once_with_their_own_runs_and_equal_metric
 
 def _stage(repo: Path, script: str, params: dict, *args: str) -> subprocess.CompletedProcess:
     (repo / "params.bad.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    return subprocess.run([sys.executable, f"stages/{script}.py", "--params",
-                           "params.bad.yaml", *args], cwd=repo, env=_env(repo),
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, f"stages/{script}.py", "--params", "params.bad.yaml", *args],
+        cwd=repo,
+        env=_env(repo),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def _last_run(repo: Path, stage: str):
     client = MlflowClient(f"sqlite:///{repo}/mlruns/mlflow.db")
     exp = client.get_experiment_by_name("lmops")
-    return client.search_runs([exp.experiment_id], f"tags.`lmops.stage` = '{stage}'",
-                              order_by=["attributes.start_time DESC"], max_results=1)[0]
+    return client.search_runs(
+        [exp.experiment_id],
+        f"tags.`lmops.stage` = '{stage}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )[0]
 
 
 def test_a_diverging_loss_stops_pretrain_with_the_step(repo, first_run):
     params = params_of(repo)
     params["pretrain"]["max_loss"] = 1.0  # below the first loss: diverged at step 1
-    out = _stage(repo, "pretrain", params, "--tokens", "data/tokens", "--vocab", "data/vocab",
-                 "--work", "scratch/work", "--out", "scratch/model",
-                 "--metrics", "scratch/m.json", "--curve", "scratch/c.csv")
+    out = _stage(
+        repo,
+        "pretrain",
+        params,
+        "--tokens",
+        "data/tokens",
+        "--vocab",
+        "data/vocab",
+        "--work",
+        "scratch/work",
+        "--out",
+        "scratch/model",
+        "--metrics",
+        "scratch/m.json",
+        "--curve",
+        "scratch/c.csv",
+    )
     assert out.returncode == 1, out.stderr
     assert "loss diverged at step 1" in out.stderr and "max_loss 1.0" in out.stderr
     assert not (repo / "scratch/model").exists() and not (repo / "scratch/m.json").exists()
@@ -400,23 +496,56 @@ def test_a_diverging_loss_stops_pretrain_with_the_step(repo, first_run):
 
 
 def test_a_missing_pretrained_model_is_named(repo, first_run):
-    out = _stage(repo, "finetune", params_of(repo), "--tokens", "data/tokens",
-                 "--vocab", "data/vocab", "--init", "data/models/nothing-here",
-                 "--work", "scratch/fw", "--out", "scratch/fm", "--metrics", "scratch/f.json",
-                 "--curve", "scratch/f.csv")
+    out = _stage(
+        repo,
+        "finetune",
+        params_of(repo),
+        "--tokens",
+        "data/tokens",
+        "--vocab",
+        "data/vocab",
+        "--init",
+        "data/models/nothing-here",
+        "--work",
+        "scratch/fw",
+        "--out",
+        "scratch/fm",
+        "--metrics",
+        "scratch/f.json",
+        "--curve",
+        "scratch/f.csv",
+    )
     assert out.returncode == 1
     assert "lmops finetune: error: data/models/nothing-here: not found" in out.stderr
     assert _last_run(repo, "finetune").info.status == "FAILED"
 
 
 def test_a_missing_teacher_stops_distil_with_its_name(repo, first_run):
-    out = _stage(repo, "distil", params_of(repo), "--tokens", "data/tokens",
-                 "--vocab", "data/vocab", "--clean", "data/clean",
-                 "--teacher", "data/models/no-teacher",
-                 "--teacher-translations", "data/evaluate/translations.tsv",
-                 "--work", "scratch/dw",
-                 "--out", "scratch/dm", "--eval-out", "scratch/de",
-                 "--metrics", "scratch/d.json", "--curve", "scratch/d.csv")
+    out = _stage(
+        repo,
+        "distil",
+        params_of(repo),
+        "--tokens",
+        "data/tokens",
+        "--vocab",
+        "data/vocab",
+        "--clean",
+        "data/clean",
+        "--teacher",
+        "data/models/no-teacher",
+        "--teacher-translations",
+        "data/evaluate/translations.tsv",
+        "--work",
+        "scratch/dw",
+        "--out",
+        "scratch/dm",
+        "--eval-out",
+        "scratch/de",
+        "--metrics",
+        "scratch/d.json",
+        "--curve",
+        "scratch/d.csv",
+    )
     assert out.returncode == 1
     assert "lmops distil: error: data/models/no-teacher: not found" in out.stderr
     assert not (repo / "scratch/dm").exists() and not (repo / "scratch/d.json").exists()
@@ -440,13 +569,17 @@ def test_model_stages_record_the_hardware_they_ran_on(repo, first_run, monkeypat
         assert hw["cpu"] == hardware.cpu_model() and hw["gpu_count"] == 0
         # quantise times every variant in fp32 activations; the others resolve auto
         assert hw["precision"] == ("fp32" if stage == "quantise" else expected), stage
-    assert json.loads((repo / "data/metrics/pretrain.json").read_text())["hardware"][
-        "processes"] == 1
+    assert (
+        json.loads((repo / "data/metrics/pretrain.json").read_text())["hardware"]["processes"] == 1
+    )
     client = MlflowClient(f"sqlite:///{repo}/mlruns/mlflow.db")
     exp = client.get_experiment_by_name("lmops")
     (run,) = client.search_runs(
-        [exp.experiment_id], "tags.`lmops.stage` = 'pretrain' and attributes.status = 'FINISHED'",
-        order_by=["attributes.start_time DESC"], max_results=1)
+        [exp.experiment_id],
+        "tags.`lmops.stage` = 'pretrain' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
     assert run.data.params["pretrain.hardware.precision"] == expected
     assert run.data.tags["lmops.hardware.cpu_capability"] == hardware.cpu_capability()
     assert run.data.tags["lmops.hardware.compile"] == "False"  # the tiny profile's own
@@ -461,8 +594,9 @@ def test_model_stages_record_the_hardware_they_ran_on(repo, first_run, monkeypat
 
 def test_each_training_stage_printed_its_estimate_first(repo, first_run):
     for stage in ("pretrain", "finetune", "distil"):
-        assert re.search(rf"\[{stage}\] estimated [\d.]+ (s|min) on this machine: \d+ steps x ",
-                         first_run), stage
+        assert re.search(
+            rf"\[{stage}\] estimated [\d.]+ (s|min) on this machine: \d+ steps x ", first_run
+        ), stage
 
 
 def test_estimate_names_what_repro_would_run_and_its_time(repo, first_run):
@@ -482,8 +616,10 @@ def test_estimate_names_what_repro_would_run_and_its_time(repo, first_run):
     assert [e.stage for e in ests] == ["evaluate", "distil", "quantise"]
     assert all(e.seconds > 0 for e in ests)
     # distil resumes at its last step: only the scoring is left
-    assert "0 steps x" in ests[1].detail and f"resuming at step {params['distil']['max_steps']}" \
-        in ests[1].detail
+    assert (
+        "0 steps x" in ests[1].detail
+        and f"resuming at step {params['distil']['max_steps']}" in ests[1].detail
+    )
     text = estimate.render(ests)
     total = re.search(r"total\s+([\d.]+) (s|min)", text)
     assert total and "over 45 minutes" not in text
@@ -508,8 +644,14 @@ def test_nproc_2_trains_pretrain_under_torchrun_as_one_process_does(repo, first_
     dvc(repo, "repro")  # earlier tests reran single stages: bring the rest up to date
     model = repo / "data/models/pretrain/model.safetensors"
     # what the first run wrote: put back at the end, so later `dvc repro`s run nothing
-    kept = ["dvc.lock", "params.yaml", "data/models/pretrain", "data/train/pretrain",
-            "data/metrics/pretrain.json", "data/plots/pretrain.csv"]
+    kept = [
+        "dvc.lock",
+        "params.yaml",
+        "data/models/pretrain",
+        "data/train/pretrain",
+        "data/metrics/pretrain.json",
+        "data/plots/pretrain.csv",
+    ]
     backup = repo.parent / "nproc-backup"
 
     def copy(src: Path, dst: Path) -> None:

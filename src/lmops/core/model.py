@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -62,8 +63,14 @@ class KVCache:
     so the cache follows autocast. ``length`` slots are filled; the model advances it.
     """
 
-    def __init__(self, n_layer: int, batch_size: int, max_len: int,
-                 device: torch.device | str | None = None, valid: Tensor | None = None):
+    def __init__(
+        self,
+        n_layer: int,
+        batch_size: int,
+        max_len: int,
+        device: torch.device | str | None = None,
+        valid: Tensor | None = None,
+    ):
         self.max_len = max_len
         self.length = 0
         self.keys: list[Tensor | None] = [None] * n_layer
@@ -84,6 +91,7 @@ class KVCache:
             self.keys[layer] = k.new_empty(b, h, self.max_len, d)
             self.values[layer] = v.new_empty(b, h, self.max_len, d)
         keys, values = self.keys[layer], self.values[layer]
+        assert keys is not None and values is not None  # allocated above
         keys[:, :, self.length : end] = k
         values[:, :, self.length : end] = v
         return keys[:, :, :end], values[:, :, :end]
@@ -99,7 +107,7 @@ class KVCache:
         self.valid = self.valid.index_select(0, rows)
 
 
-def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotary embedding (half-split layout) in x's dtype; cos and sin come in that dtype.
 
     Under bf16 autocast q and k are already bf16 (rounded once by the qkv matmul); an fp32
@@ -116,8 +124,7 @@ def _use_matmul_attention(q: Tensor, dropout: float) -> bool:
     than two batched matmuls and a softmax at the context lengths trained here (128, a
     [T, T] score matrix per head is small); in fp32 and on GPUs SDPA is as fast or faster.
     """
-    return (q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16)
-            and dropout == 0.0)
+    return q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) and dropout == 0.0
 
 
 def _matmul_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -125,8 +132,12 @@ def _matmul_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     b, h, t, d = q.shape
     # additive mask: 0 on and below the diagonal, -inf above, in the scores' dtype
     bias = torch.full((t, t), float("-inf"), dtype=q.dtype, device=q.device).triu_(1)
-    scores = torch.baddbmm(bias.expand(b * h, t, t), q.reshape(b * h, t, d),
-                           k.reshape(b * h, t, d).transpose(1, 2), alpha=d ** -0.5)
+    scores = torch.baddbmm(
+        bias.expand(b * h, t, t),
+        q.reshape(b * h, t, d),
+        k.reshape(b * h, t, d).transpose(1, 2),
+        alpha=d**-0.5,
+    )
     # the cpu softmax kernel accumulates reduced-precision inputs in fp32
     return torch.bmm(scores.softmax(-1), v.reshape(b * h, t, d)).view(b, h, t, d)
 
@@ -140,19 +151,27 @@ class Attention(nn.Module):
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
         self.resid_drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None,
-                layer: int, mask: Tensor | None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        cache: KVCache | None,
+        layer: int,
+        mask: Tensor | None,
+    ) -> Tensor:
         b, t, c = x.shape
         q, k, v = self.qkv(x).view(b, t, 3, self.n_head, c // self.n_head).permute(2, 0, 3, 1, 4)
-        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, k, v)
         dropout = self.dropout if self.training else 0.0
         if mask is None and _use_matmul_attention(q, dropout):
             y = _matmul_attention(q, k, v)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                               is_causal=mask is None, dropout_p=dropout)
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=dropout
+            )
         return self.resid_drop(self.proj(y.transpose(1, 2).reshape(b, t, c)))
 
 
@@ -177,13 +196,22 @@ class Block(nn.Module):
         self.mlp_norm = nn.RMSNorm(cfg.n_embd, eps=NORM_EPS)
         self.mlp = SwiGLU(cfg)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None,
-                layer: int, mask: Tensor | None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        cache: KVCache | None,
+        layer: int,
+        mask: Tensor | None,
+    ) -> Tensor:
         x = x + self.attn(self.attn_norm(x), cos, sin, cache, layer, mask)
         return x + self.mlp(self.mlp_norm(x))
 
 
 class Transformer(nn.Module):
+    inv_freq: Tensor  # a buffer, registered in __init__
+
     def __init__(self, cfg: ModelConfig, vocab_size: int):
         super().__init__()
         if vocab_size < 2:
@@ -207,7 +235,7 @@ class Transformer(nn.Module):
             if isinstance(module, nn.Linear | nn.Embedding):
                 nn.init.normal_(module.weight, std=INIT_STD)
         resid_std = INIT_STD / math.sqrt(2 * self.cfg.n_layer)
-        for block in self.blocks:
+        for block in cast("list[Block]", self.blocks):
             nn.init.normal_(block.attn.proj.weight, std=resid_std)
             nn.init.normal_(block.mlp.down.weight, std=resid_std)
 
@@ -230,12 +258,12 @@ class Transformer(nn.Module):
         if cache is None and t > self.cfg.block_size:
             raise ValueError(f"sequence of {t} tokens exceeds block_size {self.cfg.block_size}")
         if cache is not None and start + t > cache.max_len:
-            raise ValueError(f"KV cache overflow: {start} + {t} tokens > max_len "
-                             f"{cache.max_len}")
+            raise ValueError(f"KV cache overflow: {start} + {t} tokens > max_len {cache.max_len}")
         return start
 
-    def forward(self, idx: Tensor, cache: KVCache | None = None,
-                positions: Tensor | None = None) -> Tensor:
+    def forward(
+        self, idx: Tensor, cache: KVCache | None = None, positions: Tensor | None = None
+    ) -> Tensor:
         """Logits [B, T, V] for every position of ``idx`` [B, T].
 
         Without a cache this is a plain causal pass over at most ``block_size`` tokens.
@@ -305,8 +333,9 @@ class Transformer(nn.Module):
         return idx.to(self.device), positions.to(self.device), valid.to(self.device)
 
     @torch.no_grad()
-    def generate_greedy(self, prompts: list[list[int]], max_new_tokens: int, eos_id: int,
-                        pad_id: int) -> list[list[int]]:
+    def generate_greedy(
+        self, prompts: list[list[int]], max_new_tokens: int, eos_id: int, pad_id: int
+    ) -> list[list[int]]:
         """Greedy continuation of each prompt: the new tokens only, eos and after removed.
 
         A row leaves the batch (and the cache) as soon as it emits eos; the loop ends when
@@ -340,9 +369,15 @@ class Transformer(nn.Module):
         return out
 
     @torch.no_grad()
-    def generate_beam(self, prompts: list[list[int]], max_new_tokens: int, eos_id: int,
-                      pad_id: int, beam_size: int = 4,
-                      length_penalty: float = 1.0) -> list[list[int]]:
+    def generate_beam(
+        self,
+        prompts: list[list[int]],
+        max_new_tokens: int,
+        eos_id: int,
+        pad_id: int,
+        beam_size: int = 4,
+        length_penalty: float = 1.0,
+    ) -> list[list[int]]:
         """Beam search; returns each prompt's best hypothesis (new tokens, eos removed).
 
         Hypotheses are ranked by sum of log-probs / ((5 + len) / 6) ** length_penalty (GNMT),
@@ -384,7 +419,8 @@ class Transformer(nn.Module):
                 top, top_idx = top.tolist(), top_idx.tolist()
                 new_rows, new_tok, new_scores, going = [], [], [], []
                 for a, i in enumerate(alive):
-                    picked = []  # (row, token, score) of the next beams, best first
+                    # (row, token, score) of the next beams, best first
+                    picked: list[tuple[int, int, float]] = []
                     for rank, (s, j) in enumerate(zip(top[a], top_idx[a], strict=True)):
                         if s == -math.inf:
                             break
@@ -396,16 +432,18 @@ class Transformer(nn.Module):
                         elif len(picked) < k:
                             picked.append((row, t, s))
                     if last:
-                        finished[i] += [(normalise(s, length), seqs[r].tolist() + [t])
-                                        for r, t, s in picked]
+                        finished[i] += [
+                            (normalise(s, length), seqs[r].tolist() + [t]) for r, t, s in picked
+                        ]
                         continue
                     best = sorted((f[0] for f in finished[i]), reverse=True)[:k]
                     if not picked:
                         continue
                     # live beams only lose log-prob, so their best reachable score is this,
                     # at one end or the other of the lengths still possible
-                    reachable = max(normalise(picked[0][2], length),
-                                    normalise(picked[0][2], max_new_tokens))
+                    reachable = max(
+                        normalise(picked[0][2], length), normalise(picked[0][2], max_new_tokens)
+                    )
                     if len(best) == k and best[-1] >= reachable:
                         continue
                     picked += [(picked[0][0], pad_id, -math.inf)] * (k - len(picked))

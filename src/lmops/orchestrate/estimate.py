@@ -53,9 +53,10 @@ DATA_FIXED_SECONDS = {"vocab": 35.5}
 STAGE_OVERHEAD_S = 10.0
 # a model stage's on top of that: torch, the estimate it prints, exports and logging
 MODEL_STAGE_OVERHEAD_S = 10.5
-# quantise: the ONNX export and int8 conversion of each model; the ONNX int8 student
-# decodes in about 0.4 of the fp32 student's time (bench/quantise.py: 2.0-2.8x as fast)
-QUANTISE_EXPORT_S = 10.0
+# quantise: the ONNX export (torch.export-based, about 20 s a model of the distil size on a
+# 2-core AVX2 EPYC) and int8 conversion of each model; the ONNX int8 student decodes in
+# about 0.4 of the fp32 student's time (bench/quantise.py: 2.0-2.8x as fast)
+QUANTISE_EXPORT_S = 20.0
 ONNX_INT8_SHARE = 0.4
 # compile: steps this much faster after a compile of COMPILE_SECONDS (cold cache), bf16
 # on an AVX-512 BF16 CPU (bench/train_throughput.py); on CUDA the speed-up is larger,
@@ -63,9 +64,15 @@ ONNX_INT8_SHARE = 0.4
 COMPILE_STEP_FACTOR = 0.9
 COMPILE_SECONDS = 40.0
 # sizes of the embedded default corpora, for a first run that has no statistics yet
-DEFAULT_SIZES = {"corpus_mb": 23.4, "test_pairs": 663, "valid_pairs": 133,
-                 "src_tokens": 30.0, "tgt_tokens": 33.0, "pair_tokens": 75.0,
-                 "mono_test_tokens": 46062}
+DEFAULT_SIZES = {
+    "corpus_mb": 23.4,
+    "test_pairs": 663,
+    "valid_pairs": 133,
+    "src_tokens": 30.0,
+    "tgt_tokens": 33.0,
+    "pair_tokens": 75.0,
+    "mono_test_tokens": 46062,
+}
 # a translation decoded alone runs this many times the mean target length (the quantise
 # stage's batch-1 timings of the fast profile's student: 149 ms a sentence)
 SINGLE_LENGTH_FACTOR = 1.5
@@ -136,9 +143,16 @@ def _autocast(device: torch.device, precision: str) -> Any:
 
 
 @_memo
-def train_step_seconds(cfg: ModelConfig, vocab: int, rows: int, width: int,
-                       train: TrainConfig, device: torch.device,
-                       teacher: ModelConfig | None = None, target_share: float = 1.0) -> float:
+def train_step_seconds(
+    cfg: ModelConfig,
+    vocab: int,
+    rows: int,
+    width: int,
+    train: TrainConfig,
+    device: torch.device,
+    teacher: ModelConfig | None = None,
+    target_share: float = 1.0,
+) -> float:
     """Seconds per optimiser step of one micro-batch of ``rows`` x ``width`` tokens,
     eager, at the stage's resolved precision (distil: its loss, the teacher's pass
     included):
@@ -156,8 +170,9 @@ def train_step_seconds(cfg: ModelConfig, vocab: int, rows: int, width: int,
 
         teacher_model = _model(teacher, vocab, device)
         assert isinstance(teacher_model, Transformer)
-        loss_fn = word_loss(teacher_model, getattr(train, "alpha", 0.5),
-                            getattr(train, "temperature", 2.0))
+        loss_fn = word_loss(
+            teacher_model, getattr(train, "alpha", 0.5), getattr(train, "temperature", 2.0)
+        )
     ids = torch.randint(4, vocab, (rows, width + 1), device=device)
     targets = ids[:, 1:].clone()  # translation pairs: the loss is on the target side only
     targets[:, : round(width * (1 - target_share))] = IGNORE_INDEX
@@ -175,8 +190,9 @@ def train_step_seconds(cfg: ModelConfig, vocab: int, rows: int, width: int,
 
 
 @_memo
-def forward_seconds(cfg: ModelConfig, vocab: int, rows: int, width: int, precision: str,
-                    device: torch.device) -> float:
+def forward_seconds(
+    cfg: ModelConfig, vocab: int, rows: int, width: int, precision: str, device: torch.device
+) -> float:
     """Seconds per loss forward pass of ``rows`` x ``width`` tokens (validation,
     perplexity)."""
     from lmops.core.train import lm_loss
@@ -193,9 +209,17 @@ def forward_seconds(cfg: ModelConfig, vocab: int, rows: int, width: int, precisi
 
 
 @_memo
-def decode_seconds(cfg: ModelConfig, vocab: int, device: torch.device, precision: str,
-                   sentences: int, batch_size: int, beam_size: int, src_tokens: float,
-                   new_tokens: int) -> float:
+def decode_seconds(
+    cfg: ModelConfig,
+    vocab: int,
+    device: torch.device,
+    precision: str,
+    sentences: int,
+    batch_size: int,
+    beam_size: int,
+    src_tokens: float,
+    new_tokens: int,
+) -> float:
     """Seconds to translate ``sentences`` in batches of ``batch_size``, each batch running
     ``new_tokens`` decoding steps (a batch runs until its longest translation ends: for
     the models a pipeline trains, often the limit). A step costs more as the cache
@@ -208,8 +232,9 @@ def decode_seconds(cfg: ModelConfig, vocab: int, device: torch.device, precision
     model = _model(cfg, vocab, device).eval()
     assert isinstance(model, Transformer)
     n = min(batch_size, sentences)
-    prompts = [[5 + (i * 7 + j) % (vocab - 5) for j in range(max(1, round(src_tokens)))]
-               for i in range(n)]
+    prompts = [
+        [5 + (i * 7 + j) % (vocab - 5) for j in range(max(1, round(src_tokens)))] for i in range(n)
+    ]
     eos = vocab + 1  # never emitted: every batch runs all its steps
 
     def run(steps: int) -> None:
@@ -220,8 +245,9 @@ def decode_seconds(cfg: ModelConfig, vocab: int, device: torch.device, precision
                 model.generate_greedy(prompts, steps, eos, 0)
 
     run(1)
-    t2, t18, t34 = (_timed(cast("Callable[[], None]", lambda k=k: run(k)), 1, 0.05)
-                    for k in (2, 18, 34))
+    t2, t18, t34 = (
+        _timed(cast("Callable[[], None]", lambda k=k: run(k)), 1, 0.05) for k in (2, 18, 34)
+    )
     early, late = max(t18 - t2, 1e-6) / 16, max(t34 - t18, 1e-6) / 16  # a step at 10, at 26
     slope = max(0.0, (late - early) / 16)
     rest = max(0, new_tokens - 2)  # steps 3 .. new_tokens, each early + slope * (t - 10)
@@ -241,20 +267,24 @@ def data_sizes(root: Path) -> dict[str, float]:
         stats = json.loads(tok_stats.read_text())
         test, valid = stats["parallel_test"], stats["parallel_valid"]
         train = stats["parallel_train"]
-        sizes.update({
-            "test_pairs": test["pairs"], "valid_pairs": valid["pairs"],
-            "src_tokens": test["src_tokens"] / max(1, test["pairs"]),
-            "tgt_tokens": test["tgt_tokens"] / max(1, test["pairs"]),
-            # <2xx> src <sep> tgt </s>
-            "pair_tokens": (train["src_tokens"] + train["tgt_tokens"]) / max(1, train["pairs"])
-            + 3,
-            "mono_test_tokens": stats["pretrain_valid"]["tokens"],
-        })
+        sizes.update(
+            {
+                "test_pairs": test["pairs"],
+                "valid_pairs": valid["pairs"],
+                "src_tokens": test["src_tokens"] / max(1, test["pairs"]),
+                "tgt_tokens": test["tgt_tokens"] / max(1, test["pairs"]),
+                # <2xx> src <sep> tgt </s>
+                "pair_tokens": (train["src_tokens"] + train["tgt_tokens"]) / max(1, train["pairs"])
+                + 3,
+                "mono_test_tokens": stats["pretrain_valid"]["tokens"],
+            }
+        )
     except (OSError, ValueError, KeyError, TypeError):
         pass
     try:  # the text clean kept, in every split: close to what it reads
-        kept = sum(v for k, v in json.loads(clean_stats.read_text()).items()
-                   if k.endswith(".bytes"))
+        kept = sum(
+            v for k, v in json.loads(clean_stats.read_text()).items() if k.endswith(".bytes")
+        )
         if kept:
             sizes["corpus_mb"] = kept / 2**20
     except (OSError, ValueError, AttributeError, TypeError):
@@ -274,10 +304,13 @@ def steps_done(work_dir: Path, cfg: TrainConfig, model: ModelConfig) -> int:
         saved = checkpoint.read_config(last)
     except checkpoint.CheckpointError:
         return 0
-    wanted = json.loads(json.dumps({"train": cfg.model_dump(exclude={"nproc"}),
-                                    "model": model.model_dump()}))
-    if saved.get("fit", {}).get("train") != wanted["train"] or saved.get("model") != wanted[
-            "model"]:
+    wanted = json.loads(
+        json.dumps({"train": cfg.model_dump(exclude={"nproc"}), "model": model.model_dump()})
+    )
+    if (
+        saved.get("fit", {}).get("train") != wanted["train"]
+        or saved.get("model") != wanted["model"]
+    ):
         return 0
     match = re.search(r"(\d+)$", last.name)
     return int(match.group(1)) if match else 0
@@ -298,39 +331,66 @@ class _Context:
         return hardware.resolve_device(name)
 
     def overhead(self, model_stage: bool) -> float:
-        return (STAGE_OVERHEAD_S + (MODEL_STAGE_OVERHEAD_S if model_stage else 0.0)) \
-            * self.cpu_factor
+        return (
+            STAGE_OVERHEAD_S + (MODEL_STAGE_OVERHEAD_S if model_stage else 0.0)
+        ) * self.cpu_factor
 
 
-def _training(ctx: _Context, stage: str, cfg: TrainConfig, model: ModelConfig,
-              width: int, bleu: bool, teacher: ModelConfig | None = None) -> StageEstimate:
+def _training(
+    ctx: _Context,
+    stage: str,
+    cfg: TrainConfig,
+    model: ModelConfig,
+    width: int,
+    bleu: bool,
+    teacher: ModelConfig | None = None,
+) -> StageEstimate:
     # pair stages (bleu) train on "<2xx> source <sep> target </s>", the loss on the target
     share = (ctx.sizes["tgt_tokens"] + 1) / ctx.sizes["pair_tokens"] if bleu else 1.0
     device = ctx.device(cfg.device)
     nproc = hardware.resolve_nproc(cfg.nproc, cfg.device)
     dtype = hardware.autocast_dtype(cfg.precision, device)
     precision = hardware.precision_name(dtype)  # the resolved one: measurements are shared
-    step = train_step_seconds(model, ctx.vocab, cfg.batch_size, width, cfg, device, teacher,
-                              min(1.0, share))
+    step = train_step_seconds(
+        model, ctx.vocab, cfg.batch_size, width, cfg, device, teacher, min(1.0, share)
+    )
     fwd = forward_seconds(model, ctx.vocab, cfg.batch_size, width, precision, device)
     compiled = hardware.compile_enabled(cfg.compile, device, dtype)
     step *= cfg.grad_accum / nproc * (COMPILE_STEP_FACTOR if compiled else 1.0)
     done = steps_done(ctx.root / "data" / "train" / stage, cfg, model)
     left = max(0, cfg.max_steps - done)
-    evals = sum(1 for s in range(done + 1, cfg.max_steps + 1)
-                if s % cfg.eval_interval == 0 or s == cfg.max_steps)
+    evals = sum(
+        1
+        for s in range(done + 1, cfg.max_steps + 1)
+        if s % cfg.eval_interval == 0 or s == cfg.max_steps
+    )
     eval_s = cfg.eval_batches * fwd
     if bleu:
         dec = ctx.params.evaluate.decode
         n = min(getattr(cfg, "bleu_samples", 0), int(ctx.sizes["valid_pairs"]))
-        eval_s += decode_seconds(model, ctx.vocab, device, precision, n, dec.batch_size, 1,
-                                 ctx.sizes["src_tokens"], dec.max_new_tokens)
-    total = (left * step + evals * eval_s + ctx.overhead(model_stage=True)
-             + (COMPILE_SECONDS if compiled and left else 0.0))
+        eval_s += decode_seconds(
+            model,
+            ctx.vocab,
+            device,
+            precision,
+            n,
+            dec.batch_size,
+            1,
+            ctx.sizes["src_tokens"],
+            dec.max_new_tokens,
+        )
+    total = (
+        left * step
+        + evals * eval_s
+        + ctx.overhead(model_stage=True)
+        + (COMPILE_SECONDS if compiled and left else 0.0)
+    )
     resume = f", resuming at step {done}" if done else ""
-    detail = (f"{left} steps x {step:.3g} s + {evals} evaluations x {eval_s:.3g} s "
-              f"({hardware.precision_name(dtype)}{', compiled' if compiled else ''}, "
-              f"{device.type}{f' x {nproc}' if nproc > 1 else ''}{resume})")
+    detail = (
+        f"{left} steps x {step:.3g} s + {evals} evaluations x {eval_s:.3g} s "
+        f"({hardware.precision_name(dtype)}{', compiled' if compiled else ''}, "
+        f"{device.type}{f' x {nproc}' if nproc > 1 else ''}{resume})"
+    )
     return StageEstimate(stage, total, detail)
 
 
@@ -344,8 +404,9 @@ def _batch_length(ctx: _Context, batch_size: int) -> int:
     return min(limit, math.ceil(ctx.sizes["tgt_tokens"] * SINGLE_LENGTH_FACTOR))
 
 
-def _evaluate_like(ctx: _Context, stage: str, model: ModelConfig, precision: str,
-                   device_name: str) -> tuple[float, str]:
+def _evaluate_like(
+    ctx: _Context, stage: str, model: ModelConfig, precision: str, device_name: str
+) -> tuple[float, str]:
     ev = ctx.params.evaluate
     dec = ev.decode
     device = ctx.device(device_name)
@@ -353,11 +414,19 @@ def _evaluate_like(ctx: _Context, stage: str, model: ModelConfig, precision: str
     n = int(ctx.sizes["test_pairs"])
     if ev.max_test_pairs is not None:
         n = min(n, ev.max_test_pairs)
-    seconds = decode_seconds(model, ctx.vocab, device, precision, n, dec.batch_size,
-                             dec.beam_size, ctx.sizes["src_tokens"], dec.max_new_tokens)
+    seconds = decode_seconds(
+        model,
+        ctx.vocab,
+        device,
+        precision,
+        n,
+        dec.batch_size,
+        dec.beam_size,
+        ctx.sizes["src_tokens"],
+        dec.max_new_tokens,
+    )
     # perplexity: forward passes over the held-out text, ppl_batch_size windows at a time
-    fwd = forward_seconds(model, ctx.vocab, ev.ppl_batch_size, model.block_size, precision,
-                          device)
+    fwd = forward_seconds(model, ctx.vocab, ev.ppl_batch_size, model.block_size, precision, device)
     windows = ctx.sizes["mono_test_tokens"] / model.block_size
     seconds += fwd * math.ceil(windows / ev.ppl_batch_size)
     return seconds, f"{n} test sentences, beam {dec.beam_size}"
@@ -366,47 +435,73 @@ def _evaluate_like(ctx: _Context, stage: str, model: ModelConfig, precision: str
 def estimate_stage(ctx: _Context, stage: str) -> StageEstimate:
     p, sizes = ctx.params, ctx.sizes
     if stage in DATA_SECONDS_PER_MB or stage in DATA_FIXED_SECONDS:
-        seconds = (DATA_SECONDS_PER_MB.get(stage, 0.0) * sizes["corpus_mb"]
-                   + DATA_FIXED_SECONDS.get(stage, 0.0)) * ctx.cpu_factor
-        return StageEstimate(stage, seconds + ctx.overhead(model_stage=False),
-                             f"{sizes['corpus_mb']:.0f} MB of text")
+        seconds = (
+            DATA_SECONDS_PER_MB.get(stage, 0.0) * sizes["corpus_mb"]
+            + DATA_FIXED_SECONDS.get(stage, 0.0)
+        ) * ctx.cpu_factor
+        return StageEstimate(
+            stage, seconds + ctx.overhead(model_stage=False), f"{sizes['corpus_mb']:.0f} MB of text"
+        )
     pair_width = min(p.model.block_size, math.ceil(sizes["pair_tokens"]))
     if stage == "pretrain":
         return _training(ctx, stage, p.pretrain, p.model, p.model.block_size, bleu=False)
     if stage == "finetune":
         return _training(ctx, stage, p.finetune, p.model, pair_width, bleu=True)
     if stage == "distil":
-        est = _training(ctx, stage, p.distil, p.distil.model, pair_width, bleu=True,
-                        teacher=p.model)
-        scored, _ = _evaluate_like(ctx, stage, p.distil.model, p.distil.precision,
-                                   p.distil.device)
+        est = _training(
+            ctx, stage, p.distil, p.distil.model, pair_width, bleu=True, teacher=p.model
+        )
+        scored, _ = _evaluate_like(ctx, stage, p.distil.model, p.distil.precision, p.distil.device)
         return StageEstimate(stage, est.seconds + scored, est.detail + ", then scored")
     if stage == "evaluate":
-        seconds, detail = _evaluate_like(ctx, stage, p.model, p.evaluate.precision,
-                                         p.evaluate.device)
+        seconds, detail = _evaluate_like(
+            ctx, stage, p.model, p.evaluate.precision, p.evaluate.device
+        )
         return StageEstimate(stage, seconds + ctx.overhead(model_stage=True), detail)
     if stage == "quantise":
-        # int8 variants decode on the cpu, scored on the test set: the student with torch
-        # (about fp32's speed) and with onnxruntime (ONNX_INT8_SHARE of it), the teacher
-        # with torch; then the speed rounds and the exports
+        # int8 variants decode on the cpu with onnxruntime (ONNX_INT8_SHARE of fp32's
+        # time), scored on the test set: the student and the teacher; then the speed
+        # rounds and one export per variant
         student, _ = _evaluate_like(ctx, stage, p.distil.model, "fp32", "cpu")
-        teacher, _ = (_evaluate_like(ctx, stage, p.model, "fp32", "cpu") if p.quantise.teacher
-                      else (0.0, ""))
-        variants = (1 + ONNX_INT8_SHARE) * student + teacher
+        teacher, _ = (
+            _evaluate_like(ctx, stage, p.model, "fp32", "cpu") if p.quantise.teacher else (0.0, "")
+        )
+        variants = ONNX_INT8_SHARE * (student + teacher)
         q = p.quantise
-        speed = q.speed_rounds * sum(
-            decode_seconds(m, ctx.vocab, torch.device("cpu"), "fp32", q.speed_sentences, b, 1,
-                           sizes["src_tokens"], _batch_length(ctx, b))
-            for m in (p.model, p.distil.model) for b in q.speed_batch_sizes) * 2
-        export = QUANTISE_EXPORT_S * ctx.cpu_factor
-        return StageEstimate(stage, variants + speed + export + ctx.overhead(model_stage=True),
-                             f"{2 + int(q.teacher)} int8 variants scored and timed")
+        speed = (
+            q.speed_rounds
+            * sum(
+                decode_seconds(
+                    m,
+                    ctx.vocab,
+                    torch.device("cpu"),
+                    "fp32",
+                    q.speed_sentences,
+                    b,
+                    1,
+                    sizes["src_tokens"],
+                    _batch_length(ctx, b),
+                )
+                for m in (p.model, p.distil.model)
+                for b in q.speed_batch_sizes
+            )
+            * 2
+        )
+        export = QUANTISE_EXPORT_S * (1 + int(q.teacher)) * ctx.cpu_factor
+        return StageEstimate(
+            stage,
+            variants + speed + export + ctx.overhead(model_stage=True),
+            f"{1 + int(q.teacher)} int8 variants scored and timed",
+        )
     raise LmopsError(f"no estimate for stage {stage!r}")
 
 
-def estimate(stages: Iterable[str], root: str | Path = ".",
-             params_path: str | Path = "params.yaml",
-             params: Params | None = None) -> list[StageEstimate]:
+def estimate(
+    stages: Iterable[str],
+    root: str | Path = ".",
+    params_path: str | Path = "params.yaml",
+    params: Params | None = None,
+) -> list[StageEstimate]:
     """An estimate for each of ``stages`` (:func:`lmops.orchestrate.stages_to_run` says
     which ``dvc repro`` would run), with ``params`` or those of ``params_path``."""
     root = Path(root)
@@ -434,15 +529,19 @@ def render(estimates: list[StageEstimate]) -> str:
     lines = [f"  {e.stage:<{width}}  {_minutes(e.seconds):>9}   {e.detail}" for e in estimates]
     total = sum(e.seconds for e in estimates)
     lines.append(f"  {'total':<{width}}  {_minutes(total):>9}")
-    cpu = f"{hardware.cpu_model()}, {hardware.cpu_capability()}, " \
-          f"bf16 {'native' if hardware.cpu_native_bf16() else 'emulated: fp32 used'}"
+    cpu = (
+        f"{hardware.cpu_model()}, {hardware.cpu_capability()}, "
+        f"bf16 {'native' if hardware.cpu_native_bf16() else 'emulated: fp32 used'}"
+    )
     head = f"Estimated time of dvc repro on this machine ({cpu}; within about 30%):"
     text = "\n".join([head, *lines])
     if total > LONG_RUN_MINUTES * 60:
-        text += (f"\nThat is over {LONG_RUN_MINUTES} minutes. For a scored translator in about "
-                 f"20, run the fast profile instead (`lmops estimate --profile "
-                 f"{FAST_PROFILE}` times it):\n"
-                 f"  dvc exp run $(lmops params set-args {FAST_PROFILE})")
+        text += (
+            f"\nThat is over {LONG_RUN_MINUTES} minutes. For a scored translator in about "
+            f"20, run the fast profile instead (`lmops estimate --profile "
+            f"{FAST_PROFILE}` times it):\n"
+            f"  dvc exp run $(lmops params set-args {FAST_PROFILE})"
+        )
     return text
 
 
@@ -453,8 +552,11 @@ def log_stage_estimate(stage: str, params_path: str | Path) -> None:
     except (LmopsError, OSError, RuntimeError) as err:  # never stops the stage itself
         print(f"[{stage}] no estimate: {err}", file=sys.stderr)
         return
-    print(f"[{stage}] estimated {_minutes(est.seconds)} on this machine: {est.detail}",
-          file=sys.stderr, flush=True)
+    print(
+        f"[{stage}] estimated {_minutes(est.seconds)} on this machine: {est.detail}",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def training_stage_start(stage: str, params_path: str, argv: list[str]) -> None:

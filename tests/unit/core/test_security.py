@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmops import quantise
 from lmops.config import ModelConfig
 from lmops.core import checkpoint, translation
 from lmops.core.checkpoint import CheckpointError
@@ -64,19 +63,18 @@ def _training_checkpoint(tmp_path: Path) -> tuple[Path, Path]:
     opt = torch.optim.AdamW(model.parameters())
     model(torch.zeros(2, 4, dtype=torch.long)).sum().backward()
     opt.step()
-    return (checkpoint.save(tmp_path / "step-1", model, {"m": 1}, state={"step": 1},
-                            optimizer=opt), checkpoint.OPTIMIZER)
-
-
-def _int8_dir(tmp_path: Path) -> tuple[Path, Path]:
-    return quantise.save_int8(_tiny(), tmp_path / "int8"), quantise.WEIGHTS
+    return (
+        checkpoint.save(tmp_path / "step-1", model, {"m": 1}, state={"step": 1}, optimizer=opt),
+        checkpoint.OPTIMIZER,
+    )
 
 
 LOADERS = {
     "model dir": (_model_dir, lambda p: translation.load_model(p)),
-    "training checkpoint": (_training_checkpoint, lambda p: checkpoint.load(
-        p, TinyLM(), torch.optim.AdamW(TinyLM().parameters()))),
-    "int8 model dir": (_int8_dir, lambda p: quantise.load_quantised(p)),
+    "training checkpoint": (
+        _training_checkpoint,
+        lambda p: checkpoint.load(p, TinyLM(), torch.optim.AdamW(TinyLM().parameters())),
+    ),
 }
 
 
@@ -88,8 +86,9 @@ def test_a_pickle_in_place_of_the_weights_is_refused_unopened(tmp_path, kind, fi
     load(path)  # loads as written
     marker = tmp_path / "marker"
     _plant_pickle(path / name, marker, fix_manifest)
-    expected = ("sha256 does not match" if not fix_manifest
-                else r"not a safetensors file \(a zip archive")
+    expected = (
+        "sha256 does not match" if not fix_manifest else r"not a safetensors file \(a zip archive"
+    )
     with pytest.raises(CheckpointError, match=rf"{re.escape(str(path / name))}: {expected}"):
         load(path)
     assert not marker.exists()
@@ -104,16 +103,18 @@ def test_a_raw_pickle_is_named_as_such(tmp_path):
         checkpoint.check_safetensors(path / checkpoint.WEIGHTS)
 
 
-_UNPICKLERS = {"pickle", "cPickle", "_pickle", "cloudpickle", "dill", "joblib", "shelve",
-               "marshal"}
+_UNPICKLERS = {"pickle", "cPickle", "_pickle", "cloudpickle", "dill", "joblib", "shelve", "marshal"}
 
 
 def _unsafe_calls(tree: ast.AST) -> list[str]:
     found = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Import | ast.ImportFrom):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [
-                node.module or ""]
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+            )
             found += [f"import {n}" for n in names if n.split(".")[0] in _UNPICKLERS]
         if not isinstance(node, ast.Call):
             continue
@@ -124,7 +125,9 @@ def _unsafe_calls(tree: ast.AST) -> list[str]:
         elif name == "torch.load" and kwargs.get("weights_only") != "True":
             found.append(f"{name} without weights_only=True")
         elif name in ("np.load", "numpy.load") and kwargs.get("allow_pickle") not in (
-                None, "False"):
+            None,
+            "False",
+        ):
             found.append(f"{name} with allow_pickle")
     return found
 
@@ -132,12 +135,17 @@ def _unsafe_calls(tree: ast.AST) -> list[str]:
 def test_no_code_path_can_unpickle():
     files = [p for folder in ("src", "stages", "flows") for p in (REPO / folder).rglob("*.py")]
     assert len(files) > 20
-    bad = {str(f.relative_to(REPO)): calls for f in files
-           if (calls := _unsafe_calls(ast.parse(f.read_text(encoding="utf-8"))))}
+    bad = {
+        str(f.relative_to(REPO)): calls
+        for f in files
+        if (calls := _unsafe_calls(ast.parse(f.read_text(encoding="utf-8"))))
+    }
     assert bad == {}
     # and the scan does see them
-    sample = ("import pickle\ntorch.load(f)\ntorch.load(f, weights_only=False)\n"
-              "np.load(f, allow_pickle=True)\npd.read_pickle(f)\ntorch.load(f, weights_only=True)")
+    sample = (
+        "import pickle\ntorch.load(f)\ntorch.load(f, weights_only=False)\n"
+        "np.load(f, allow_pickle=True)\npd.read_pickle(f)\ntorch.load(f, weights_only=True)"
+    )
     assert len(_unsafe_calls(ast.parse(sample))) == 5
 
 
@@ -162,8 +170,9 @@ def test_every_documented_server_binds_the_loopback_interface():
             if m.group(1) != "mlflow ui":  # mlflow ui binds 127.0.0.1 unless told otherwise
                 assert re.search(r"(--host|-h) 127\.0\.0\.1", line), f"{name}: {line}"
     assert found >= 3
-    code = [p for folder in ("src", "flows", "stages", "bench") for p in
-            (REPO / folder).rglob("*.py")]
+    code = [
+        p for folder in ("src", "flows", "stages", "bench") for p in (REPO / folder).rglob("*.py")
+    ]
     assert [str(p) for p in code if "0.0.0.0" in p.read_text(encoding="utf-8")] == []
 
 
@@ -179,6 +188,8 @@ def test_credentials_are_masked(monkeypatch):
     assert redact_uri(uri) == "https://***@mlflow.example.com:8443/base?token=***&x=1"
     assert public_url(uri) == "https://mlflow.example.com:8443/base"
     text = f"GET {uri} failed; token hf_abcdef123456, pw hunter22, parallelism false, abc"
-    assert redact(text) == ("GET https://***@mlflow.example.com:8443/base?token=***&x=1 "
-                            "failed; token ***, pw ***, parallelism false, abc")
+    assert redact(text) == (
+        "GET https://***@mlflow.example.com:8443/base?token=***&x=1 "
+        "failed; token ***, pw ***, parallelism false, abc"
+    )
     assert redact("http://127.0.0.1:5000/api") == "http://127.0.0.1:5000/api"
