@@ -1,6 +1,6 @@
 # make run   set up .venv (first time only), print the time estimate, rebuild with dvc repro
 # make test  set up .venv (first time only) and run the test suite
-# make lint  ruff over the code
+# make lint  ruff check, ruff format --check and mypy: what CI enforces before the tests
 # make bench install the bench extra and run the benchmarks (bench/README.md), ~20 min
 # make chaos kill -9 the training stages at 20 random moments; prints survived/total
 
@@ -36,6 +36,8 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check src stages flows tests bench
+	$(BIN)/ruff format --check src stages flows tests bench
+	$(BIN)/mypy
 
 # Scripts, not tests: each prints its figures and writes bench/results/<name>.{json,md}.
 bench: $(STAMP)

@@ -88,8 +88,9 @@ def machine(device: torch.device) -> dict[str, Any]:
     return info
 
 
-def matmul_peak(dtype: torch.dtype, device: torch.device, repeats: int = 5,
-                n: int | None = None) -> list[float]:
+def matmul_peak(
+    dtype: torch.dtype, device: torch.device, repeats: int = 5, n: int | None = None
+) -> list[float]:
     """GFLOP/s of ``torch.matmul`` on large square matrices, one figure per repeat."""
     n = n or (8192 if device.type == "cuda" else 2048)
     a = torch.randn(n, n, device=device).to(dtype)
@@ -112,8 +113,9 @@ def matmul_peak(dtype: torch.dtype, device: torch.device, repeats: int = 5,
 # ------------------------------------------------------------------- timing
 
 
-def interleaved(cases: dict[str, Callable[[], float]], rounds: int,
-                log: Callable[[str], None] | None = print) -> dict[str, list[float]]:
+def interleaved(
+    cases: dict[str, Callable[[], float]], rounds: int, log: Callable[[str], None] | None = print
+) -> dict[str, list[float]]:
     """Run every case once per round, in turn (A, B, A, B ...); each returns one figure.
 
     The order is rotated each round so no case always follows the same neighbour.
@@ -164,9 +166,14 @@ def markdown_table(rows: list[dict[str, Any]], columns: Sequence[str] | None = N
     return "\n".join(lines)
 
 
-def write_results(name: str, title: str, info: dict[str, Any],
-                  tables: dict[str, list[dict[str, Any]]], extra: dict[str, Any] | None = None,
-                  notes: Sequence[str] = ()) -> Path:
+def write_results(
+    name: str,
+    title: str,
+    info: dict[str, Any],
+    tables: dict[str, list[dict[str, Any]]],
+    extra: dict[str, Any] | None = None,
+    notes: Sequence[str] = (),
+) -> Path:
     """``bench/results/<name>.json`` (everything) and ``<name>.md`` (the tables); prints the md."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     payload = {"benchmark": name, "machine": info, "tables": tables, **(extra or {})}

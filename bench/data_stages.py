@@ -54,8 +54,13 @@ def one_round(params: Any, work: Path) -> dict[str, float]:
     vocab.build_vocab(clean_dir, vocab_dir, params.vocab, params.clean.languages, params.seed)
     vocab_s = time.perf_counter() - start
     stats = tokenise.tokenise(clean_dir, vocab_dir, tokens_dir, params.tokenise)
-    return {"clean_s": clean_s, "vocab_s": vocab_s, "tokenise_s": stats["wall_seconds"],
-            "tokenise_bytes": stats["bytes"], "tokenise_tokens": stats["tokens"]}
+    return {
+        "clean_s": clean_s,
+        "vocab_s": vocab_s,
+        "tokenise_s": stats["wall_seconds"],
+        "tokenise_bytes": stats["bytes"],
+        "tokenise_tokens": stats["tokens"],
+    }
 
 
 def main() -> None:
@@ -74,30 +79,56 @@ def main() -> None:
     for r in range(args.rounds):
         with tempfile.TemporaryDirectory(prefix="lmops-bench-data-") as tmp:
             runs.append(one_round(params, Path(tmp)))
-        print(f"  round {r + 1}/{args.rounds}: " + ", ".join(
-            f"{k} {v:,.2f}" for k, v in runs[-1].items() if k.endswith("_s")))
+        print(
+            f"  round {r + 1}/{args.rounds}: "
+            + ", ".join(f"{k} {v:,.2f}" for k, v in runs[-1].items() if k.endswith("_s"))
+        )
     clean_s = [x["clean_s"] for x in runs]
     vocab_s = [x["vocab_s"] for x in runs]
     tok_s = [x["tokenise_s"] for x in runs]
     tok_bytes = runs[0]["tokenise_bytes"]
     rows = [
-        {"stage": "clean", "MB": raw / 1e6, "seconds": median(clean_s),
-         "MB/s": raw / 1e6 / median(clean_s), "spread": spread(clean_s)},
-        {"stage": "vocab", "MB": "", "seconds": median(vocab_s), "MB/s": "",
-         "spread": spread(vocab_s)},
-        {"stage": "tokenise", "MB": tok_bytes / 1e6, "seconds": median(tok_s),
-         "MB/s": tok_bytes / 1e6 / median(tok_s), "spread": spread(tok_s)},
+        {
+            "stage": "clean",
+            "MB": raw / 1e6,
+            "seconds": median(clean_s),
+            "MB/s": raw / 1e6 / median(clean_s),
+            "spread": spread(clean_s),
+        },
+        {
+            "stage": "vocab",
+            "MB": "",
+            "seconds": median(vocab_s),
+            "MB/s": "",
+            "spread": spread(vocab_s),
+        },
+        {
+            "stage": "tokenise",
+            "MB": tok_bytes / 1e6,
+            "seconds": median(tok_s),
+            "MB/s": tok_bytes / 1e6 / median(tok_s),
+            "spread": spread(tok_s),
+        },
     ]
     write_results(
-        "data_stages", "Data stages: clean, vocab, tokenise", info, {"Stages": rows},
-        extra={"params": args.params, "rounds": runs,
-               "vocab": params.vocab.model_dump(), "tokenise": params.tokenise.model_dump()},
-        notes=[f"params: {Path(args.params).name} (vocab {params.vocab.model_type} "
-               f"{params.vocab.vocab_size}, {params.vocab.num_threads} threads; tokenise "
-               f"num_proc {params.tokenise.num_proc})",
-               "clean MB = UTF-8 bytes of the loaded raw text; tokenise MB = bytes it encodes",
-               f"median of {args.rounds} rounds; tokenise produced "
-               f"{runs[0]['tokenise_tokens']:,} tokens"],
+        "data_stages",
+        "Data stages: clean, vocab, tokenise",
+        info,
+        {"Stages": rows},
+        extra={
+            "params": args.params,
+            "rounds": runs,
+            "vocab": params.vocab.model_dump(),
+            "tokenise": params.tokenise.model_dump(),
+        },
+        notes=[
+            f"params: {Path(args.params).name} (vocab {params.vocab.model_type} "
+            f"{params.vocab.vocab_size}, {params.vocab.num_threads} threads; tokenise "
+            f"num_proc {params.tokenise.num_proc})",
+            "clean MB = UTF-8 bytes of the loaded raw text; tokenise MB = bytes it encodes",
+            f"median of {args.rounds} rounds; tokenise produced "
+            f"{runs[0]['tokenise_tokens']:,} tokens",
+        ],
     )
 
 

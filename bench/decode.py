@@ -84,11 +84,17 @@ def hf_generate(cfg: ModelConfig, device: torch.device) -> Generate:
     def generate(prompts: list[list[int]], mode: str, new_tokens: int) -> list[list[int]]:
         ids = torch.tensor(prompts, device=device)  # equal lengths: no padding needed
         out = model.generate(
-            input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-            num_beams=BEAM if mode == "beam" else 1, max_new_tokens=new_tokens,
-            min_new_tokens=new_tokens, use_cache=True, eos_token_id=eos, pad_token_id=PAD_ID,
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=False,
+            num_beams=BEAM if mode == "beam" else 1,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            use_cache=True,
+            eos_token_id=eos,
+            pad_token_id=PAD_ID,
         )
-        return out[:, ids.shape[1]:].tolist()
+        return out[:, ids.shape[1] :].tolist()
 
     return generate
 
@@ -126,32 +132,59 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     for mode in args.modes:
         for batch in args.batches:
-            prompts = torch.randint(3, VOCAB, (batch, args.prompt_len),
-                                    generator=torch.Generator().manual_seed(batch)).tolist()
+            prompts = torch.randint(
+                3, VOCAB, (batch, args.prompt_len), generator=torch.Generator().manual_seed(batch)
+            ).tolist()
             for gen in peers.values():  # warm-up: first-call allocations, lazy imports
                 gen(prompts, mode, 4)
             print(f"\n[{mode} batch {batch}] prompt {args.prompt_len}, {args.new_tokens} new")
             results = interleaved(
-                {name: functools.partial(timed, gen, prompts, mode, args.new_tokens)
-                 for name, gen in peers.items()}, args.rounds)
+                {
+                    name: functools.partial(timed, gen, prompts, mode, args.new_tokens)
+                    for name, gen in peers.items()
+                },
+                args.rounds,
+            )
             for name, values in results.items():
-                rows.append({"mode": mode if mode == "greedy" else f"beam {BEAM}",
-                             "batch": batch, "impl": name, "new tokens/s": median(values),
-                             "best": max(values), "spread": spread(values),
-                             "x hf": paired_ratio(values, results["hf"])})
-    goals = [{"check": f"{r['impl']} {r['mode']} batch 16 / hf", "measured": r["x hf"],
-              "goal": GOAL_AT_BATCH_16, "met": "yes" if r["x hf"] >= GOAL_AT_BATCH_16 else "no"}
-             for r in rows if r["batch"] == 16 and r["impl"] != "hf"]
+                rows.append(
+                    {
+                        "mode": mode if mode == "greedy" else f"beam {BEAM}",
+                        "batch": batch,
+                        "impl": name,
+                        "new tokens/s": median(values),
+                        "best": max(values),
+                        "spread": spread(values),
+                        "x hf": paired_ratio(values, results["hf"]),
+                    }
+                )
+    goals = [
+        {
+            "check": f"{r['impl']} {r['mode']} batch 16 / hf",
+            "measured": r["x hf"],
+            "goal": GOAL_AT_BATCH_16,
+            "met": "yes" if r["x hf"] >= GOAL_AT_BATCH_16 else "no",
+        }
+        for r in rows
+        if r["batch"] == 16 and r["impl"] != "hf"
+    ]
     write_results(
-        "decode", "Decoding: lmops generate_greedy / generate_beam vs HF generate", info,
+        "decode",
+        "Decoding: lmops generate_greedy / generate_beam vs HF generate",
+        info,
         {"Decoding throughput (median of interleaved rounds)": rows, "Goals": goals},
-        extra={"prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
-               "rounds": args.rounds, "vocab": VOCAB},
-        notes=[f"default model size, random weights, fp32 (lmops bf16: bf16 autocast), "
-               f"prompt {args.prompt_len} tokens, "
-               f"exactly {args.new_tokens} new tokens per prompt on both sides",
-               "new tokens/s = batch x new tokens / wall time of one generate call; "
-               "best = the fastest round; x hf = median of the paired per-round ratios"],
+        extra={
+            "prompt_len": args.prompt_len,
+            "new_tokens": args.new_tokens,
+            "rounds": args.rounds,
+            "vocab": VOCAB,
+        },
+        notes=[
+            f"default model size, random weights, fp32 (lmops bf16: bf16 autocast), "
+            f"prompt {args.prompt_len} tokens, "
+            f"exactly {args.new_tokens} new tokens per prompt on both sides",
+            "new tokens/s = batch x new tokens / wall time of one generate call; "
+            "best = the fastest round; x hf = median of the paired per-round ratios",
+        ],
     )
 
 

@@ -26,8 +26,18 @@ from lmops.config import ModelConfig
 from lmops.core.model import Transformer
 from lmops.core.train import window_batches
 
-MATMUL = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_mkldnn",
-          "mkldnn", "onednn", "aten::_scaled_dot_product", "aten::linear", "aten::matmul")
+MATMUL = (
+    "aten::mm",
+    "aten::addmm",
+    "aten::bmm",
+    "aten::baddbmm",
+    "aten::_mkldnn",
+    "mkldnn",
+    "onednn",
+    "aten::_scaled_dot_product",
+    "aten::linear",
+    "aten::matmul",
+)
 
 
 def is_matmul(name: str) -> bool:
@@ -40,12 +50,23 @@ def profiled(run: Callable[[], None], top: int) -> tuple[list[dict[str, Any]], d
     events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
     total = sum(e.self_cpu_time_total for e in events)
     events.sort(key=lambda e: e.self_cpu_time_total, reverse=True)
-    rows = [{"operator": e.key, "self ms": e.self_cpu_time_total / 1e3,
-             "share": e.self_cpu_time_total / total, "calls": e.count,
-             "matmul": "yes" if is_matmul(e.key) else ""} for e in events[:top]]
+    rows = [
+        {
+            "operator": e.key,
+            "self ms": e.self_cpu_time_total / 1e3,
+            "share": e.self_cpu_time_total / total,
+            "calls": e.count,
+            "matmul": "yes" if is_matmul(e.key) else "",
+        }
+        for e in events[:top]
+    ]
     mm = sum(e.self_cpu_time_total for e in events if is_matmul(e.key))
-    summary = {"total ms": total / 1e3, "matmul share": mm / total,
-               "other share": 1 - mm / total, "operators": len(events)}
+    summary = {
+        "total ms": total / 1e3,
+        "matmul share": mm / total,
+        "other share": 1 - mm / total,
+        "operators": len(events),
+    }
     return rows, summary
 
 
@@ -76,17 +97,23 @@ def main() -> None:
     prompts = torch.randint(3, VOCAB, (16, 24), generator=torch.Generator().manual_seed(16))
     prompts = prompts.tolist()
     model.generate_greedy(prompts, 4, VOCAB, 0)  # warm-up
-    rows, summary = profiled(lambda: model.generate_greedy(prompts, args.new_tokens, VOCAB, 0),
-                             args.top)
+    rows, summary = profiled(
+        lambda: model.generate_greedy(prompts, args.new_tokens, VOCAB, 0), args.top
+    )
     tables[f"greedy decoding, batch 16, {args.new_tokens} new tokens, fp32"] = rows
     summaries.append({"case": "greedy decoding b16, fp32", **summary})
     write_results(
-        "op_profile", "Profile: where lmops' training step and decoding spend their time", info,
+        "op_profile",
+        "Profile: where lmops' training step and decoding spend their time",
+        info,
         {"Summary": summaries, **tables},
-        notes=["default model size (4 layers, width 256, 4 heads, context 128, vocab 8000), "
-               "random weights; torch.profiler, CPU activities, self time per operator",
-               "matmul = aten::mm/addmm/bmm/linear/matmul, oneDNN kernels and SDPA attention; "
-               "everything else is time the FLOP count does not see"])
+        notes=[
+            "default model size (4 layers, width 256, 4 heads, context 128, vocab 8000), "
+            "random weights; torch.profiler, CPU activities, self time per operator",
+            "matmul = aten::mm/addmm/bmm/linear/matmul, oneDNN kernels and SDPA attention; "
+            "everything else is time the FLOP count does not see",
+        ],
+    )
 
 
 if __name__ == "__main__":

@@ -46,9 +46,13 @@ SIZES = {  # name -> ModelConfig overrides; "default" is ModelConfig()'s own
     "default": {},
     "large": {"n_layer": 6, "n_embd": 384, "n_head": 6},
 }
-GOALS = {"bf16_vs_hf_fp32": 1.6, "bf16_vs_hf_bf16": 1.2, "util_of_bf16_peak": 0.55,
-         # a CPU without native bf16, where `precision: auto` trains in fp32
-         "util_of_fp32_peak": 0.65}
+GOALS = {
+    "bf16_vs_hf_fp32": 1.6,
+    "bf16_vs_hf_bf16": 1.2,
+    "util_of_bf16_peak": 0.55,
+    # a CPU without native bf16, where `precision: auto` trains in fp32
+    "util_of_fp32_peak": 0.65,
+}
 
 
 def hf_llama(cfg: ModelConfig, vocab: int) -> torch.nn.Module:
@@ -56,12 +60,20 @@ def hf_llama(cfg: ModelConfig, vocab: int) -> torch.nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        vocab_size=vocab, hidden_size=cfg.n_embd, intermediate_size=mlp_hidden(cfg),
-        num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,
-        num_key_value_heads=cfg.n_head, max_position_embeddings=cfg.block_size,
-        rms_norm_eps=NORM_EPS, tie_word_embeddings=True, attention_bias=False, mlp_bias=False,
+        vocab_size=vocab,
+        hidden_size=cfg.n_embd,
+        intermediate_size=mlp_hidden(cfg),
+        num_hidden_layers=cfg.n_layer,
+        num_attention_heads=cfg.n_head,
+        num_key_value_heads=cfg.n_head,
+        max_position_embeddings=cfg.block_size,
+        rms_norm_eps=NORM_EPS,
+        tie_word_embeddings=True,
+        attention_bias=False,
+        mlp_bias=False,
         rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
-        attention_dropout=0.0, use_cache=False,
+        attention_dropout=0.0,
+        use_cache=False,
     )
     return LlamaForCausalLM(config)
 
@@ -69,8 +81,14 @@ def hf_llama(cfg: ModelConfig, vocab: int) -> torch.nn.Module:
 class Case:
     """One model + optimiser under one precision policy; ``measure`` returns tokens/s."""
 
-    def __init__(self, model: torch.nn.Module, step: Callable[[tuple], None],
-                 get_batch: Callable[[int, int], tuple], device: torch.device, steps: int):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        step: Callable[[tuple], None],
+        get_batch: Callable[[int, int], tuple],
+        device: torch.device,
+        steps: int,
+    ):
         self.model, self.step, self.get_batch = model, step, get_batch
         self.device, self.steps, self.next = device, steps, 1
 
@@ -96,8 +114,9 @@ class Case:
         return self.steps * b[0].numel() / (time.perf_counter() - start)
 
 
-def lmops_case(cfg: ModelConfig, precision: str, compile_: bool, get_batch, device,
-               steps: int) -> Case:
+def lmops_case(
+    cfg: ModelConfig, precision: str, compile_: bool, get_batch, device, steps: int
+) -> Case:
     torch.manual_seed(0)
     model = Transformer(cfg, VOCAB).to(device).train()
     tcfg = TrainConfig(precision=precision, compile=compile_)
@@ -120,8 +139,11 @@ def hf_case(cfg: ModelConfig, bf16: bool, get_batch, device, steps: int) -> Case
     torch.manual_seed(0)
     model = hf_llama(cfg, VOCAB).to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
-    ctx = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else (
-        contextlib.nullcontext)
+    ctx = (
+        (lambda: torch.autocast(device.type, dtype=torch.bfloat16))
+        if bf16
+        else (contextlib.nullcontext)
+    )
 
     def step(batch: tuple) -> None:
         x, y = batch
@@ -136,9 +158,16 @@ def hf_case(cfg: ModelConfig, bf16: bool, get_batch, device, steps: int) -> Case
     return Case(model, step, get_batch, device, steps)
 
 
-def bench_size(name: str, overrides: dict[str, Any], device: torch.device, rounds: int,
-               steps: int, warmup: int, compile_: bool, peaks: dict[str, float]
-               ) -> list[dict[str, Any]]:
+def bench_size(
+    name: str,
+    overrides: dict[str, Any],
+    device: torch.device,
+    rounds: int,
+    steps: int,
+    warmup: int,
+    compile_: bool,
+    peaks: dict[str, float],
+) -> list[dict[str, Any]]:
     cfg = ModelConfig(**overrides)
     tokens = np.random.default_rng(0).integers(0, VOCAB, size=200_000).astype(np.uint16)
     get_batch = window_batches(tokens, cfg.block_size, seed=0)
@@ -151,8 +180,10 @@ def bench_size(name: str, overrides: dict[str, Any], device: torch.device, round
         cases["lmops bf16"] = lmops_case(cfg, "bf16", False, get_batch, device, steps)
     if compile_ and "bf16" in peaks:
         cases["lmops bf16+compile"] = lmops_case(cfg, "bf16", True, get_batch, device, steps)
-    print(f"\n[{name}] {cfg.n_layer} layers, width {cfg.n_embd}, {cfg.n_head} heads, "
-          f"mlp {mlp_hidden(cfg)}, context {cfg.block_size}, vocab {VOCAB}, batch {BATCH}")
+    print(
+        f"\n[{name}] {cfg.n_layer} layers, width {cfg.n_embd}, {cfg.n_head} heads, "
+        f"mlp {mlp_hidden(cfg)}, context {cfg.block_size}, vocab {VOCAB}, batch {BATCH}"
+    )
     for case_name, case in cases.items():
         print(f"  warm-up {case_name}: {case.warm_up(warmup):.1f}s")
     results = interleaved({k: c.measure for k, c in cases.items()}, rounds)
@@ -163,17 +194,26 @@ def bench_size(name: str, overrides: dict[str, Any], device: torch.device, round
         gflops = tps * fpt / 1e9
         own = peaks["fp32"] if "fp32" in case_name else peaks["bf16"]
         same = results["hf bf16" if "bf16" in case_name else "hf fp32"]
-        top, top_best = (peaks["bf16"], peaks["bf16 best"]) if "bf16" in peaks else (
-            peaks["fp32"], peaks["fp32 best"])  # the fastest arithmetic this machine has
-        rows.append({
-            "size": name, "case": case_name, "tokens/s": tps, "best tokens/s": max(values),
-            "spread": spread(values), "GFLOP/s": gflops,
-            "util (own-dtype peak)": gflops / own,
-            "util (bf16 peak)": gflops / top,
-            "util best (bf16 best peak)": max(values) * fpt / 1e9 / top_best,
-            "x hf fp32": paired_ratio(values, results["hf fp32"]),
-            "x hf same policy": paired_ratio(values, same),
-        })
+        top, top_best = (
+            (peaks["bf16"], peaks["bf16 best"])
+            if "bf16" in peaks
+            else (peaks["fp32"], peaks["fp32 best"])
+        )  # the fastest arithmetic this machine has
+        rows.append(
+            {
+                "size": name,
+                "case": case_name,
+                "tokens/s": tps,
+                "best tokens/s": max(values),
+                "spread": spread(values),
+                "GFLOP/s": gflops,
+                "util (own-dtype peak)": gflops / own,
+                "util (bf16 peak)": gflops / top,
+                "util best (bf16 best peak)": max(values) * fpt / 1e9 / top_best,
+                "x hf fp32": paired_ratio(values, results["hf fp32"]),
+                "x hf same policy": paired_ratio(values, same),
+            }
+        )
     return rows
 
 
@@ -200,53 +240,105 @@ def main() -> None:
             continue
         rates = matmul_peak(dtype, device)
         peaks[name], peaks[f"{name} best"] = median(rates), max(rates)
-    print("matmul peak: " + ", ".join(f"{k} {v:,.0f} GFLOP/s" for k, v in peaks.items()
-                                      if "best" not in k))
+    print(
+        "matmul peak: "
+        + ", ".join(f"{k} {v:,.0f} GFLOP/s" for k, v in peaks.items() if "best" not in k)
+    )
     rows: list[dict[str, Any]] = []
     for name in args.sizes:
-        rows += bench_size(name, SIZES[name], device, args.rounds, args.steps, args.warmup,
-                           not args.no_compile, peaks)
+        rows += bench_size(
+            name,
+            SIZES[name],
+            device,
+            args.rounds,
+            args.steps,
+            args.warmup,
+            not args.no_compile,
+            peaks,
+        )
     goals = []
     for name in args.sizes:
         by = {r["case"]: r for r in rows if r["size"] == name}
-        best = max((r for r in by.values() if r["case"].startswith("lmops")),
-                   key=lambda r: r["tokens/s"])
+        best = max(
+            (r for r in by.values() if r["case"].startswith("lmops")), key=lambda r: r["tokens/s"]
+        )
         if not native:
-            goals += [{"size": name, "check": c, "measured": v, "goal": g,
-                       "met": "yes" if v >= g else "no"} for c, v, g in [
-                ("lmops fp32 (the default policy here) util of fp32 peak",
-                 by["lmops fp32"]["util (own-dtype peak)"], GOALS["util_of_fp32_peak"])]]
+            goals += [
+                {
+                    "size": name,
+                    "check": c,
+                    "measured": v,
+                    "goal": g,
+                    "met": "yes" if v >= g else "no",
+                }
+                for c, v, g in [
+                    (
+                        "lmops fp32 (the default policy here) util of fp32 peak",
+                        by["lmops fp32"]["util (own-dtype peak)"],
+                        GOALS["util_of_fp32_peak"],
+                    )
+                ]
+            ]
             continue
         checks = [
-            ("lmops bf16 (default policy) / hf fp32", by["lmops bf16"]["x hf fp32"],
-             GOALS["bf16_vs_hf_fp32"]),
-            ("lmops bf16 / hf bf16", by["lmops bf16"]["x hf same policy"],
-             GOALS["bf16_vs_hf_bf16"]),
-            ("lmops bf16 util of bf16 peak", by["lmops bf16"]["util (bf16 peak)"],
-             GOALS["util_of_bf16_peak"]),
-            (f"best lmops ({best['case']}) util of bf16 peak", best["util (bf16 peak)"],
-             GOALS["util_of_bf16_peak"]),
-            (f"best lmops ({best['case']}) util, best round / best peak",
-             best["util best (bf16 best peak)"], GOALS["util_of_bf16_peak"]),
+            (
+                "lmops bf16 (default policy) / hf fp32",
+                by["lmops bf16"]["x hf fp32"],
+                GOALS["bf16_vs_hf_fp32"],
+            ),
+            (
+                "lmops bf16 / hf bf16",
+                by["lmops bf16"]["x hf same policy"],
+                GOALS["bf16_vs_hf_bf16"],
+            ),
+            (
+                "lmops bf16 util of bf16 peak",
+                by["lmops bf16"]["util (bf16 peak)"],
+                GOALS["util_of_bf16_peak"],
+            ),
+            (
+                f"best lmops ({best['case']}) util of bf16 peak",
+                best["util (bf16 peak)"],
+                GOALS["util_of_bf16_peak"],
+            ),
+            (
+                f"best lmops ({best['case']}) util, best round / best peak",
+                best["util best (bf16 best peak)"],
+                GOALS["util_of_bf16_peak"],
+            ),
         ]
-        goals += [{"size": name, "check": c, "measured": v, "goal": g,
-                   "met": "yes" if v >= g else "no"} for c, v, g in checks]
+        goals += [
+            {"size": name, "check": c, "measured": v, "goal": g, "met": "yes" if v >= g else "no"}
+            for c, v, g in checks
+        ]
     # one file per CPU class: the other class's figures stay beside these
     write_results(
         "train_throughput" if native else "train_throughput_no_bf16",
         "Training throughput: lmops vs HF LlamaForCausalLM"
-        + ("" if native else " (a CPU without native bf16: fp32)"), info,
+        + ("" if native else " (a CPU without native bf16: fp32)"),
+        info,
         {"Throughput (median of interleaved rounds)": rows, "Goals": goals},
-        extra={"matmul_peak_gflops": peaks, "rounds": args.rounds, "steps": args.steps,
-               "batch": BATCH, "vocab": VOCAB},
-        notes=["matmul peak (torch.matmul, square, median): " + ", ".join(
-                   f"{k} {v:,.0f} GFLOP/s" for k, v in peaks.items() if "best" not in k)
-               + ("" if native else "; bf16 emulated on this CPU, not measured; the util "
-                  "(bf16 peak) columns are of the fp32 peak"),
-               "spread = (max - min) / median over the rounds; best = the fastest round",
-               "x hf ... = median over rounds of the paired per-round ratio",
-               "FLOPs per token from lmops.model.flops_per_token (6N + attention), "
-               "the same for both models"],
+        extra={
+            "matmul_peak_gflops": peaks,
+            "rounds": args.rounds,
+            "steps": args.steps,
+            "batch": BATCH,
+            "vocab": VOCAB,
+        },
+        notes=[
+            "matmul peak (torch.matmul, square, median): "
+            + ", ".join(f"{k} {v:,.0f} GFLOP/s" for k, v in peaks.items() if "best" not in k)
+            + (
+                ""
+                if native
+                else "; bf16 emulated on this CPU, not measured; the util "
+                "(bf16 peak) columns are of the fp32 peak"
+            ),
+            "spread = (max - min) / median over the rounds; best = the fastest round",
+            "x hf ... = median over rounds of the paired per-round ratio",
+            "FLOPs per token from lmops.model.flops_per_token (6N + attention), "
+            "the same for both models",
+        ],
     )
 
 

@@ -26,9 +26,13 @@ from lmops.tracking import tags as tag
 
 # DVC owns caching: a task never skips on Prefect's cache, every call asks `dvc repro`.
 # Retries only for transient I/O (repro.retry_condition). flows/retrain.py uses these too.
-TASK_OPTIONS = dict(retries=2, retry_delay_seconds=[20, 60],
-                    retry_condition_fn=repro.retry_condition, cache_policy=NO_CACHE,
-                    persist_result=False)
+TASK_OPTIONS = dict(
+    retries=2,
+    retry_delay_seconds=[20, 60],
+    retry_condition_fn=repro.retry_condition,
+    cache_policy=NO_CACHE,
+    persist_result=False,
+)
 
 
 @task(name="dvc-repro-stage", **TASK_OPTIONS)
@@ -45,18 +49,25 @@ def check_up_to_date(repo: str, target: str | None) -> bool:
 
 
 @task(name="dvc-exp-run", **TASK_OPTIONS)
-def run_experiment(repo: str, stages: list[str], target: str | None,
-                   params: list[str] | dict[str, Any] | None, experiment: str | None,
-                   parent_run_id: str) -> repro.RunResult:
+def run_experiment(
+    repo: str,
+    stages: list[str],
+    target: str | None,
+    params: list[str] | dict[str, Any] | None,
+    experiment: str | None,
+    parent_run_id: str,
+) -> repro.RunResult:
     logger = get_run_logger()
-    return repro.exp_run(repo, stages, target, params, experiment, parent_run_id,
-                        log=logger.info)
+    return repro.exp_run(repo, stages, target, params, experiment, parent_run_id, log=logger.info)
 
 
 @flow(name="lmops-pipeline")
-def pipeline(repo: str = ".", target: str | None = None,
-             params: list[str] | dict[str, Any] | None = None,
-             experiment: str | None = None) -> dict[str, str]:
+def pipeline(
+    repo: str = ".",
+    target: str | None = None,
+    params: list[str] | dict[str, Any] | None = None,
+    experiment: str | None = None,
+) -> dict[str, str]:
     """Run the DVC pipeline (or `target` and what it needs) under one MLflow parent run.
 
     Args:
@@ -71,30 +82,44 @@ def pipeline(repo: str = ".", target: str | None = None,
     spec = dag.load_dvc_yaml(root)
     stages = dag.dag_order(spec, target)
     as_experiment = bool(params) or bool(experiment)
-    logger.info("stages in order: %s%s", ", ".join(stages),
-                " (one dvc exp run)" if as_experiment else "")
+    logger.info(
+        "stages in order: %s%s", ", ".join(stages), " (one dvc exp run)" if as_experiment else ""
+    )
     parent_id, experiment_id = repro.start_parent_run(
         root,
-        tags={"prefect.flow_run_id": runtime.flow_run.id,
-              "prefect.flow_run_name": runtime.flow_run.name,
-              "prefect.deployment": runtime.deployment.name,
-              "prefect.flow_run_url": runtime.flow_run.ui_url,
-              tag.TARGET: target, "dvc.exp_name": experiment},
-        params={"flow.target": target or "(all)", "flow.params": params or "",
-                "flow.experiment": experiment or ""},
-        name=experiment)
+        tags={
+            "prefect.flow_run_id": runtime.flow_run.id,
+            "prefect.flow_run_name": runtime.flow_run.name,
+            "prefect.deployment": runtime.deployment.name,
+            "prefect.flow_run_url": runtime.flow_run.ui_url,
+            tag.TARGET: target,
+            "dvc.exp_name": experiment,
+        },
+        params={
+            "flow.target": target or "(all)",
+            "flow.params": params or "",
+            "flow.experiment": experiment or "",
+        },
+        name=experiment,
+    )
     url = repro.run_url(root, experiment_id, parent_id)
-    create_link_artifact(key="lmops-mlflow-run", link=url, link_text=f"MLflow run {parent_id}",
-                         description="The MLflow parent run of this flow run; each stage "
-                                     "that ran is a nested run under it.")
+    create_link_artifact(
+        key="lmops-mlflow-run",
+        link=url,
+        link_text=f"MLflow run {parent_id}",
+        description="The MLflow parent run of this flow run; each stage "
+        "that ran is a nested run under it.",
+    )
     results: list[repro.StageResult] = []
     ok = False
     try:
         if as_experiment:
-            tags = sorted({t for s in stages for t in repro.stage_tags(s)
-                           if not t.startswith("stage:")})
+            tags = sorted(
+                {t for s in stages for t in repro.stage_tags(s) if not t.startswith("stage:")}
+            )
             run = run_experiment.with_options(tags=tags)(
-                str(root), stages, target, params, experiment, parent_id)
+                str(root), stages, target, params, experiment, parent_id
+            )
             results = run.stages
         elif check_up_to_date(str(root), target):
             logger.info("dvc status: every stage is up to date, nothing to run")
@@ -103,8 +128,8 @@ def pipeline(repo: str = ".", target: str | None = None,
             for stage in stages:
                 results.append(repro.StageResult(stage, "failed"))
                 results[-1] = run_stage.with_options(
-                    tags=repro.stage_tags(stage), task_run_name=f"dvc repro {stage}")(
-                    str(root), stage, parent_id)
+                    tags=repro.stage_tags(stage), task_run_name=f"dvc repro {stage}"
+                )(str(root), stage, parent_id)
         ok = True
     finally:
         done = {r.stage for r in results}
@@ -112,11 +137,14 @@ def pipeline(repo: str = ".", target: str | None = None,
         repro.end_parent_run(root, parent_id, ok, results)
         create_markdown_artifact(
             key="lmops-pipeline-metrics",
-            markdown=(f"## lmops pipeline {'finished' if ok else 'FAILED'}\n\n"
-                      f"MLflow parent run: [{parent_id}]({url})\n\n"
-                      f"{repro.results_table(results)}\n"
-                      f"{repro.metrics_table(root, spec, stages, results)}"),
-            description="Stage results and the metrics files dvc.yaml declares.")
+            markdown=(
+                f"## lmops pipeline {'finished' if ok else 'FAILED'}\n\n"
+                f"MLflow parent run: [{parent_id}]({url})\n\n"
+                f"{repro.results_table(results)}\n"
+                f"{repro.metrics_table(root, spec, stages, results)}"
+            ),
+            description="Stage results and the metrics files dvc.yaml declares.",
+        )
     return {"mlflow_run_id": parent_id, **{r.stage: r.status for r in results}}
 
 
@@ -124,17 +152,25 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repo", default=".", help="the project checkout")
     p.add_argument("--target", help="run only this stage and what it needs")
-    p.add_argument("-S", "--set-param", action="append", dest="params", metavar="KEY=VALUE",
-                   help="a params override, as for `dvc exp run -S` (repeatable)")
+    p.add_argument(
+        "-S",
+        "--set-param",
+        action="append",
+        dest="params",
+        metavar="KEY=VALUE",
+        help="a params override, as for `dvc exp run -S` (repeatable)",
+    )
     p.add_argument("--experiment", help="run as this DVC experiment")
-    p.add_argument("--serve", metavar="NAME",
-                   help="instead of one run, serve the flow as deployment NAME (needs a server)")
+    p.add_argument(
+        "--serve",
+        metavar="NAME",
+        help="instead of one run, serve the flow as deployment NAME (needs a server)",
+    )
     args = p.parse_args(argv)
     if args.serve:
         pipeline.serve(name=args.serve, parameters={"repo": str(Path(args.repo).resolve())})
         return
-    pipeline(repo=args.repo, target=args.target, params=args.params,
-             experiment=args.experiment)
+    pipeline(repo=args.repo, target=args.target, params=args.params, experiment=args.experiment)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
     python flows/retrain.py                      # once, on Prefect's temporary server
     python flows/retrain.py --force              # even if the source data is unchanged
-    prefect deploy --all                         # nightly, see prefect.yaml and docs/orchestration.md
+    prefect deploy --all                         # nightly (prefect.yaml, docs/orchestration.md)
 
 A digest of the raw corpora is compared with the last completed retraining's; unchanged
 data records a skipped run and stops. Otherwise the pipeline runs up to evaluate as a
@@ -38,7 +38,8 @@ def source_digest(repo: str) -> str:
 @task(name="champion-challenger", **TASK_OPTIONS)
 def champion_challenger(repo: str, run_id: str, digest: str) -> dict[str, Any]:
     decision = rt.champion_challenger(
-        repo, run_id, digest, extra_tags={"prefect.flow_run_id": str(runtime.flow_run.id)})
+        repo, run_id, digest, extra_tags={"prefect.flow_run_id": str(runtime.flow_run.id)}
+    )
     get_run_logger().info("%s: %s", decision["action"], decision["reason"])
     return decision
 
@@ -48,12 +49,14 @@ def _report(decision: dict[str, Any]) -> None:
     create_markdown_artifact(
         key="lmops-retrain-decision",
         markdown=f"## Retraining: {decision['action']}\n\n| | |\n|---|---|\n{rows}\n",
-        description="What this retraining run did, and why.")
+        description="What this retraining run did, and why.",
+    )
 
 
 @flow(name="lmops-retrain")
-def retrain(repo: str = ".", params: list[str] | dict[str, Any] | None = None,
-            force: bool = False) -> dict[str, Any]:
+def retrain(
+    repo: str = ".", params: list[str] | dict[str, Any] | None = None, force: bool = False
+) -> dict[str, Any]:
     """Retrain if the source data changed; register the challenger, promote it if it wins.
 
     Args:
@@ -65,17 +68,28 @@ def retrain(repo: str = ".", params: list[str] | dict[str, Any] | None = None,
     root = str(Path(repo).resolve())
     digest = source_digest(root)
     last = rt.last_completed(root)
-    if last is not None and not force and not params \
-            and last.data.tags.get(rt.DIGEST_TAG) == digest:
-        decision = rt.record_skip(root, digest, last,
-                                  {"prefect.flow_run_id": str(runtime.flow_run.id)})
+    if (
+        last is not None
+        and not force
+        and not params
+        and last.data.tags.get(rt.DIGEST_TAG) == digest
+    ):
+        decision = rt.record_skip(
+            root, digest, last, {"prefect.flow_run_id": str(runtime.flow_run.id)}
+        )
         logger.info("skipped: %s", decision["reason"])
         _report(decision)
         return decision
-    run = pipeline(repo=root, target=registry.EVALUATE_STAGE, params=params,
-                   experiment=time.strftime("retrain-%Y%m%d-%H%M%S"))
-    decision = {**champion_challenger(root, run["mlflow_run_id"], digest),
-                "mlflow_run_id": run["mlflow_run_id"]}
+    run = pipeline(
+        repo=root,
+        target=registry.EVALUATE_STAGE,
+        params=params,
+        experiment=time.strftime("retrain-%Y%m%d-%H%M%S"),
+    )
+    decision = {
+        **champion_challenger(root, run["mlflow_run_id"], digest),
+        "mlflow_run_id": run["mlflow_run_id"],
+    }
     _report(decision)
     return decision
 
@@ -83,10 +97,17 @@ def retrain(repo: str = ".", params: list[str] | dict[str, Any] | None = None,
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repo", default=".")
-    p.add_argument("-S", "--set-param", action="append", dest="params", metavar="KEY=VALUE",
-                   help="a params override for this run, as for `dvc exp run -S` (repeatable)")
-    p.add_argument("--force", action="store_true",
-                   help="retrain even if the source data is unchanged")
+    p.add_argument(
+        "-S",
+        "--set-param",
+        action="append",
+        dest="params",
+        metavar="KEY=VALUE",
+        help="a params override for this run, as for `dvc exp run -S` (repeatable)",
+    )
+    p.add_argument(
+        "--force", action="store_true", help="retrain even if the source data is unchanged"
+    )
     args = p.parse_args(argv)
     retrain(repo=args.repo, params=args.params, force=args.force)
 

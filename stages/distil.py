@@ -27,8 +27,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> None:
     params = load_params(args.params)
     paths = as_paths(distil.Paths, vars(args))
-    logged = {"seed": params.seed, "target_lang": params.clean.target_lang,
-              **flatten(params.distil), **flatten(params.evaluate, "evaluate.")}
+    logged = {
+        "seed": params.seed,
+        "target_lang": params.clean.target_lang,
+        **flatten(params.distil),
+        **flatten(params.evaluate, "evaluate."),
+    }
     with tracking.stage_run("distil", logged):
         tracking.log_data_input(paths.tokens, "tokens")
         tracking.log_data_input(paths.teacher, "teacher_model")
@@ -37,13 +41,18 @@ def main(args: argparse.Namespace) -> None:
         if metrics is None:  # a worker rank: rank 0 writes the outputs
             return
         tracking.log_stage_outputs(
-            "distil", metrics, model_dir=paths.out,
-            files=(paths.eval_out / evaluate.TRANSLATIONS_FILE,))
+            "distil",
+            metrics,
+            model_dir=paths.out,
+            files=(paths.eval_out / evaluate.TRANSLATIONS_FILE,),
+        )
         tracking.log_table(samples, "distil/samples.json")
         retained = metrics["bleu_retained"]
-        print(f"student BLEU {metrics['bleu']:.2f}, teacher {metrics['teacher_bleu']:.2f} "
-              f"(retained {'n/a' if retained is None else f'{retained:.1%}'}), "
-              f"{metrics['param_ratio']:.1%} of the teacher's parameters")
+        print(
+            f"student BLEU {metrics['bleu']:.2f}, teacher {metrics['teacher_bleu']:.2f} "
+            f"(retained {'n/a' if retained is None else f'{retained:.1%}'}), "
+            f"{metrics['param_ratio']:.1%} of the teacher's parameters"
+        )
 
 
 if __name__ == "__main__":

@@ -30,10 +30,12 @@ def main(args: argparse.Namespace) -> None:
         result = evaluate.run(paths, params)
         metrics, samples = result.metrics, result.table
         tracking.log_stage_outputs(
-            "evaluate", metrics, files=(paths.out / evaluate.TRANSLATIONS_FILE,))
+            "evaluate", metrics, files=(paths.out / evaluate.TRANSLATIONS_FILE,)
+        )
         tracking.log_table(samples, "evaluate/samples.json")
-        print(f"BLEU {metrics['bleu']:.2f}  chrF {metrics['chrf']:.2f}  "
-              f"({metrics['bleu_signature']})")
+        print(
+            f"BLEU {metrics['bleu']:.2f}  chrF {metrics['chrf']:.2f}  ({metrics['bleu_signature']})"
+        )
         for _, row in samples.head(5).iterrows():
             print(f"  {row['source']}\n    ref: {row['reference']}\n    hyp: {row['hypothesis']}")
 

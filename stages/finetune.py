@@ -25,8 +25,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> None:
     params = load_params(args.params)
     paths = as_paths(finetune.Paths, vars(args))
-    logged = {"seed": params.seed, "target_lang": params.clean.target_lang,
-              **flatten(params.finetune)}
+    logged = {
+        "seed": params.seed,
+        "target_lang": params.clean.target_lang,
+        **flatten(params.finetune),
+    }
     with tracking.stage_run("finetune", logged):
         tracking.log_data_input(paths.tokens, "tokens")
         tracking.log_data_input(paths.init, "pretrained_model")

@@ -26,8 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> None:
     params = load_params(args.params)
     paths = as_paths(pretrain.Paths, vars(args))
-    logged = {"seed": params.seed, **flatten(params.model, "model."),
-              **flatten(params.pretrain)}
+    logged = {"seed": params.seed, **flatten(params.model, "model."), **flatten(params.pretrain)}
     with tracking.stage_run("pretrain", logged):
         tracking.log_data_input(paths.tokens, "tokens")
         metrics = pretrain.run(paths, params, tracking.StageLog()).metrics

@@ -16,7 +16,9 @@ from lmops.tracking import stage
 
 
 def build_parser() -> argparse.ArgumentParser:
-    return stage.parser("Encode clean text into token streams and parallel id sequences.", tokenise.Paths)
+    return stage.parser(
+        "Encode clean text into token streams and parallel id sequences.", tokenise.Paths
+    )
 
 
 def main(args: argparse.Namespace) -> None:

@@ -18,7 +18,9 @@ from lmops.tracking import stage
 
 
 def build_parser() -> argparse.ArgumentParser:
-    return stage.parser("Train the SentencePiece vocabulary on the clean pretraining text.", vocab.Paths)
+    return stage.parser(
+        "Train the SentencePiece vocabulary on the clean pretraining text.", vocab.Paths
+    )
 
 
 def main(args: argparse.Namespace) -> None:
@@ -30,10 +32,12 @@ def main(args: argparse.Namespace) -> None:
         tracking.log_dict(meta, "vocab/meta.json")
         for name in (MODEL_FILE, VOCAB_FILE):
             tracking.log_artifact(paths.out / name, artifact_path="vocab")
-        tracking.log_metrics({
-            "vocab/size": meta["vocab_size"],
-            "vocab/train_sentences": meta["train_sentences"],
-        })
+        tracking.log_metrics(
+            {
+                "vocab/size": meta["vocab_size"],
+                "vocab/train_sentences": meta["train_sentences"],
+            }
+        )
 
 
 if __name__ == "__main__":

@@ -55,8 +55,9 @@ def dvc_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
 
 def dvc(root: Path, *args: str, env: Mapping[str, str] | None = None) -> str:
     """Run the `dvc` CLI in ``root``; fails the test with its output if it fails."""
-    out = subprocess.run(["dvc", *args], cwd=root, env=dvc_env(env), capture_output=True,
-                         text=True, timeout=900)
+    out = subprocess.run(
+        ["dvc", *args], cwd=root, env=dvc_env(env), capture_output=True, text=True, timeout=900
+    )
     assert out.returncode == 0, f"dvc {' '.join(args)} failed:\n{out.stdout}\n{out.stderr}"
     return out.stdout + out.stderr
 
@@ -77,5 +78,9 @@ def flow_repo(tmp_path) -> Path:
 def prefect_server(tmp_path):
     """`prefect server start` on 127.0.0.1 with its own home and database; stopped after."""
     with workspace.prefect_server(tmp_path / "prefect-home", tmp_path / "server.log") as env:
-        yield {**env, "PREFECT_CLI_PROMPT": "false", "PREFECT_WORKER_QUERY_SECONDS": "1",
-               "PREFECT_LOGGING_LEVEL": "INFO"}
+        yield {
+            **env,
+            "PREFECT_CLI_PROMPT": "false",
+            "PREFECT_WORKER_QUERY_SECONDS": "1",
+            "PREFECT_LOGGING_LEVEL": "INFO",
+        }

@@ -72,9 +72,22 @@ def _pages() -> list[Path]:
 def test_mkdocs_build_strict(tmp_path):
     site = tmp_path / "site"
     proc = subprocess.run(
-        [sys.executable, "-m", "mkdocs", "build", "--strict",
-         "--config-file", str(REPO / "mkdocs.yml"), "-d", str(site)],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "mkdocs",
+            "build",
+            "--strict",
+            "--config-file",
+            str(REPO / "mkdocs.yml"),
+            "-d",
+            str(site),
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert (site / "index.html").is_file()
     for page in _pages():  # every page of docs/ became a page of the site
@@ -86,7 +99,8 @@ def test_mkdocs_build_strict(tmp_path):
 def test_readme_is_short():
     lines = README.read_text(encoding="utf-8").splitlines()
     assert len(lines) <= MAX_README_LINES, (
-        f"README.md has {len(lines)} lines; move detail into docs/ (at most {MAX_README_LINES})")
+        f"README.md has {len(lines)} lines; move detail into docs/ (at most {MAX_README_LINES})"
+    )
 
 
 def test_readme_relative_links_point_at_existing_files():
@@ -101,8 +115,11 @@ def test_readme_relative_links_point_at_existing_files():
         file = (README.parent / path).resolve() if path else README
         if not file.exists():
             broken.append(f"{target}: {path} does not exist")
-        elif anchor and file.suffix == ".md" and (
-                anchor not in _github_anchors(file.read_text(encoding="utf-8"))):
+        elif (
+            anchor
+            and file.suffix == ".md"
+            and (anchor not in _github_anchors(file.read_text(encoding="utf-8")))
+        ):
             broken.append(f"{target}: no heading #{anchor} in {path or 'README.md'}")
     assert broken == []
 
@@ -148,4 +165,3 @@ def test_documented_servers_bind_the_loopback_interface(page):
         assert "0.0.0.0" not in line, line
         if m.group(1) != "mlflow ui":  # mlflow ui binds 127.0.0.1 unless told otherwise
             assert re.search(r"(--host|-h) 127\.0\.0\.1", line), line
-

@@ -1,15 +1,15 @@
 """The ``lmops`` command: small helpers around the pipeline.
 
-    lmops params check [params.yaml]        validate a params file, name every bad key
-    lmops params set-args params.gpu.yaml   print `-S key=value` args for `dvc exp run`
-    lmops translate "Hello." ...            translate sentences (args, or stdin lines)
-        --model data/models/finetune --vocab data/vocab      a local model directory
-        --model-uri models:/lmops-translator@champion        or a logged MLflow model
-    lmops estimate [--target STAGE]         how long `dvc repro` will take on this machine
-        --profile params.fast.yaml          ... or `dvc exp run` with a profile
-    lmops compare [RUN_ID ...] [--last N]   pipeline runs side by side (params, metrics)
-    lmops tracking sync [SPOOL_FILE ...]    upload what stages kept in mlruns/spool/ while
-                                            the tracking server was away
+lmops params check [params.yaml]        validate a params file, name every bad key
+lmops params set-args params.gpu.yaml   print `-S key=value` args for `dvc exp run`
+lmops translate "Hello." ...            translate sentences (args, or stdin lines)
+    --model data/models/finetune --vocab data/vocab      a local model directory
+    --model-uri models:/lmops-translator@champion        or a logged MLflow model
+lmops estimate [--target STAGE]         how long `dvc repro` will take on this machine
+    --profile params.fast.yaml          ... or `dvc exp run` with a profile
+lmops compare [RUN_ID ...] [--last N]   pipeline runs side by side (params, metrics)
+lmops tracking sync [SPOOL_FILE ...]    upload what stages kept in mlruns/spool/ while
+                                        the tracking server was away
 """
 
 from __future__ import annotations
@@ -51,8 +51,7 @@ def _translate(args: argparse.Namespace) -> None:
     if args.model_uri is not None:
         from lmops.tracking import serving
 
-        out = serving.translate_with(serving.load_translator(args.model_uri), sources,
-                                     **overrides)
+        out = serving.translate_with(serving.load_translator(args.model_uri), sources, **overrides)
     else:
         from lmops.tracking.serving import Translator
 
@@ -67,8 +66,15 @@ def _translate(args: argparse.Namespace) -> None:
 def _compare(args: argparse.Namespace) -> None:
     from lmops.tracking import compare
 
-    print(compare.compare(args.runs, last=args.last, experiment=args.experiment,
-                          all_rows=args.all, volatile=args.timings))
+    print(
+        compare.compare(
+            args.runs,
+            last=args.last,
+            experiment=args.experiment,
+            all_rows=args.all,
+            volatile=args.timings,
+        )
+    )
 
 
 def _estimate(args: argparse.Namespace) -> None:
@@ -76,12 +82,12 @@ def _estimate(args: argparse.Namespace) -> None:
 
     params, changed = None, []
     if args.profile:  # as `dvc exp run $(lmops params set-args PROFILE)` would run
-        params = config.parse_params(config.load_profile(args.profile, args.params),
-                                     f"{args.params} + {args.profile}")
+        params = config.parse_params(
+            config.load_profile(args.profile, args.params), f"{args.params} + {args.profile}"
+        )
         with open(args.profile, encoding="utf-8") as fh:
             changed = list(config.flatten(yaml.safe_load(fh) or {}))
-    stages = (args.stages.split(",") if args.stages
-              else dag.stages_to_run(".", args.target, changed))
+    stages = args.stages.split(",") if args.stages else dag.stages_to_run(".", args.target, changed)
     print(estimate.render(estimate.estimate(stages, ".", args.params, params)))
 
 
@@ -119,26 +125,31 @@ def build_parser() -> argparse.ArgumentParser:
     est.add_argument("--params", default=config.DEFAULT_PARAMS, help="parameters file")
     est.add_argument("--profile", help="a profile merged over --params, e.g. params.fast.yaml")
     est.add_argument("--target", help="a stage: only it and what it needs, as dvc repro")
-    est.add_argument("--stages", help="comma-separated stages to estimate, whether or not "
-                                      "they would run")
+    est.add_argument(
+        "--stages", help="comma-separated stages to estimate, whether or not they would run"
+    )
     est.set_defaults(func=_estimate)
 
     cmp_ = sub.add_parser("compare", help="pipeline runs side by side, from MLflow")
     cmp_.add_argument("runs", nargs="*", help="parent run ids (default: the last --last runs)")
     cmp_.add_argument("--last", type=int, default=2, help="how many recent pipeline runs")
-    cmp_.add_argument("--experiment", help="MLflow experiment (default: $MLFLOW_EXPERIMENT_NAME "
-                                           "or lmops)")
+    cmp_.add_argument(
+        "--experiment", help="MLflow experiment (default: $MLFLOW_EXPERIMENT_NAME or lmops)"
+    )
     cmp_.add_argument("--all", action="store_true", help="every row, not only differing ones")
-    cmp_.add_argument("--timings", action="store_true",
-                      help="include timing metrics (they differ on every run)")
+    cmp_.add_argument(
+        "--timings", action="store_true", help="include timing metrics (they differ on every run)"
+    )
     cmp_.set_defaults(func=_compare)
 
     trk = sub.add_parser("tracking", help="MLflow tracking housekeeping")
     tsub = trk.add_subparsers(dest="action", required=True)
-    sync = tsub.add_parser("sync", help="upload the metrics, tags and artifacts stages kept "
-                                        "in mlruns/spool/ while the tracking server was away")
-    sync.add_argument("files", nargs="*",
-                      help="spool files (default: every mlruns/spool/*.jsonl)")
+    sync = tsub.add_parser(
+        "sync",
+        help="upload the metrics, tags and artifacts stages kept "
+        "in mlruns/spool/ while the tracking server was away",
+    )
+    sync.add_argument("files", nargs="*", help="spool files (default: every mlruns/spool/*.jsonl)")
     sync.set_defaults(func=_tracking_sync)
     return p
 

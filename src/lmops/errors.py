@@ -18,8 +18,10 @@ class DiskFullError(LmopsError):
 
     def __init__(self, path: object, reason: str):
         self.path, self.reason = path, reason
-        super().__init__(f"disk full writing {path}: {reason}; free some space (or raise the "
-                         "quota or file size limit) and rerun")
+        super().__init__(
+            f"disk full writing {path}: {reason}; free some space (or raise the "
+            "quota or file size limit) and rerun"
+        )
 
     def __reduce__(self) -> tuple:  # survives pickling (worker processes)
         return type(self), (self.path, self.reason)

@@ -18,7 +18,8 @@ from lmops.errors import DiskFullError, LmopsError
 
 # no space left, a file over RLIMIT_FSIZE / the filesystem's largest file, quota exceeded
 DISK_FULL_ERRNOS = frozenset(
-    code for code in (errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", None)) if code)
+    code for code in (errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", None)) if code
+)
 # libraries that wrap the OS error in their own (safetensors, pyarrow) keep its number
 _WRAPPED_ERRNO = re.compile(r"(?:os error|errno)\s*(\d+)", re.IGNORECASE)
 
@@ -35,7 +36,7 @@ def disk_full_reason(err: BaseException | None) -> str | None:
         if code is None and not isinstance(err, LmopsError):
             match = _WRAPPED_ERRNO.search(str(err))
             code = int(match.group(1)) if match else None
-        if code in DISK_FULL_ERRNOS:
+        if code is not None and code in DISK_FULL_ERRNOS:
             return os.strerror(code)
         err = err.__cause__ or (None if err.__suppress_context__ else err.__context__)
     return None

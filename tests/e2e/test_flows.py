@@ -31,18 +31,22 @@ SPEC = yaml.safe_load((REPO / "dvc.yaml").read_text())
 
 def _must_precede(spec: dict) -> set[tuple[str, str]]:
     """(a, b) for every stage b with a dep that is, holds or sits inside an output of a."""
+
     def paths(items):
         for item in items or []:
             yield from ([item] if isinstance(item, str) else item)
 
-    outs = {name: [PurePosixPath(p) for key in ("outs", "metrics", "plots")
-                   for p in paths(s.get(key))] for name, s in spec["stages"].items()}
+    outs = {
+        name: [PurePosixPath(p) for key in ("outs", "metrics", "plots") for p in paths(s.get(key))]
+        for name, s in spec["stages"].items()
+    }
     pairs = set()
     for b, s in spec["stages"].items():
         for dep in map(PurePosixPath, paths(s.get("deps"))):
             for a, produced in outs.items():
-                if a != b and any(dep == o or dep.is_relative_to(o) or o.is_relative_to(dep)
-                                  for o in produced):
+                if a != b and any(
+                    dep == o or dep.is_relative_to(o) or o.is_relative_to(dep) for o in produced
+                ):
                     pairs.add((a, b))
     return pairs
 
@@ -65,11 +69,13 @@ def test_a_target_runs_only_what_it_needs():
 
 
 def test_a_dep_inside_an_output_dir_and_a_cycle():
-    spec = {"stages": {
-        "late": {"deps": ["data/a/part.bin"], "outs": ["data/b"]},
-        "early": {"deps": ["raw.txt"], "outs": ["data/a", {"m.json": {"cache": False}}]},
-        "last": {"deps": ["data/b", "m.json"], "outs": ["c"]},
-    }}
+    spec = {
+        "stages": {
+            "late": {"deps": ["data/a/part.bin"], "outs": ["data/b"]},
+            "early": {"deps": ["raw.txt"], "outs": ["data/a", {"m.json": {"cache": False}}]},
+            "last": {"deps": ["data/b", "m.json"], "outs": ["c"]},
+        }
+    }
     assert dag.dag_order(spec) == ["early", "late", "last"]
     spec["stages"]["early"]["deps"].append("c")
     with pytest.raises(LmopsError, match="form a cycle"):
@@ -84,26 +90,40 @@ def test_training_stages_are_tagged_for_a_gpu_pool():
 
 # --------------------------------------------------------------------- retries
 
-LOCKED = ("ERROR: failed to reproduce 'clean': Unable to acquire lock. Most likely another "
-          "DVC process is running or was terminated abruptly.")
-NO_SERVER = ("mlflow.exceptions.MlflowException: API request to http://mlflow:5000/api/2.0/"
-             "mlflow/runs/create failed with exception HTTPConnectionPool(host='mlflow', "
-             "port=5000): Max retries exceeded (Caused by NewConnectionError: Connection refused)")
-BAD_DATA = ("lmops validate: error: data quality expectations failed (report: "
-            "data/validate/index.html):\n  parallel_test: pair length ratio\n"
-            "ERROR: failed to reproduce 'validate': failed to run: python stages/validate.py, "
-            "exited with 1")
-DIVERGED = ("lmops pretrain: error: pretrain: loss diverged at step 12: nan (max_loss 20.0); "
-            "last good checkpoint data/train/pretrain/ckpt/step-10\n"
-            "ERROR: failed to reproduce 'pretrain': exited with 1")
+LOCKED = (
+    "ERROR: failed to reproduce 'clean': Unable to acquire lock. Most likely another "
+    "DVC process is running or was terminated abruptly."
+)
+NO_SERVER = (
+    "mlflow.exceptions.MlflowException: API request to http://mlflow:5000/api/2.0/"
+    "mlflow/runs/create failed with exception HTTPConnectionPool(host='mlflow', "
+    "port=5000): Max retries exceeded (Caused by NewConnectionError: Connection refused)"
+)
+BAD_DATA = (
+    "lmops validate: error: data quality expectations failed (report: "
+    "data/validate/index.html):\n  parallel_test: pair length ratio\n"
+    "ERROR: failed to reproduce 'validate': failed to run: python stages/validate.py, "
+    "exited with 1"
+)
+DIVERGED = (
+    "lmops pretrain: error: pretrain: loss diverged at step 12: nan (max_loss 20.0); "
+    "last good checkpoint data/train/pretrain/ckpt/step-10\n"
+    "ERROR: failed to reproduce 'pretrain': exited with 1"
+)
 
 
-@pytest.mark.parametrize(("output", "retry"), [
-    (LOCKED, True), (NO_SERVER, True), (BAD_DATA, False), (DIVERGED, False),
-    # a diverged loss stays final even when the network also hiccuped in the same output
-    (DIVERGED + "\n" + NO_SERVER, False),
-    ("ERROR: failed to reproduce 'x': exited with 2\nTraceback ... KeyError: 'foo'", False),
-])
+@pytest.mark.parametrize(
+    ("output", "retry"),
+    [
+        (LOCKED, True),
+        (NO_SERVER, True),
+        (BAD_DATA, False),
+        (DIVERGED, False),
+        # a diverged loss stays final even when the network also hiccuped in the same output
+        (DIVERGED + "\n" + NO_SERVER, False),
+        ("ERROR: failed to reproduce 'x': exited with 2\nTraceback ... KeyError: 'foo'", False),
+    ],
+)
 def test_the_retry_condition_retries_only_transient_io(output, retry):
     from prefect.states import Failed
 
@@ -138,11 +158,19 @@ def prefect_harness():
 def test_prefects_temporary_server_gets_the_projects_start_up_timeout(flow_repo):
     """`python flows/pipeline.py` with no server: Prefect reads pyproject.toml in the
     working directory, so a slow machine gets more than Prefect's default 20 s."""
-    code = ("from prefect.settings import get_current_settings; "
-            "print(get_current_settings().server.ephemeral.startup_timeout_seconds)")
+    code = (
+        "from prefect.settings import get_current_settings; "
+        "print(get_current_settings().server.ephemeral.startup_timeout_seconds)"
+    )
     for cwd in (REPO, flow_repo):
-        out = subprocess.run([sys.executable, "-c", code], cwd=cwd, env=_clean_env(),
-                             capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [sys.executable, "-c", code],
+            cwd=cwd,
+            env=_clean_env(),
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         assert int(out.stdout) == _ephemeral_startup_timeout() > 20
 
 
@@ -187,11 +215,17 @@ def test_the_stage_task_retries_a_held_lock_but_not_bad_data(prefect_harness, mo
 
 
 def test_stage_statuses_are_read_from_dvc_output():
-    out = ("Stage 'clean' didn't change, skipping\n"
-           "Running stage 'validate':\n> python stages/validate.py\n"
-           "Stage 'vocab' is cached - skipping run, checking out outputs\n")
+    out = (
+        "Stage 'clean' didn't change, skipping\n"
+        "Running stage 'validate':\n> python stages/validate.py\n"
+        "Stage 'vocab' is cached - skipping run, checking out outputs\n"
+    )
     assert repro.stage_statuses(out, ["clean", "validate", "vocab", "tokenise"]) == {
-        "clean": "skipped", "validate": "ran", "vocab": "restored", "tokenise": "not reached"}
+        "clean": "skipped",
+        "validate": "ran",
+        "vocab": "restored",
+        "tokenise": "not reached",
+    }
 
 
 def test_an_experiment_is_one_dvc_exp_run_with_the_overrides(monkeypatch, tmp_path):
@@ -202,13 +236,32 @@ def test_an_experiment_is_one_dvc_exp_run_with_the_overrides(monkeypatch, tmp_pa
         return "Running stage 'clean':\nStage 'validate' didn't change, skipping\n", 2.0
 
     monkeypatch.setattr(repro, "_run", fake_run)
-    res = repro.exp_run(tmp_path, ["clean", "validate", "vocab"], "vocab",
-                       {"vocab": {"vocab_size": 4000}, "seed": 1}, "big-vocab", "PARENT")
-    assert seen["cmd"] == ["dvc", "exp", "run", "-n", "big-vocab", "-S",
-                           "vocab.vocab_size=4000", "-S", "seed=1", "vocab"]
+    res = repro.exp_run(
+        tmp_path,
+        ["clean", "validate", "vocab"],
+        "vocab",
+        {"vocab": {"vocab_size": 4000}, "seed": 1},
+        "big-vocab",
+        "PARENT",
+    )
+    assert seen["cmd"] == [
+        "dvc",
+        "exp",
+        "run",
+        "-n",
+        "big-vocab",
+        "-S",
+        "vocab.vocab_size=4000",
+        "-S",
+        "seed=1",
+        "vocab",
+    ]
     assert seen["env"]["LMOPS_PARENT_RUN_ID"] == "PARENT"
     assert [(r.stage, r.status) for r in res.stages] == [
-        ("clean", "ran"), ("validate", "skipped"), ("vocab", "not reached")]
+        ("clean", "ran"),
+        ("validate", "skipped"),
+        ("vocab", "not reached"),
+    ]
     assert repro.set_args(["a.b=1", "c=[1, 2]"]) == ["-S", "a.b=1", "-S", "c=[1, 2]"]
     with pytest.raises(LmopsError, match="expected key=value"):
         repro.set_args(["vocab.vocab_size"])
@@ -218,16 +271,19 @@ def test_an_experiment_is_one_dvc_exp_run_with_the_overrides(monkeypatch, tmp_pa
 
 
 def test_the_metrics_table_lists_each_declared_file(tmp_path):
-    spec = {"stages": {
-        "clean": {"metrics": [{"m/clean.json": {"cache": False}}]},
-        "evaluate": {"metrics": ["m/evaluate.json"]},
-        "vocab": {"outs": ["v"]},
-        "distil": {"metrics": ["m/distil.json"]},
-    }}
+    spec = {
+        "stages": {
+            "clean": {"metrics": [{"m/clean.json": {"cache": False}}]},
+            "evaluate": {"metrics": ["m/evaluate.json"]},
+            "vocab": {"outs": ["v"]},
+            "distil": {"metrics": ["m/distil.json"]},
+        }
+    }
     (tmp_path / "m").mkdir()
     (tmp_path / "m/clean.json").write_text(json.dumps({"train": {"rows": 120}, "ok": True}))
-    (tmp_path / "m/evaluate.json").write_text(json.dumps(
-        {"bleu": 12.345678, "bleu_signature": "nrefs:1|...", "ppl_en": 41.0}))
+    (tmp_path / "m/evaluate.json").write_text(
+        json.dumps({"bleu": 12.345678, "bleu_signature": "nrefs:1|...", "ppl_en": 41.0})
+    )
     results = [repro.StageResult("clean", "skipped"), repro.StageResult("evaluate", "ran", 3.0)]
     table = repro.metrics_table(tmp_path, spec, ["clean", "evaluate", "vocab", "distil"], results)
     assert table.splitlines() == [
@@ -250,8 +306,14 @@ _clean_env = workspace.clean_env
 
 
 def _prefect(env: dict[str, str], cwd: Path, *args: str, timeout: int = 120) -> str:
-    out = subprocess.run([str(Path(sys.executable).parent / "prefect"), *args], cwd=cwd, env=env,
-                         capture_output=True, text=True, timeout=timeout)
+    out = subprocess.run(
+        [str(Path(sys.executable).parent / "prefect"), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     assert out.returncode == 0, f"prefect {' '.join(args)} failed:\n{out.stdout}\n{out.stderr}"
     return out.stdout + out.stderr
 
@@ -267,14 +329,17 @@ def _flow_runs(env: dict[str, str], ids: list[str]) -> dict[str, dict]:
         query = urllib.parse.urlencode({"flow_run_id": run_id})
         with urllib.request.urlopen(f"{api}/flow_run_states/?{query}", timeout=10) as r:
             states = [s["name"] for s in json.load(r)]
-        out[run_id] = {"state": run["state"]["type"], "start": run["start_time"],
-                       "end": run["end_time"], "states": states}
+        out[run_id] = {
+            "state": run["state"]["type"],
+            "start": run["start_time"],
+            "end": run["end_time"],
+            "states": states,
+        }
     return out
 
 
 @pytest.mark.slow
-def test_a_deployment_runs_the_pipeline_on_a_process_worker(flow_repo, prefect_server,
-                                                            tmp_path):
+def test_a_deployment_runs_the_pipeline_on_a_process_worker(flow_repo, prefect_server, tmp_path):
     """Two runs of the pipeline deployment submitted at once, on a worker that would take
     both: the deployment's concurrency limit makes the second wait for the first."""
     env = prefect_server
@@ -283,23 +348,50 @@ def test_a_deployment_runs_the_pipeline_on_a_process_worker(flow_repo, prefect_s
     assert "lmops-pipeline/pipeline" in deployed
     nightly = _prefect(env, flow_repo, "deployment", "inspect", "lmops-retrain/nightly-retrain")
     assert "0 2 * * *" in nightly and "Europe/Paris" in nightly
-    ids = [re.search(r"UUID:\s*([0-9a-f-]{36})", _prefect(
-        env, flow_repo, "deployment", "run", "lmops-pipeline/pipeline", "--param",
-        "target=clean")).group(1) for _ in range(2)]
+    ids = [
+        re.search(
+            r"UUID:\s*([0-9a-f-]{36})",
+            _prefect(
+                env,
+                flow_repo,
+                "deployment",
+                "run",
+                "lmops-pipeline/pipeline",
+                "--param",
+                "target=clean",
+            ),
+        ).group(1)
+        for _ in range(2)
+    ]
     log = open(tmp_path / "worker.log", "w")  # noqa: SIM115 - closed in finally
     worker = subprocess.Popen(
-        [str(Path(sys.executable).parent / "prefect"), "worker", "start", "--pool", "lmops-gpu",
-         "--type", "process"], cwd=tmp_path, env=env, stdout=log,
-        stderr=subprocess.STDOUT, start_new_session=True)
+        [
+            str(Path(sys.executable).parent / "prefect"),
+            "worker",
+            "start",
+            "--pool",
+            "lmops-gpu",
+            "--type",
+            "process",
+        ],
+        cwd=tmp_path,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 300
         while True:
             runs = _flow_runs(env, ids)
-            if all(r["state"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
-                   for r in runs.values()):
+            if all(
+                r["state"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") for r in runs.values()
+            ):
                 break
-            assert time.monotonic() < deadline, f"flow runs not done in 300 s: {runs}\n" + (
-                tmp_path / "worker.log").read_text()[-6000:]
+            assert time.monotonic() < deadline, (
+                f"flow runs not done in 300 s: {runs}\n"
+                + (tmp_path / "worker.log").read_text()[-6000:]
+            )
             time.sleep(2)
         metrics = _prefect(env, flow_repo, "artifact", "inspect", "lmops-pipeline-metrics")
         link = _prefect(env, flow_repo, "artifact", "inspect", "lmops-mlflow-run")
@@ -310,8 +402,9 @@ def test_a_deployment_runs_the_pipeline_on_a_process_worker(flow_repo, prefect_s
     assert all(r["state"] == "COMPLETED" for r in runs.values()), f"{runs}\n{worker_log[-6000:]}"
     first, second = sorted(runs.values(), key=lambda r: dt.datetime.fromisoformat(r["start"]))
     # serialised, not overlapping
-    assert dt.datetime.fromisoformat(first["end"]) <= dt.datetime.fromisoformat(
-        second["start"]), runs
+    assert dt.datetime.fromisoformat(first["end"]) <= dt.datetime.fromisoformat(second["start"]), (
+        runs
+    )
     assert "AwaitingConcurrencySlot" in first["states"] + second["states"], runs
     flow_run_id = next(i for i, r in runs.items() if r is first)
 
@@ -342,16 +435,36 @@ def test_a_deployment_runs_the_pipeline_on_a_process_worker(flow_repo, prefect_s
 def test_a_one_off_run_needs_no_server_and_runs_an_experiment(flow_repo, tmp_path):
     """`python flows/pipeline.py` on Prefect's temporary server; overrides make it an
     experiment: one `dvc exp run`, the stages still nested under one parent run."""
-    env = _clean_env(PREFECT_HOME=str(tmp_path / "prefect-home"),
-                     PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    env = _clean_env(
+        PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_SERVER_ANALYTICS_ENABLED="false"
+    )
     out = subprocess.run(
-        [sys.executable, "flows/pipeline.py", "--target", "validate",
-         "-S", "validate.min_rows=5", "--experiment", "fewer-rows"],
-        cwd=flow_repo, env=env, capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "flows/pipeline.py",
+            "--target",
+            "validate",
+            "-S",
+            "validate.min_rows=5",
+            "--experiment",
+            "fewer-rows",
+        ],
+        cwd=flow_repo,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     assert "Running stage 'validate'" in out.stdout + out.stderr
-    exps = subprocess.run(["dvc", "exp", "list", "--name-only"], cwd=flow_repo, env=env,
-                          capture_output=True, text=True, check=True).stdout.split()
+    exps = subprocess.run(
+        ["dvc", "exp", "list", "--name-only"],
+        cwd=flow_repo,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     assert exps == ["fewer-rows"]
 
     from mlflow.tracking import MlflowClient
@@ -369,8 +482,9 @@ def test_a_one_off_run_needs_no_server_and_runs_an_experiment(flow_repo, tmp_pat
         assert run.data.tags["DVC_EXP_NAME"] == "fewer-rows"
 
 
-def test_a_failed_data_check_fails_the_flow_and_its_parent_run(prefect_harness, mlflow_store,
-                                                                tmp_path, monkeypatch):
+def test_a_failed_data_check_fails_the_flow_and_its_parent_run(
+    prefect_harness, mlflow_store, tmp_path, monkeypatch
+):
     """No retry, the stages after it never start, and MLflow shows what happened."""
     sys.path.insert(0, str(REPO / "flows"))
     try:
@@ -395,9 +509,12 @@ def test_a_failed_data_check_fails_the_flow_and_its_parent_run(prefect_harness, 
     client = MlflowClient()
     (parent,) = client.search_runs(
         [client.get_experiment_by_name("lmops-test").experiment_id],
-        "tags.`lmops.kind` = 'pipeline'")
+        "tags.`lmops.kind` = 'pipeline'",
+    )
     assert parent.info.status == "FAILED"
     assert re.fullmatch(r"[0-9a-f-]{36}", parent.data.tags["prefect.flow_run_id"])
-    assert {k.rsplit(".", 1)[1]: v for k, v in parent.data.tags.items()
-            if k.startswith("lmops.stage_status.")} == {
-        "clean": "ran", "validate": "failed", "vocab": "not reached", "tokenise": "not reached"}
+    assert {
+        k.rsplit(".", 1)[1]: v
+        for k, v in parent.data.tags.items()
+        if k.startswith("lmops.stage_status.")
+    } == {"clean": "ran", "validate": "failed", "vocab": "not reached", "tokenise": "not reached"}

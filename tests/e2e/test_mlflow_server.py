@@ -32,12 +32,15 @@ pytestmark = pytest.mark.slow
 EXPERIMENT = "lmops-server-test"
 STAGES = ["clean", "validate", "vocab", "tokenise", "pretrain", "finetune", "evaluate"]
 SOURCES = ["In the beginning God created the heaven and the earth.", "And God said."]
+
+
 @contextlib.contextmanager
 def process(cmd: list[str], log: Path, env: dict[str, str], health: str):
     """Start ``cmd`` in its own process group; always stop the whole group at the end."""
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
     try:
         wait_for(health, proc, log)
         yield proc
@@ -56,9 +59,20 @@ def server(tmp_path_factory):
     """A real tracking server: sqlite backend, artifacts proxied to a local directory."""
     d = tmp_path_factory.mktemp("mlflow-server")
     port = free_port()
-    cmd = [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-           "--backend-store-uri", f"sqlite:///{d / 'mlflow.db'}",
-           "--artifacts-destination", str(d / "artifacts"), "--workers", "1"]
+    cmd = [
+        str(BIN / "mlflow"),
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--backend-store-uri",
+        f"sqlite:///{d / 'mlflow.db'}",
+        "--artifacts-destination",
+        str(d / "artifacts"),
+        "--workers",
+        "1",
+    ]
     with process(cmd, d / "server.log", dvc_env(), f"http://127.0.0.1:{port}/health"):
         yield f"http://127.0.0.1:{port}"
 
@@ -84,8 +98,11 @@ def workspace(tmp_path_factory, env) -> Path:
 
 def pipeline_runs(client) -> list:
     exp = client.get_experiment_by_name(EXPERIMENT)
-    return client.search_runs([exp.experiment_id], "tags.`lmops.kind` = 'pipeline'",
-                              order_by=["attributes.start_time ASC"])
+    return client.search_runs(
+        [exp.experiment_id],
+        "tags.`lmops.kind` = 'pipeline'",
+        order_by=["attributes.start_time ASC"],
+    )
 
 
 def stage_runs(client, parent_id: str) -> dict:
@@ -114,8 +131,9 @@ def lock(root: Path) -> dict:
 def test_a_pipeline_run_is_traced_from_mlflow_alone(client, workspace, first_run):
     parent = first_run
     assert parent.info.status == "FINISHED"
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=workspace, capture_output=True,
-                          text=True, check=True).stdout.strip()
+    head = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=workspace, capture_output=True, text=True, check=True
+    ).stdout.strip()
     assert parent.data.tags["git.commit"] == head
     params = yaml.safe_load((workspace / "params.yaml").read_text())
     # the whole params file, flattened with its sections as prefixes
@@ -138,8 +156,11 @@ def test_a_pipeline_run_is_traced_from_mlflow_alone(client, workspace, first_run
     assert set(parent.data.metrics) == set().union(*(r.data.metrics for r in stages.values()))
 
     # step-wise curves
-    for stage, key in (("pretrain", "train_loss"), ("finetune", "train_loss"),
-                       ("finetune", "valid_bleu")):
+    for stage, key in (
+        ("pretrain", "train_loss"),
+        ("finetune", "train_loss"),
+        ("finetune", "valid_bleu"),
+    ):
         history = client.get_metric_history(stages[stage].info.run_id, f"{stage}/{key}")
         steps = [m.step for m in history]
         assert len(steps) > 1 and steps == sorted(steps), (stage, key, steps)
@@ -153,11 +174,14 @@ def test_a_pipeline_run_is_traced_from_mlflow_alone(client, workspace, first_run
         assert {"model/model.safetensors", "model/config.json"} <= got
         assert f"{stage}_loss_curves.png" in got
     assert {"translations.tsv", "evaluate/samples.json"} <= artifacts(
-        client, stages["evaluate"].info.run_id)
+        client, stages["evaluate"].info.run_id
+    )
 
     # data by DVC md5, through log_input
-    inputs = {d.dataset.name: d.dataset.digest
-              for d in client.get_run(stages["evaluate"].info.run_id).inputs.dataset_inputs}
+    inputs = {
+        d.dataset.name: d.dataset.digest
+        for d in client.get_run(stages["evaluate"].info.run_id).inputs.dataset_inputs
+    }
     outs = {o["path"]: o["md5"] for o in lock(workspace)["finetune"]["outs"]}
     assert inputs["model"] == outs["data/models/finetune"]
 
@@ -178,8 +202,8 @@ def test_the_translator_is_registered_with_an_alias(client, workspace, first_run
     ev = json.loads((workspace / "data/metrics/evaluate.json").read_text())
     assert float(version.tags["metric.bleu"]) == ev["bleu"]
     assert version.tags[registry.MD5_TAG] == next(
-        o["md5"] for o in lock(workspace)["finetune"]["outs"]
-        if o["path"] == "data/models/finetune")
+        o["md5"] for o in lock(workspace)["finetune"]["outs"] if o["path"] == "data/models/finetune"
+    )
     # the run now holds the final dvc.lock, evaluate included
     local = client.download_artifacts(first_run.info.run_id, "dvc.lock", str(workspace / "dl"))
     assert "evaluate" in yaml.safe_load(Path(local).read_text())["stages"]
@@ -189,9 +213,11 @@ def local_translations(workspace: Path, **overrides) -> list[str]:
     from lmops.tracking.serving import Translator
 
     params = yaml.safe_load((workspace / "params.yaml").read_text())
-    translator = Translator.from_dirs(workspace / "data/models/finetune",
-                                      workspace / "data/vocab",
-                                      decode=params["evaluate"]["decode"])
+    translator = Translator.from_dirs(
+        workspace / "data/models/finetune",
+        workspace / "data/vocab",
+        decode=params["evaluate"]["decode"],
+    )
     return translator.translate(SOURCES, **overrides)
 
 
@@ -201,8 +227,9 @@ def fresh_env(env: dict[str, str]) -> dict[str, str]:
 
 
 def post(url: str, body: dict) -> dict:
-    req = urllib.request.Request(url, data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
     try:
         with urllib.request.urlopen(req, timeout=120) as resp:
             return json.loads(resp.read())
@@ -212,19 +239,35 @@ def post(url: str, body: dict) -> dict:
 
 def test_the_champion_is_served_over_rest(env, workspace, registered, tmp_path):
     port = free_port()
-    cmd = [str(BIN / "mlflow"), "models", "serve", "-m",
-           f"models:/{registry.MODEL_NAME}@champion", "--env-manager", "local",
-           "-h", "127.0.0.1", "-p", str(port)]
+    cmd = [
+        str(BIN / "mlflow"),
+        "models",
+        "serve",
+        "-m",
+        f"models:/{registry.MODEL_NAME}@champion",
+        "--env-manager",
+        "local",
+        "-h",
+        "127.0.0.1",
+        "-p",
+        str(port),
+    ]
     base = f"http://127.0.0.1:{port}"
     with process(cmd, tmp_path / "serve.log", fresh_env(env), f"{base}/ping"):
-        split = post(f"{base}/invocations", {
-            "dataframe_split": {"columns": ["source"], "data": [[s] for s in SOURCES]},
-            "params": {"beam_size": 1}})
-        records = post(f"{base}/invocations",
-                       {"dataframe_records": [{"source": s} for s in SOURCES]})
+        split = post(
+            f"{base}/invocations",
+            {
+                "dataframe_split": {"columns": ["source"], "data": [[s] for s in SOURCES]},
+                "params": {"beam_size": 1},
+            },
+        )
+        records = post(
+            f"{base}/invocations", {"dataframe_records": [{"source": s} for s in SOURCES]}
+        )
     # the served model translates exactly as the pipeline's model does here
-    assert split["predictions"] == [{"translation": t}
-                                    for t in local_translations(workspace, beam_size=1)]
+    assert split["predictions"] == [
+        {"translation": t} for t in local_translations(workspace, beam_size=1)
+    ]
     assert records["predictions"] == [{"translation": t} for t in local_translations(workspace)]
     assert all(isinstance(p["translation"], str) for p in records["predictions"])
 
@@ -237,9 +280,16 @@ def test_the_pyfunc_loads_and_translates_in_a_fresh_process(env, workspace, regi
         "import lmops\n"
         "print(json.dumps({'translations': list(out['translation']),\n"
         "                  'lmops': lmops.__file__, 'pickled': 'cloudpickle' in sys.modules,\n"
-        "                  'signature': m.metadata.get_input_schema().input_names()}))\n")
-    out = subprocess.run([sys.executable, "-c", code], cwd=workspace, env=fresh_env(env),
-                         capture_output=True, text=True, timeout=300)
+        "                  'signature': m.metadata.get_input_schema().input_names()}))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=workspace,
+        env=fresh_env(env),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert got["translations"] == local_translations(workspace)
@@ -249,16 +299,27 @@ def test_the_pyfunc_loads_and_translates_in_a_fresh_process(env, workspace, regi
 
     # `lmops translate` gives the same, from the registry and from the local directories
     cli = [sys.executable, "-m", "lmops", "translate", *SOURCES]
-    by_uri = subprocess.run([*cli, "--model-uri", "models:/lmops-translator@champion"],
-                            cwd=workspace, env=dvc_env(env), capture_output=True, text=True,
-                            timeout=300)
+    by_uri = subprocess.run(
+        [*cli, "--model-uri", "models:/lmops-translator@champion"],
+        cwd=workspace,
+        env=dvc_env(env),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert by_uri.returncode == 0, by_uri.stderr
-    by_dir = subprocess.run([*cli, "--model", "data/models/finetune", "--vocab", "data/vocab"],
-                            cwd=workspace, env=dvc_env(), capture_output=True, text=True,
-                            timeout=300)
+    by_dir = subprocess.run(
+        [*cli, "--model", "data/models/finetune", "--vocab", "data/vocab"],
+        cwd=workspace,
+        env=dvc_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert by_dir.returncode == 0, by_dir.stderr
-    assert by_uri.stdout == by_dir.stdout == "".join(
-        f"{t}\n" for t in local_translations(workspace))
+    assert (
+        by_uri.stdout == by_dir.stdout == "".join(f"{t}\n" for t in local_translations(workspace))
+    )
 
 
 def set_param(root: Path, section: str, key: str, value) -> None:
@@ -267,8 +328,9 @@ def set_param(root: Path, section: str, key: str, value) -> None:
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-def test_two_runs_one_param_apart_differ_in_that_param_only(env, client, workspace, first_run,
-                                                             registered):
+def test_two_runs_one_param_apart_differ_in_that_param_only(
+    env, client, workspace, first_run, registered
+):
     lr = yaml.safe_load((workspace / "params.yaml").read_text())["finetune"]["lr"]
     for new in (lr * 0.5, lr * 0.25):
         set_param(workspace, "finetune", "lr", new)
@@ -286,9 +348,14 @@ def test_two_runs_one_param_apart_differ_in_that_param_only(env, client, workspa
     assert c.params["finetune.lr"] == repr(lr * 0.25)
 
     # the documented command prints the same comparison
-    out = subprocess.run([sys.executable, "-m", "lmops", "compare", b.run_id, c.run_id],
-                         cwd=workspace, env=dvc_env(env), capture_output=True, text=True,
-                         timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "lmops", "compare", b.run_id, c.run_id],
+        cwd=workspace,
+        env=dvc_env(env),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     rows = {line.split()[0] for line in out.stdout.splitlines()[2:] if line.strip()}
     assert "finetune.lr" in rows and "finetune/train_loss" in rows

@@ -58,13 +58,25 @@ class Server:
     def start(self) -> None:
         if self.proc is not None:
             return
-        cmd = [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.port),
-               "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
-               "--artifacts-destination", str(self.root / "artifacts"), "--workers", "1"]
+        cmd = [
+            str(BIN / "mlflow"),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--backend-store-uri",
+            f"sqlite:///{self.root / 'mlflow.db'}",
+            "--artifacts-destination",
+            str(self.root / "artifacts"),
+            "--workers",
+            "1",
+        ]
         log = self.root / "server.log"
         with open(log, "a") as out:
-            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
-                                         env=dvc_env(), start_new_session=True)
+            self.proc = subprocess.Popen(
+                cmd, stdout=out, stderr=subprocess.STDOUT, env=dvc_env(), start_new_session=True
+            )
         wait_for(f"{self.uri}/health", self.proc, log)
 
     def stop(self) -> None:
@@ -104,10 +116,19 @@ def make_project(root: Path) -> Path:
 
 
 def clean_stage(root: Path, env: dict[str, str], out: str = "data") -> subprocess.CompletedProcess:
-    cmd = [sys.executable, str(REPO / "stages/clean.py"), "--params", "params.yaml",
-           "--out", f"{out}/clean", "--stats", f"{out}/clean.json"]
-    return subprocess.run(cmd, cwd=root, env=dvc_env(env), capture_output=True, text=True,
-                          timeout=300)
+    cmd = [
+        sys.executable,
+        str(REPO / "stages/clean.py"),
+        "--params",
+        "params.yaml",
+        "--out",
+        f"{out}/clean",
+        "--stats",
+        f"{out}/clean.json",
+    ]
+    return subprocess.run(
+        cmd, cwd=root, env=dvc_env(env), capture_output=True, text=True, timeout=300
+    )
 
 
 @pytest.fixture
@@ -142,22 +163,30 @@ def train(out: Path, steps: int, on_eval) -> object:
         on_eval(step)
         return {"val_loss": 3.0 - step / 100}
 
-    return fit(TinyLM(), window_batches(tokens(), BLOCK, SEED), lm_loss,
-               config(max_steps=steps, eval_interval=1, checkpoint_interval=steps),
-               out, seed=SEED, stage=STAGE, resolved_config={"model": "tiny"},
-               evaluate=evaluate, log=tracking.StageLog())
+    return fit(
+        TinyLM(),
+        window_batches(tokens(), BLOCK, SEED),
+        lm_loss,
+        config(max_steps=steps, eval_interval=1, checkpoint_interval=steps),
+        out,
+        seed=SEED,
+        stage=STAGE,
+        resolved_config={"model": "tiny"},
+        evaluate=evaluate,
+        log=tracking.StageLog(),
+    )
 
 
 def assert_every_step(client, run_id: str, result, steps: int) -> dict:
     rows = {row["step"]: row for row in result.history}
     histories = {}
     for key in KEYS:
-        history = sorted(client.get_metric_history(run_id, f"{STAGE}/{key}"),
-                         key=lambda m: m.step)
+        history = sorted(client.get_metric_history(run_id, f"{STAGE}/{key}"), key=lambda m: m.step)
         assert [m.step for m in history] == list(range(1, steps + 1)), key
         if key != "tokens_per_sec":
             assert [m.value for m in history] == pytest.approx(
-                [rows[s][key] for s in range(1, steps + 1)]), key
+                [rows[s][key] for s in range(1, steps + 1)]
+            ), key
         histories[key] = history
     return histories
 
@@ -190,8 +219,9 @@ def test_a_stage_stops_at_once_when_the_server_does_not_answer(tmp_path, kind):
         elapsed = time.monotonic() - started
     assert out.returncode == 1, out.stderr
     last = out.stderr.strip().splitlines()[-1]
-    assert last.startswith("lmops clean: error: MLflow tracking server "
-                           f"http://***@127.0.0.1:{port} is not answering ("), out.stderr
+    assert last.startswith(
+        f"lmops clean: error: MLflow tracking server http://***@127.0.0.1:{port} is not answering ("
+    ), out.stderr
     assert "unset MLFLOW_TRACKING_URI" in last and "Traceback" not in out.stderr
     assert URI_SECRET not in out.stdout + out.stderr
     assert elapsed < 30, elapsed  # the probe waits 4 s at most; the rest is Python starting
@@ -205,8 +235,11 @@ def test_a_server_lost_mid_run_loses_no_metric(live, in_project):
         if step == 4:
             live.stop()
         elif step == 7:
-            seen["spooled"] = [json.loads(line) for f in spool_files(in_project)
-                               for line in f.read_text().splitlines()]
+            seen["spooled"] = [
+                json.loads(line)
+                for f in spool_files(in_project)
+                for line in f.read_text().splitlines()
+            ]
             seen["restart_ms"] = time.time() * 1000
             live.start()
         elif step == 10:
@@ -214,12 +247,18 @@ def test_a_server_lost_mid_run_loses_no_metric(live, in_project):
 
     with tracking.stage_run(STAGE, {"lr": 0.03}) as run:
         result = train(in_project / "work", steps, on_eval)
-        tracking.log_stage_outputs(STAGE, {"final_loss": result.train_loss},
-                                   model_dir=result.checkpoint)
+        tracking.log_stage_outputs(
+            STAGE, {"final_loss": result.train_loss}, model_dir=result.checkpoint
+        )
 
     # while away, every step was kept in order in the spool file ...
-    kept = [m["step"] for e in seen["spooled"] if e.get("kind") == "metrics"
-            for m in e["metrics"] if m["key"] == f"{STAGE}/train_loss"]
+    kept = [
+        m["step"]
+        for e in seen["spooled"]
+        if e.get("kind") == "metrics"
+        for m in e["metrics"]
+        if m["key"] == f"{STAGE}/train_loss"
+    ]
     assert kept == [5, 6, 7]
     # ... and sent as soon as the server answered again, mid-run
     assert seen["spool_after_restart"] == [] and spool_files(in_project) == []
@@ -234,14 +273,16 @@ def test_a_server_lost_mid_run_loses_no_metric(live, in_project):
     assert got.data.params[f"{STAGE}.lr"] == "0.03"
     assert f"{STAGE}/final_loss" in got.data.metrics
     assert {"model/model.safetensors", f"{STAGE}_loss_curves.png"} <= artifacts(
-        client, run.info.run_id)
+        client, run.info.run_id
+    )
     parent = client.get_run(got.data.tags["mlflow.parentRunId"])
     assert parent.info.status == "FINISHED"
     assert parent.data.metrics[f"{STAGE}/val_loss"] == pytest.approx(3.0 - steps / 100)
 
 
-def test_a_server_still_away_at_the_end_leaves_a_spool_for_tracking_sync(live, in_project,
-                                                                        monkeypatch, caplog):
+def test_a_server_still_away_at_the_end_leaves_a_spool_for_tracking_sync(
+    live, in_project, monkeypatch, caplog
+):
     import pandas as pd
 
     monkeypatch.setenv(FLUSH_WAIT_ENV, "1")
@@ -253,10 +294,12 @@ def test_a_server_still_away_at_the_end_leaves_a_spool_for_tracking_sync(live, i
 
     with tracking.stage_run(STAGE, {"lr": 0.03}) as run:
         result = train(in_project / "work", steps, on_eval)
-        tracking.log_stage_outputs(STAGE, {"final_loss": result.train_loss, "note": "kept"},
-                                   model_dir=result.checkpoint)
-        tracking.log_table(pd.DataFrame({"source": ["a", "b"], "score": [1.0, 2.0]}),
-                           f"{STAGE}/samples.json")
+        tracking.log_stage_outputs(
+            STAGE, {"final_loss": result.train_loss, "note": "kept"}, model_dir=result.checkpoint
+        )
+        tracking.log_table(
+            pd.DataFrame({"source": ["a", "b"], "score": [1.0, 2.0]}), f"{STAGE}/samples.json"
+        )
         tracking.log_dict({"steps": steps}, f"{STAGE}/meta.json")
     run_id = run.info.run_id
 
@@ -276,13 +319,27 @@ def test_a_server_still_away_at_the_end_leaves_a_spool_for_tracking_sync(live, i
     # a spool left by a stage that died mid-run: replayed, and its run marked FAILED
     exp = client.get_experiment_by_name(EXPERIMENT)
     crashed = client.create_run(exp.experiment_id).info.run_id
-    (spool.parent / f"{crashed}.jsonl").write_text(json.dumps(
-        {"seq": 1, "run_id": crashed, "kind": "metrics", "metrics": [
-            {"key": "x", "value": 1.5, "timestamp": 1_700_000_000_000, "step": 3}]}) + "\n")
+    (spool.parent / f"{crashed}.jsonl").write_text(
+        json.dumps(
+            {
+                "seq": 1,
+                "run_id": crashed,
+                "kind": "metrics",
+                "metrics": [{"key": "x", "value": 1.5, "timestamp": 1_700_000_000_000, "step": 3}],
+            }
+        )
+        + "\n"
+    )
 
     env = dvc_env({"MLFLOW_TRACKING_URI": live.uri, "MLFLOW_EXPERIMENT_NAME": EXPERIMENT})
-    out = subprocess.run([sys.executable, "-m", "lmops", "tracking", "sync"], cwd=in_project,
-                         env=env, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-m", "lmops", "tracking", "sync"],
+        cwd=in_project,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     assert f"sent to run {run_id}, now FINISHED" in out.stdout
     assert f"sent to run {crashed}, now FAILED" in out.stdout
@@ -294,9 +351,15 @@ def test_a_server_still_away_at_the_end_leaves_a_spool_for_tracking_sync(live, i
     assert got.info.status == "FINISHED"
     assert got.data.tags[f"{STAGE}.note"] == "kept"
     assert json.loads(got.data.tags["mlflow.loggedArtifacts"]) == [
-        {"path": f"{STAGE}/samples.json", "type": "table"}]
-    assert {"model/model.safetensors", "model/manifest.json", f"{STAGE}_loss_curves.png",
-            f"{STAGE}/samples.json", f"{STAGE}/meta.json"} <= artifacts(client, run_id)
+        {"path": f"{STAGE}/samples.json", "type": "table"}
+    ]
+    assert {
+        "model/model.safetensors",
+        "model/manifest.json",
+        f"{STAGE}_loss_curves.png",
+        f"{STAGE}/samples.json",
+        f"{STAGE}/meta.json",
+    } <= artifacts(client, run_id)
     table = client.load_table(exp.experiment_id, f"{STAGE}/samples.json", [run_id])
     assert list(table["source"]) == ["a", "b"]
     parent = client.get_run(got.data.tags["mlflow.parentRunId"])
@@ -313,8 +376,11 @@ def test_a_server_still_away_at_the_end_leaves_a_spool_for_tracking_sync(live, i
 def test_no_credential_reaches_mlflow_or_the_output(live, tmp_path, monkeypatch):
     root = make_project(tmp_path / "project")
     host = live.uri.removeprefix("http://")
-    env = {"MLFLOW_TRACKING_URI": f"http://lmops:{URI_SECRET}@{host}",
-           "MLFLOW_EXPERIMENT_NAME": "lmops-secrets-test", **SECRETS}
+    env = {
+        "MLFLOW_TRACKING_URI": f"http://lmops:{URI_SECRET}@{host}",
+        "MLFLOW_EXPERIMENT_NAME": "lmops-secrets-test",
+        **SECRETS,
+    }
     out = clean_stage(root, env)
     assert out.returncode == 0, out.stderr
 
@@ -323,8 +389,7 @@ def test_no_credential_reaches_mlflow_or_the_output(live, tmp_path, monkeypatch)
         monkeypatch.setenv(key, value)
     monkeypatch.chdir(root)
     with pytest.raises(RuntimeError), tracking.stage_run("broken"):
-        raise RuntimeError(f"cannot reach {env['MLFLOW_TRACKING_URI']} with "
-                           f"{SECRETS['HF_TOKEN']}")
+        raise RuntimeError(f"cannot reach {env['MLFLOW_TRACKING_URI']} with {SECRETS['HF_TOKEN']}")
 
     client = client_for(live)
     exp = client.get_experiment_by_name("lmops-secrets-test")
@@ -332,7 +397,8 @@ def test_no_credential_reaches_mlflow_or_the_output(live, tmp_path, monkeypatch)
     assert {r.data.tags.get("lmops.stage") for r in runs} >= {"clean", "broken"}
     broken = next(r for r in runs if r.data.tags.get("lmops.stage") == "broken")
     assert broken.data.tags["lmops.error"] == (
-        f"RuntimeError: cannot reach http://***@{host} with ***")
+        f"RuntimeError: cannot reach http://***@{host} with ***"
+    )
 
     secrets = [URI_SECRET, *SECRETS.values()]
     texts = [out.stdout, out.stderr]
@@ -341,8 +407,9 @@ def test_no_credential_reaches_mlflow_or_the_output(live, tmp_path, monkeypatch)
         folder = tmp_path / "artifacts" / r.info.run_id
         folder.mkdir(parents=True)
         client.download_artifacts(r.info.run_id, "", str(folder))
-        texts += [p.read_bytes().decode("utf-8", "replace")
-                  for p in folder.rglob("*") if p.is_file()]
+        texts += [
+            p.read_bytes().decode("utf-8", "replace") for p in folder.rglob("*") if p.is_file()
+        ]
     assert len(texts) > 50
     leaks = [(s, t[:200]) for t in texts for s in secrets if s in t]
     assert leaks == []

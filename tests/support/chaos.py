@@ -43,17 +43,23 @@ PROFILE = {
     "distil": {"max_steps": 120, "checkpoint_interval": 10, "eval_interval": 40},
 }
 # metrics that measure the machine, not the model, or say where a run resumed
-VOLATILE = ("wall_seconds", "tokens_per_sec", "resumed_from", "decode_seconds",
-            "ms_per_sentence", "sentences_per_sec")
+VOLATILE = (
+    "wall_seconds",
+    "tokens_per_sec",
+    "resumed_from",
+    "decode_seconds",
+    "ms_per_sentence",
+    "sentences_per_sec",
+)
 
 
 @dataclass
 class Kill:
     stage: str
-    after: int            # the checkpoint step the kill waited for (0: none, in start-up)
-    delay: float          # seconds after that (or after the start) the group was killed
-    checkpoint: int       # the newest checkpoint step on disk after the kill (0: none)
-    kills: int            # 1, or 2 when the rerun was killed too
+    after: int  # the checkpoint step the kill waited for (0: none, in start-up)
+    delay: float  # seconds after that (or after the start) the group was killed
+    checkpoint: int  # the newest checkpoint step on disk after the kill (0: none)
+    kills: int  # 1, or 2 when the rerun was killed too
     survived: bool
     detail: str = ""
 
@@ -64,13 +70,21 @@ def stable_metrics(path: Path) -> dict[str, Any]:
 
 
 def fingerprint(root: Path, stage: str) -> tuple[str, dict[str, Any]]:
-    return (sha256(root / "data/models" / stage / "model.safetensors"),
-            stable_metrics(root / "data/metrics" / f"{stage}.json"))
+    return (
+        sha256(root / "data/models" / stage / "model.safetensors"),
+        stable_metrics(root / "data/metrics" / f"{stage}.json"),
+    )
 
 
 def _dvc(root: Path, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
-    return subprocess.run(["dvc", *args], cwd=root, env=workspace.clean_env(TQDM_DISABLE="1"),
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        ["dvc", *args],
+        cwd=root,
+        env=workspace.clean_env(TQDM_DISABLE="1"),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def _killed_run(root: Path, stage: str, force: bool, after_step: int, delay: float) -> bool:
@@ -78,9 +92,14 @@ def _killed_run(root: Path, stage: str, force: bool, after_step: int, delay: flo
     once for 0), wait ``delay`` seconds and SIGKILL the whole process group.
     Returns False if the run ended before the kill."""
     cmd = ["dvc", "repro", "--single-item", stage] + (["--force"] if force else [])
-    proc = subprocess.Popen(cmd, cwd=root, env=workspace.clean_env(TQDM_DISABLE="1"),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        cwd=root,
+        env=workspace.clean_env(TQDM_DISABLE="1"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     while after_step and newest_checkpoint(root, stage) < after_step and proc.poll() is None:
         time.sleep(0.01)
     try:
@@ -92,8 +111,11 @@ def _killed_run(root: Path, stage: str, force: bool, after_step: int, delay: flo
 
 
 def newest_checkpoint(root: Path, stage: str) -> int:
-    steps = [int(p.name.split("-")[1]) for p in (root / "data/train" / stage).glob("*/step-*")
-             if p.name.split("-")[1].isdigit()]
+    steps = [
+        int(p.name.split("-")[1])
+        for p in (root / "data/train" / stage).glob("*/step-*")
+        if p.name.split("-")[1].isdigit()
+    ]
     return max(steps, default=0)
 
 
@@ -112,9 +134,14 @@ def build(root: Path) -> dict[str, tuple[float, float]]:
     for stage in STAGES:  # when each stage's training loop runs, from `dvc repro` started
         shutil.rmtree(root / "data/train" / stage)  # or it resumes its finished run
         start = time.perf_counter()
-        proc = subprocess.Popen(["dvc", "repro", "--force", "--single-item", stage], cwd=root,
-                                env=workspace.clean_env(TQDM_DISABLE="1"),
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            ["dvc", "repro", "--force", "--single-item", stage],
+            cwd=root,
+            env=workspace.clean_env(TQDM_DISABLE="1"),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         first = None
         while proc.poll() is None:
             if first is None and newest_checkpoint(root, stage):
@@ -131,8 +158,10 @@ def chaos(root: Path, kills: int, seed: int, log=print) -> list[Kill]:
     log(f"building the workspace and the uninterrupted reference in {root} ...")
     windows = build(root)
     reference = {stage: fingerprint(root, stage) for stage in STAGES}
-    log("reference (first checkpoint, end): " + ", ".join(
-        f"{s} {a:.1f} s, {b:.1f} s" for s, (a, b) in windows.items()))
+    log(
+        "reference (first checkpoint, end): "
+        + ", ".join(f"{s} {a:.1f} s, {b:.1f} s" for s, (a, b) in windows.items())
+    )
 
     def draw(stage: str) -> tuple[int, float]:
         """Where to kill: mostly inside the training loop, some time after a random
@@ -156,35 +185,51 @@ def chaos(root: Path, kills: int, seed: int, log=print) -> list[Kill]:
         count = 1
         checkpoint = newest_checkpoint(root, stage)
         # sometimes kill the resumed run as well
-        if done + 1 < kills and rng.random() < 0.3 and _killed_run(root, stage, False,
-                                                                   *draw(stage)):
+        if (
+            done + 1 < kills
+            and rng.random() < 0.3
+            and _killed_run(root, stage, False, *draw(stage))
+        ):
             count += 1
         out = _dvc(root, "repro", "--single-item", stage)
         if out.returncode != 0:
-            kill = Kill(stage, after, delay, checkpoint, count, False,
-                        f"the rerun failed: {out.stderr.strip()[-500:]}")
+            kill = Kill(
+                stage,
+                after,
+                delay,
+                checkpoint,
+                count,
+                False,
+                f"the rerun failed: {out.stderr.strip()[-500:]}",
+            )
         else:
             now = fingerprint(root, stage)
             same = now == reference[stage]
             resumed = json.loads((root / "data/metrics" / f"{stage}.json").read_text()).get(
-                "resumed_from")
+                "resumed_from"
+            )
             detail = f"resumed from step {resumed}"
             if not same:
                 changed = sorted(k for k in now[1] if now[1][k] != reference[stage][1].get(k))
                 detail += (" - weights differ" if now[0] != reference[stage][0] else "") + (
-                    f" - metrics differ: {', '.join(changed)}" if changed else "")
+                    f" - metrics differ: {', '.join(changed)}" if changed else ""
+                )
             kill = Kill(stage, after, delay, checkpoint, count, same, detail)
         results.append(kill)
         done += count
         when = f"{delay:.2f} s after checkpoint {after}" if after else f"at {delay:.1f} s"
-        log(f"[{done:>3}/{kills}] {stage:<8} killed {when} (newest checkpoint on disk: "
+        log(
+            f"[{done:>3}/{kills}] {stage:<8} killed {when} (newest checkpoint on disk: "
             f"step {checkpoint}){' and its rerun' if count > 1 else ''}: "
-            f"{'survived' if kill.survived else 'NOT SURVIVED'}, {kill.detail}")
+            f"{'survived' if kill.survived else 'NOT SURVIVED'}, {kill.detail}"
+        )
     return results
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m tests.support.chaos", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="python -m tests.support.chaos", description=__doc__.splitlines()[0]
+    )
     p.add_argument("--kills", type=int, default=20, help="number of kill -9s (default 20)")
     p.add_argument("--seed", type=int, default=0, help="seed of the stage and delay draws")
     p.add_argument("--keep", type=Path, help="build the workspace here and keep it")
@@ -196,9 +241,11 @@ def main(argv: list[str] | None = None) -> None:
     kills = sum(r.kills for r in results)
     survived = sum(r.kills for r in results if r.survived)
     by_stage = {s: sum(r.kills for r in results if r.stage == s) for s in STAGES}
-    print(f"\nsurvived {survived}/{kills} kill -9s ("
-          + ", ".join(f"{s} {n}" for s, n in by_stage.items())
-          + f") in {time.perf_counter() - started:.0f} s")
+    print(
+        f"\nsurvived {survived}/{kills} kill -9s ("
+        + ", ".join(f"{s} {n}" for s, n in by_stage.items())
+        + f") in {time.perf_counter() - started:.0f} s"
+    )
     sys.exit(0 if survived == kills else 1)
 
 

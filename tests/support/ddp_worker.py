@@ -52,10 +52,22 @@ def tokens(n: int = 4000) -> np.ndarray:
 
 
 def config(**overrides: object) -> TrainConfig:
-    base = dict(max_steps=6, batch_size=16, grad_accum=1, lr=3e-2, min_lr=3e-3,
-                warmup_steps=2, weight_decay=0.1, grad_clip=1.0, eval_interval=3,
-                checkpoint_interval=3, log_interval=1, precision="fp32", device="cpu",
-                max_loss=20.0)
+    base = dict(
+        max_steps=6,
+        batch_size=16,
+        grad_accum=1,
+        lr=3e-2,
+        min_lr=3e-3,
+        warmup_steps=2,
+        weight_decay=0.1,
+        grad_clip=1.0,
+        eval_interval=3,
+        checkpoint_interval=3,
+        log_interval=1,
+        precision="fp32",
+        device="cpu",
+        max_loss=20.0,
+    )
     return TrainConfig(**{**base, **overrides})
 
 
@@ -65,8 +77,16 @@ def run(out_dir: Path, cfg: TrainConfig, model: nn.Module | None = None, **kwarg
         seed_everything(SEED)
         model = TinyLM()
     kwargs.setdefault("loss_fn", lm_loss)
-    return model, fit(model, window_batches(tokens(), BLOCK, SEED), cfg=cfg, out_dir=out_dir,
-                      seed=SEED, stage="train", resolved_config={"model": "tiny"}, **kwargs)
+    return model, fit(
+        model,
+        window_batches(tokens(), BLOCK, SEED),
+        cfg=cfg,
+        out_dir=out_dir,
+        seed=SEED,
+        stage="train",
+        resolved_config={"model": "tiny"},
+        **kwargs,
+    )
 
 
 if __name__ == "__main__":

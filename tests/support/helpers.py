@@ -49,8 +49,10 @@ def sentences(words: dict[str, list[str]], n: int, seed: int) -> list[str]:
     out = []
     for i in range(n):
         w = {k: rng.choice(v) for k, v in words.items()}
-        text = (f"{w['det']} {w['adj']} {w['noun']} {w['verb']} {rng.choice(words['det'])} "
-                f"{rng.choice(words['noun'])} {w['prep']} {i % 97} {rng.choice(words['noun'])}.")
+        text = (
+            f"{w['det']} {w['adj']} {w['noun']} {w['verb']} {rng.choice(words['det'])} "
+            f"{rng.choice(words['noun'])} {w['prep']} {i % 97} {rng.choice(words['noun'])}."
+        )
         out.append(text[0].upper() + text[1:])
     return out
 
@@ -65,14 +67,27 @@ def make_clean(root: Path, n: int = 300, fmt: str = "parquet") -> Path:
         layout.write_split(pairs, root, f"parallel_{split}", fmt)
         mono = en + fr + sentences(EN, size, 30 + k) + sentences(FR, size, 40 + k)
         langs = ["en"] * size + ["fr"] * size + ["en"] * size + ["fr"] * size
-        layout.write_split(pd.DataFrame({"text": mono, "lang": langs, "source": "toy"}),
-                         root, f"mono_{split}", fmt)
+        layout.write_split(
+            pd.DataFrame({"text": mono, "lang": langs, "source": "toy"}), root, f"mono_{split}", fmt
+        )
     return root
 
 
 def write_params(path: Path, **sections: dict) -> Path:
-    params = {"seed": 7, "clean": {"sources": [{"name": "toy", "type": "text", "role":
-                                                "monolingual", "lang": "en", "path": "x.txt"}]}}
+    params = {
+        "seed": 7,
+        "clean": {
+            "sources": [
+                {
+                    "name": "toy",
+                    "type": "text",
+                    "role": "monolingual",
+                    "lang": "en",
+                    "path": "x.txt",
+                }
+            ]
+        },
+    }
     params.update(sections)
     path.write_text(yaml.safe_dump(params))
     return path
@@ -86,10 +101,9 @@ def run_stage(script: str, argv: list[str]) -> None:
 
 def stage_runs(name: str):
     exp = mlflow.get_experiment_by_name("lmops-test")
-    return MlflowClient().search_runs([exp.experiment_id],
-                                      filter_string=f"tags.`lmops.stage` = '{name}'")
-
-
+    return MlflowClient().search_runs(
+        [exp.experiment_id], filter_string=f"tags.`lmops.stage` = '{name}'"
+    )
 
 
 def wait_for(url: str, proc: subprocess.Popen, log: Path, timeout: float = 180) -> None:

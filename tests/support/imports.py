@@ -68,8 +68,12 @@ def imports(path: Path) -> set[str]:
     """The lmops modules ``path`` imports, anywhere in the file (lazy imports too)."""
     found: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 \
-                and node.module.split(".")[0] == "lmops":
+        if (
+            isinstance(node, ast.ImportFrom)
+            and node.module
+            and node.level == 0
+            and node.module.split(".")[0] == "lmops"
+        ):
             for alias in node.names:  # `from lmops.core import model` names a module
                 sub = f"{node.module}.{alias.name}"
                 found.add(sub if _exists(sub) else node.module)
@@ -80,15 +84,17 @@ def imports(path: Path) -> set[str]:
 
 def _has_code(path: Path) -> bool:
     body = ast.parse(path.read_text(encoding="utf-8")).body
-    return any(not (isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant))
-               for n in body)
+    return any(not (isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant)) for n in body)
 
 
 def _with_packages(module: str) -> set[str]:
     """``module`` and the packages above it whose ``__init__.py`` runs code."""
     parts = module.split(".")
-    out = {module} if module_path(module).name != "__init__.py" \
-        or _has_code(module_path(module)) else set()
+    out = (
+        {module}
+        if module_path(module).name != "__init__.py" or _has_code(module_path(module))
+        else set()
+    )
     for i in range(2, len(parts)):  # lmops/__init__.py holds only the version
         pkg = ".".join(parts[:i])
         if _has_code(module_path(pkg)):

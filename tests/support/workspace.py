@@ -39,8 +39,11 @@ def clean_env(**extra: str) -> dict[str, str]:
     """This environment without MLflow, DVC, Prefect or lmops settings (a workspace uses its
     own stores unless ``extra`` names one), with this interpreter's tools first on PATH and
     no analytics."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("MLFLOW_", "DVC_", "LMOPS_", "PREFECT_"))}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("MLFLOW_", "DVC_", "LMOPS_", "PREFECT_"))
+    }
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     env["GX_ANALYTICS_ENABLED"] = "false"
     env["DVC_NO_ANALYTICS"] = "1"  # no background daemon trying to reach the network
@@ -48,8 +51,11 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def make(dest: str | Path, profile: str | Path | None = "params.tiny.yaml",
-         source: str | Path | None = None) -> Path:
+def make(
+    dest: str | Path,
+    profile: str | Path | None = "params.tiny.yaml",
+    source: str | Path | None = None,
+) -> Path:
     """A fresh git + DVC repo in ``dest`` with the project's pipeline, code and flows, and
     ``profile`` merged over ``params.yaml`` as its params (``None``: the defaults)."""
     source = Path(source) if source else checkout()
@@ -58,16 +64,31 @@ def make(dest: str | Path, profile: str | Path | None = "params.tiny.yaml",
     for name in FILES:
         shutil.copy(source / name, dest)
     for folder in FOLDERS:
-        shutil.copytree(source / folder, dest / folder,
-                        ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        shutil.copytree(
+            source / folder,
+            dest / folder,
+            ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"),
+        )
     base = source / "params.yaml"
     params = load_profile(source / profile, base) if profile else yaml.safe_load(base.read_text())
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     (dest / ".gitignore").write_text("mlruns/\n")
     env = clean_env()
-    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["git", "add", "-A"],
-                ["git", "-c", "user.name=lmops", "-c", "user.email=lmops@localhost",
-                 "commit", "-qm", "workspace"]):
+    for cmd in (
+        ["git", "init", "-q"],
+        ["dvc", "init", "-q"],
+        ["git", "add", "-A"],
+        [
+            "git",
+            "-c",
+            "user.name=lmops",
+            "-c",
+            "user.email=lmops@localhost",
+            "commit",
+            "-qm",
+            "workspace",
+        ],
+    ):
         subprocess.run(cmd, cwd=dest, check=True, env=env, capture_output=True)
     return dest
 
@@ -116,13 +137,20 @@ def prefect_server(home: str | Path, log: str | Path | None = None) -> Iterator[
     home.mkdir(parents=True, exist_ok=True)
     port = free_port()
     env = clean_env(
-        PREFECT_HOME=str(home), PREFECT_API_URL=f"http://127.0.0.1:{port}/api",
+        PREFECT_HOME=str(home),
+        PREFECT_API_URL=f"http://127.0.0.1:{port}/api",
         PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{home}/prefect.db",
-        PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_UI_ENABLED="false")
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_UI_ENABLED="false",
+    )
     out = open(log, "w") if log else subprocess.DEVNULL  # noqa: SIM115 - closed below
-    proc = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1",
-                             "--port", str(port)], env=env, stdout=out,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         wait_http(f"{env['PREFECT_API_URL']}/health", proc)
         yield env

@@ -8,12 +8,12 @@ import pytest
 import yaml
 
 from lmops.config import (
-ConfigError,
-dvc_set_args,
-flatten,
-load_params,
-load_profile,
-parse_params,
+    ConfigError,
+    dvc_set_args,
+    flatten,
+    load_params,
+    load_profile,
+    parse_params,
 )
 from tests.conftest import REPO
 

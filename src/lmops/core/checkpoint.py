@@ -87,9 +87,14 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tens
     return flat
 
 
-def save(path: str | Path, model: nn.Module, config: dict[str, Any], *,
-         state: dict[str, Any] | None = None,
-         optimizer: torch.optim.Optimizer | None = None) -> Path:
+def save(
+    path: str | Path,
+    model: nn.Module,
+    config: dict[str, Any],
+    *,
+    state: dict[str, Any] | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+) -> Path:
     """Write a checkpoint directory at ``path`` atomically, replacing any old one there.
 
     Pass the plain module (not a DDP or compiled wrapper) so the weight names stay stable.
@@ -171,8 +176,10 @@ def read_config(path: str | Path) -> dict[str, Any]:
     return _read_json(path / CONFIG)
 
 
-_NOT_SAFETENSORS = ((b"PK\x03\x04", "a zip archive (torch.save writes those)"),
-                    (b"\x80", "a pickle"))
+_NOT_SAFETENSORS = (
+    (b"PK\x03\x04", "a zip archive (torch.save writes those)"),
+    (b"\x80", "a pickle"),
+)
 
 
 def check_safetensors(file: Path) -> None:
@@ -184,8 +191,10 @@ def check_safetensors(file: Path) -> None:
     if 0 < size <= file.stat().st_size - 8 and head[8:9] == b"{":
         return
     what = next((w for magic, w in _NOT_SAFETENSORS if head.startswith(magic)), "unknown data")
-    raise CheckpointError(f"{file}: not a safetensors file ({what}); lmops never unpickles "
-                          "weights: save them with safetensors")
+    raise CheckpointError(
+        f"{file}: not a safetensors file ({what}); lmops never unpickles "
+        "weights: save them with safetensors"
+    )
 
 
 def _load_model(model: nn.Module, path: Path) -> None:
@@ -207,8 +216,9 @@ def load_weights(model: nn.Module, path: str | Path) -> dict[str, Any]:
     return _read_json(path / CONFIG)
 
 
-def load(path: str | Path, model: nn.Module,
-         optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
+def load(
+    path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None
+) -> dict[str, Any]:
     """Restore weights (and optimiser state) from a training checkpoint; return its state."""
     path = Path(path)
     verify(path)
@@ -243,8 +253,11 @@ def _numbered(root: Path, prefix: str) -> list[tuple[int, Path]]:
     pattern = re.compile(rf"{re.escape(prefix)}-(\d+)")
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir()
-             if p.is_dir() and (m := pattern.fullmatch(p.name))]
+    found = [
+        (int(m.group(1)), p)
+        for p in root.iterdir()
+        if p.is_dir() and (m := pattern.fullmatch(p.name))
+    ]
     return sorted(found)
 
 

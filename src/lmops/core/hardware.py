@@ -94,13 +94,19 @@ def bf16_native(device: torch.device) -> bool:
 
 @functools.cache
 def _warn_emulated(key: str, capability: str) -> None:
-    log.warning("%s: bf16 on a CPU without bf16 instructions (%s): torch emulates it, "
-                "about %dx slower than fp32; set %s: auto (or fp32) to train at fp32 speed",
-                key, capability, EMULATED_BF16_SLOWDOWN, key)
+    log.warning(
+        "%s: bf16 on a CPU without bf16 instructions (%s): torch emulates it, "
+        "about %dx slower than fp32; set %s: auto (or fp32) to train at fp32 speed",
+        key,
+        capability,
+        EMULATED_BF16_SLOWDOWN,
+        key,
+    )
 
 
-def autocast_dtype(precision: str, device: torch.device, key: str = "precision"
-                   ) -> torch.dtype | None:
+def autocast_dtype(
+    precision: str, device: torch.device, key: str = "precision"
+) -> torch.dtype | None:
     """The autocast dtype for ``precision`` on ``device``; None means plain fp32.
 
     ``auto`` is bf16 where :func:`bf16_native` says so, else fp32. A forced ``bf16`` is
@@ -115,8 +121,7 @@ def autocast_dtype(precision: str, device: torch.device, key: str = "precision"
     return torch.bfloat16
 
 
-def compile_enabled(setting: bool | str, device: torch.device, dtype: torch.dtype | None
-                    ) -> bool:
+def compile_enabled(setting: bool | str, device: torch.device, dtype: torch.dtype | None) -> bool:
     """``compile: auto`` compiles where it was measured to pay: on CUDA, and on a CPU that
     trains in bf16 (AVX-512 BF16: 10% faster steps after a compile of 20-40 s). On a CPU in
     fp32 it does not: 16% slower steps on an AVX2-only CPU, and on an AVX-512 CPU the
@@ -147,18 +152,25 @@ def gpus() -> tuple[int, str]:
     return torch.cuda.device_count(), torch.cuda.get_device_name(0)
 
 
-def facts(device: torch.device, dtype: torch.dtype | None, compiled: bool,
-          world_size: int = 1) -> dict[str, Any]:
+def facts(
+    device: torch.device, dtype: torch.dtype | None, compiled: bool, world_size: int = 1
+) -> dict[str, Any]:
     """What ran where: the block every torch stage writes as ``hardware`` in its metrics."""
     gpu_count, gpu_name = gpus()
     return {
-        "device": device.type, "precision": precision_name(dtype), "compile": compiled,
+        "device": device.type,
+        "precision": precision_name(dtype),
+        "compile": compiled,
         "processes": world_size,
-        "cpu": cpu_model(), "cpu_capability": cpu_capability(),
-        "cpu_bf16": cpu_native_bf16(), "threads": torch.get_num_threads(),
-        "cpu_count": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+        "cpu": cpu_model(),
+        "cpu_capability": cpu_capability(),
+        "cpu_bf16": cpu_native_bf16(),
+        "threads": torch.get_num_threads(),
+        "cpu_count": len(os.sched_getaffinity(0))
+        if hasattr(os, "sched_getaffinity")
         else os.cpu_count() or 1,
-        "gpu": gpu_name, "gpu_count": gpu_count,
+        "gpu": gpu_name,
+        "gpu_count": gpu_count,
     }
 
 
@@ -180,5 +192,15 @@ def relaunch_data_parallel(name: str, params_path: str, argv: list[str]) -> None
     sys.stdout.flush()
     sys.stderr.flush()
     # exec, not a child: DVC, Prefect and a kill see one process, torchrun forwards signals
-    os.execv(sys.executable, [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                              f"--nproc-per-node={n}", sys.argv[0], *argv])
+    os.execv(
+        sys.executable,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={n}",
+            sys.argv[0],
+            *argv,
+        ],
+    )

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -17,8 +18,9 @@ from lmops.core.train import IGNORE_INDEX, LossFn
 __all__ = ["distil_loss", "distil_terms", "word_loss"]
 
 
-def distil_terms(student_logits: Tensor, teacher_logits: Tensor, targets: Tensor,
-                 temperature: float) -> tuple[Tensor, Tensor]:
+def distil_terms(
+    student_logits: Tensor, teacher_logits: Tensor, targets: Tensor, temperature: float
+) -> tuple[Tensor, Tensor]:
     """Mean cross-entropy and mean KL(teacher_T || student_T) over the target tokens.
 
     Logits are [..., V], targets [...]; positions whose target is IGNORE_INDEX (the prompt,
@@ -28,17 +30,25 @@ def distil_terms(student_logits: Tensor, teacher_logits: Tensor, targets: Tensor
     s = student_logits[keep].float()
     t = teacher_logits[keep].float()
     ce = F.cross_entropy(s, targets[keep])
-    kl = F.kl_div(F.log_softmax(s / temperature, dim=-1),
-                  F.log_softmax(t / temperature, dim=-1),
-                  log_target=True, reduction="batchmean")
+    kl = F.kl_div(
+        F.log_softmax(s / temperature, dim=-1),
+        F.log_softmax(t / temperature, dim=-1),
+        log_target=True,
+        reduction="batchmean",
+    )
     return ce, kl
 
 
-def distil_loss(student_logits: Tensor, teacher_logits: Tensor, targets: Tensor,
-                alpha: float, temperature: float) -> Tensor:
+def distil_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    targets: Tensor,
+    alpha: float,
+    temperature: float,
+) -> Tensor:
     """``(1 - alpha) * CE + alpha * T^2 * KL`` on the target tokens (see the module doc)."""
     ce, kl = distil_terms(student_logits, teacher_logits, targets, temperature)
-    return (1 - alpha) * ce + alpha * temperature ** 2 * kl
+    return (1 - alpha) * ce + alpha * temperature**2 * kl
 
 
 @contextlib.contextmanager
@@ -51,8 +61,8 @@ def _without_head(model: nn.Module) -> Iterator[Tensor]:
     """
     raw = model
     while hasattr(raw, "module") or hasattr(raw, "_orig_mod"):
-        raw = getattr(raw, "module", None) or raw._orig_mod
-    head = raw.lm_head
+        raw = cast(nn.Module, getattr(raw, "module", None) or raw._orig_mod)
+    head = cast(nn.Linear, raw.lm_head)
     raw.lm_head = nn.Identity()
     try:
         yield head.weight

@@ -47,7 +47,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, cast
 
 import numpy as np
 import torch
@@ -128,7 +128,9 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> 
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
     return torch.optim.AdamW(
-        [g for g in groups if g["params"]], lr=lr_at(1, cfg), betas=(cfg.beta1, cfg.beta2),
+        [g for g in groups if g["params"]],
+        lr=lr_at(1, cfg),
+        betas=(cfg.beta1, cfg.beta2),
         # the fused kernel (cuda and cpu) does the whole update in one pass over each tensor
         fused=True if device.type in ("cuda", "cpu") else None,
     )
@@ -137,8 +139,9 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> 
 # ---------------------------------------------------------- data and losses
 
 
-def window_batches(tokens: np.ndarray, block_size: int, seed: int,
-                   name: str = "token stream") -> BatchFn:
+def window_batches(
+    tokens: np.ndarray, block_size: int, seed: int, name: str = "token stream"
+) -> BatchFn:
     """``get_batch`` for language modelling: random windows of a 1-D token array.
 
     Row i of step s is ``tokens[start : start + block_size]`` with the next tokens as
@@ -147,8 +150,10 @@ def window_batches(tokens: np.ndarray, block_size: int, seed: int,
     """
     n_windows = len(tokens) - block_size
     if n_windows < 1:
-        raise DataError(f"{name}: {len(tokens)} tokens, need more than block_size "
-                        f"({block_size}) for one training window")
+        raise DataError(
+            f"{name}: {len(tokens)} tokens, need more than block_size "
+            f"({block_size}) for one training window"
+        )
 
     def get_batch(step: int, size: int) -> tuple[Tensor, Tensor]:
         starts = np.random.default_rng([seed % 2**64, step]).integers(0, n_windows, size=size)
@@ -177,8 +182,12 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         valid = target != IGNORE_INDEX
         safe = target.masked_fill(~valid, 0)
         count = valid.sum()
-        lse = torch.cat([logits[i : i + _CE_CHUNK].float().logsumexp(-1)
-                         for i in range(0, logits.shape[0], _CE_CHUNK)])
+        lse = torch.cat(
+            [
+                logits[i : i + _CE_CHUNK].float().logsumexp(-1)
+                for i in range(0, logits.shape[0], _CE_CHUNK)
+            ]
+        )
         picked = logits.gather(1, safe.unsqueeze(1)).squeeze(1).float()
         ctx.save_for_backward(logits, safe, valid, count)
         return ((lse - picked) * valid).sum() / count
@@ -191,8 +200,9 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         for i in range(0, logits.shape[0], _CE_CHUNK):
             rows = slice(i, i + _CE_CHUNK)
             p = logits[rows].float().softmax(-1)
-            p.scatter_add_(1, safe[rows].unsqueeze(1),
-                           p.new_full((p.shape[0], 1), -1.0))  # softmax - one_hot(target)
+            p.scatter_add_(
+                1, safe[rows].unsqueeze(1), p.new_full((p.shape[0], 1), -1.0)
+            )  # softmax - one_hot(target)
             grad[rows] = p.mul_(scale[rows].unsqueeze(1))
         return grad, None
 
@@ -295,10 +305,12 @@ def split_batch(cfg: TrainConfig, world_size: int, stage: str = "train") -> tupl
         return cfg.batch_size, cfg.grad_accum // world_size
     if cfg.batch_size % world_size == 0:
         return cfg.batch_size // world_size, cfg.grad_accum
-    raise LmopsError(f"{stage}.batch_size ({cfg.batch_size}) x {stage}.grad_accum "
-                     f"({cfg.grad_accum}) rows cannot be shared evenly by {world_size} "
-                     f"processes: make batch_size or grad_accum a multiple of {world_size}, "
-                     f"or set {stage}.nproc")
+    raise LmopsError(
+        f"{stage}.batch_size ({cfg.batch_size}) x {stage}.grad_accum "
+        f"({cfg.grad_accum}) rows cannot be shared evenly by {world_size} "
+        f"processes: make batch_size or grad_accum a multiple of {world_size}, "
+        f"or set {stage}.nproc"
+    )
 
 
 @contextlib.contextmanager
@@ -308,8 +320,9 @@ def _process_group(env: DistEnv, device: torch.device) -> Iterator[None]:
         return
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                            rank=env.rank, world_size=env.world_size)
+    dist.init_process_group(
+        "nccl" if device.type == "cuda" else "gloo", rank=env.rank, world_size=env.world_size
+    )
     try:
         yield
     finally:
@@ -346,25 +359,47 @@ class _State:
     metrics: dict[str, float] = field(default_factory=dict)  # the last evaluation
 
     def to_json(self) -> dict[str, Any]:
-        return {"step": self.step, "tokens_seen": self.tokens_seen,
-                "best_metric": self.best_metric, "best_step": self.best_step,
-                "history": list(self.history.values()), "metrics": self.metrics}
+        return {
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "best_metric": self.best_metric,
+            "best_step": self.best_step,
+            "history": list(self.history.values()),
+            "metrics": self.metrics,
+        }
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> _State:
         history = {int(row["step"]): row for row in data.get("history", [])}
-        return cls(int(data["step"]), int(data["tokens_seen"]), data.get("best_metric"),
-                   data.get("best_step"), history, dict(data.get("metrics", {})))
+        return cls(
+            int(data["step"]),
+            int(data["tokens_seen"]),
+            data.get("best_metric"),
+            data.get("best_step"),
+            history,
+            dict(data.get("metrics", {})),
+        )
 
     def record(self, step: int, values: dict[str, float]) -> None:
         self.history.setdefault(step, {"step": step}).update(values)
 
 
-def fit(model: nn.Module, get_batch: BatchFn, loss_fn: LossFn, cfg: TrainConfig,
-        out_dir: str | Path, *, seed: int, stage: str, resolved_config: dict[str, Any],
-        evaluate: EvalFn | None = None, select_metric: str | None = None,
-        select_mode: Literal["max", "min"] = "max",
-        curve_path: str | Path | None = None, log: TrainLog | None = None) -> TrainResult:
+def fit(
+    model: nn.Module,
+    get_batch: BatchFn,
+    loss_fn: LossFn,
+    cfg: TrainConfig,
+    out_dir: str | Path,
+    *,
+    seed: int,
+    stage: str,
+    resolved_config: dict[str, Any],
+    evaluate: EvalFn | None = None,
+    select_metric: str | None = None,
+    select_mode: Literal["max", "min"] = "max",
+    curve_path: str | Path | None = None,
+    log: TrainLog | None = None,
+) -> TrainResult:
     """Train ``model`` in place for ``cfg.max_steps`` optimiser steps, resuming if possible.
 
     ``resolved_config`` (JSON-able) describes everything that shapes the run besides
@@ -386,19 +421,45 @@ def fit(model: nn.Module, get_batch: BatchFn, loss_fn: LossFn, cfg: TrainConfig,
         torch.set_num_threads(cfg.num_threads)
     device = resolve_device(cfg.device, env.local_rank, key=f"{stage}.device")
     with _process_group(env, device):
-        trainer = _Trainer(model, get_batch, loss_fn, cfg, Path(out_dir), seed, stage,
-                           resolved_config, evaluate, select_metric, select_mode,
-                           curve_path, env, device, log or NoLog())
+        trainer = _Trainer(
+            model,
+            get_batch,
+            loss_fn,
+            cfg,
+            Path(out_dir),
+            seed,
+            stage,
+            resolved_config,
+            evaluate,
+            select_metric,
+            select_mode,
+            curve_path,
+            env,
+            device,
+            log or NoLog(),
+        )
         return trainer.run()
 
 
 class _Trainer:
-    def __init__(self, model: nn.Module, get_batch: BatchFn, loss_fn: LossFn,
-                 cfg: TrainConfig, out_dir: Path, seed: int, stage: str,
-                 resolved_config: dict[str, Any], evaluate: EvalFn | None,
-                 select_metric: str | None, select_mode: str,
-                 curve_path: str | Path | None, env: DistEnv, device: torch.device,
-                 log: TrainLog):
+    def __init__(
+        self,
+        model: nn.Module,
+        get_batch: BatchFn,
+        loss_fn: LossFn,
+        cfg: TrainConfig,
+        out_dir: Path,
+        seed: int,
+        stage: str,
+        resolved_config: dict[str, Any],
+        evaluate: EvalFn | None,
+        select_metric: str | None,
+        select_mode: str,
+        curve_path: str | Path | None,
+        env: DistEnv,
+        device: torch.device,
+        log: TrainLog,
+    ):
         self.log = log
         self.cfg, self.seed, self.stage, self.env, self.device = cfg, seed, stage, env, device
         self.get_batch, self.loss_fn, self.evaluate_fn = get_batch, loss_fn, evaluate
@@ -409,21 +470,36 @@ class _Trainer:
         self.micro_size, self.micro_count = split_batch(cfg, env.world_size, stage)
         # a JSON round trip, so the comparison with a stored config is like for like; the
         # process count changes no result, so a run resumes under another one
-        self.config = json.loads(json.dumps({**resolved_config, "fit": {
-            "stage": stage, "seed": seed, "train": cfg.model_dump(exclude={"nproc"}),
-        }}, sort_keys=True))
+        self.config = json.loads(
+            json.dumps(
+                {
+                    **resolved_config,
+                    "fit": {
+                        "stage": stage,
+                        "seed": seed,
+                        "train": cfg.model_dump(exclude={"nproc"}),
+                    },
+                },
+                sort_keys=True,
+            )
+        )
         self.raw = model.to(device)
         self.optimizer = make_optimizer(self.raw, cfg, device)
         dtype = autocast_dtype(cfg.precision, device, key=f"{stage}.precision")
         compiled = compile_enabled(cfg.compile, device, dtype)
         self.hardware = facts(device, dtype, compiled, env.world_size)
         self.autocast = lambda: torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
-        self.ddp = (nn.parallel.DistributedDataParallel(
-            self.raw, device_ids=[device.index] if device.type == "cuda" else None)
-            if env.world_size > 1 else None)
+        self.ddp = (
+            nn.parallel.DistributedDataParallel(
+                self.raw, device_ids=[device.index] if device.type == "cuda" else None
+            )
+            if env.world_size > 1
+            else None
+        )
         self.train_model = self.ddp or self.raw
         if compiled:
-            self.train_model = torch.compile(self.train_model)
+            # an OptimizedModule: torch types compile() as returning a plain callable
+            self.train_model = cast(nn.Module, torch.compile(self.train_model))
         self.state = _State()
         self.last_ckpt: Path | None = None
         self.best_ckpt: Path | None = None
@@ -439,7 +515,8 @@ class _Trainer:
                 saved = checkpoint.read_config(last)
             except checkpoint.CheckpointError as err:
                 raise checkpoint.CheckpointError(
-                    f"{err}; delete {last} to start {self.stage} afresh") from None
+                    f"{err}; delete {last} to start {self.stage} afresh"
+                ) from None
             if saved == self.config:
                 self.state = _State.from_json(checkpoint.load(last, self.raw, self.optimizer))
                 self.metrics = dict(self.state.metrics)  # a finished run evaluates no more
@@ -449,8 +526,12 @@ class _Trainer:
             else:
                 old, new = flatten(saved), flatten(self.config)
                 changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
-                log.warning("%s: %s was written with a different config (changed: %s); "
-                            "starting afresh", self.stage, last, ", ".join(changed))
+                log.warning(
+                    "%s: %s was written with a different config (changed: %s); starting afresh",
+                    self.stage,
+                    last,
+                    ", ".join(changed),
+                )
                 fresh = True
         # every rank has read the old checkpoint before rank 0 may delete it
         self.env.barrier()
@@ -473,11 +554,19 @@ class _Trainer:
         size, count = self.micro_size, self.micro_count
         for micro in range(count):
             lo = (env.rank * count + micro) * size
-            part = _map(batch, lambda t, lo=lo: t[lo : lo + size].to(self.device))
+            part = _map(
+                batch,
+                cast(
+                    "Callable[[Tensor], Tensor]", lambda t, lo=lo: t[lo : lo + size].to(self.device)
+                ),
+            )
             # DDP all-reduces gradients on the last micro-batch only
             last = micro == count - 1
-            sync = self.ddp.no_sync() if self.ddp is not None and not last else (
-                contextlib.nullcontext())
+            sync = (
+                self.ddp.no_sync()
+                if self.ddp is not None and not last
+                else (contextlib.nullcontext())
+            )
             with sync:
                 with self.autocast():
                     loss = self.loss_fn(self.train_model, part)
@@ -488,8 +577,10 @@ class _Trainer:
         loss_value = total.item() / (count * env.world_size)
         if not math.isfinite(loss_value) or loss_value > cfg.max_loss:
             where = self.last_ckpt or "none written yet"
-            raise LmopsError(f"{self.stage}: loss diverged at step {step}: {loss_value} "
-                             f"(max_loss {cfg.max_loss}); last good checkpoint: {where}")
+            raise LmopsError(
+                f"{self.stage}: loss diverged at step {step}: {loss_value} "
+                f"(max_loss {cfg.max_loss}); last good checkpoint: {where}"
+            )
         grad_norm = nn.utils.clip_grad_norm_(self.raw.parameters(), cfg.grad_clip or math.inf)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -498,6 +589,7 @@ class _Trainer:
     # ------------------------------------------------------ eval, checkpoints
 
     def evaluate(self, step: int) -> None:
+        assert self.evaluate_fn is not None  # run() calls this only when there is one
         self.raw.eval()
         try:
             with torch.no_grad(), self.autocast():
@@ -511,22 +603,26 @@ class _Trainer:
         if self.select_metric is None:
             return
         if self.select_metric not in metrics:
-            raise LmopsError(f"{self.stage}: evaluate() returned no '{self.select_metric}' "
-                             f"(got {sorted(metrics)})")
+            raise LmopsError(
+                f"{self.stage}: evaluate() returned no '{self.select_metric}' "
+                f"(got {sorted(metrics)})"
+            )
         value, best = metrics[self.select_metric], self.state.best_metric
         better = best is None or (value > best if self.select_mode == "max" else value < best)
         if better:
             self.state.best_metric, self.state.best_step = value, step
             path = checkpoint.step_path(self.root, "best", step)
-            checkpoint.save(path, self.raw, self.config,
-                            state={"step": step, self.select_metric: value})
+            checkpoint.save(
+                path, self.raw, self.config, state={"step": step, self.select_metric: value}
+            )
             checkpoint.prune(self.root, "best", keep=path)
             self.best_ckpt = path
 
     def save(self, step: int) -> None:
         path = checkpoint.step_path(self.root, "step", step)
-        checkpoint.save(path, self.raw, self.config, state=self.state.to_json(),
-                        optimizer=self.optimizer)
+        checkpoint.save(
+            path, self.raw, self.config, state=self.state.to_json(), optimizer=self.optimizer
+        )
         checkpoint.prune(self.root, "step", keep=path)
         self.last_ckpt = path
         if self.curve_path is not None:
@@ -543,8 +639,14 @@ class _Trainer:
         started = time.perf_counter()
         run_tokens, window_tokens, window_losses = 0, 0, []
         window_start = started
-        bar = tqdm(total=cfg.max_steps, initial=start, desc=self.stage, unit="step",
-                   disable=not env.is_main, dynamic_ncols=True)
+        bar = tqdm(
+            total=cfg.max_steps,
+            initial=start,
+            desc=self.stage,
+            unit="step",
+            disable=not env.is_main,
+            dynamic_ncols=True,
+        )
         with bar:
             for step in range(start + 1, cfg.max_steps + 1):
                 loss, grad_norm, tokens = self.train_step(step)
@@ -556,20 +658,35 @@ class _Trainer:
                 if env.is_main and (step % cfg.log_interval == 0 or final):
                     now = time.perf_counter()
                     speed = window_tokens / max(now - window_start, 1e-9)
-                    values = {"train_loss": sum(window_losses) / len(window_losses),
-                              "lr": lr_at(step, cfg), "grad_norm": grad_norm.item()}
+                    values = {
+                        "train_loss": sum(window_losses) / len(window_losses),
+                        "lr": lr_at(step, cfg),
+                        "grad_norm": grad_norm.item(),
+                    }
                     state.record(step, values)
-                    self.log.metrics({f"{self.stage}/{k}": v for k, v in
-                                      {**values, "tokens_per_sec": speed}.items()}, step=step)
+                    self.log.metrics(
+                        {
+                            f"{self.stage}/{k}": v
+                            for k, v in {**values, "tokens_per_sec": speed}.items()
+                        },
+                        step=step,
+                    )
                     window_tokens, window_losses, window_start = 0, [], now
-                if self.evaluate_fn is not None and env.is_main and (
-                        step % cfg.eval_interval == 0 or final):
+                if (
+                    self.evaluate_fn is not None
+                    and env.is_main
+                    and (step % cfg.eval_interval == 0 or final)
+                ):
                     self.evaluate(step)
                 if env.is_main and (step % cfg.checkpoint_interval == 0 or final):
                     self.save(step)
                 elapsed = time.perf_counter() - started
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr_at(step, cfg):.2e}",
-                                tok_s=f"{run_tokens / max(elapsed, 1e-9):,.0f}", refresh=False)
+                bar.set_postfix(
+                    loss=f"{loss:.4f}",
+                    lr=f"{lr_at(step, cfg):.2e}",
+                    tok_s=f"{run_tokens / max(elapsed, 1e-9):,.0f}",
+                    refresh=False,
+                )
                 bar.update(1)
         wall = time.perf_counter() - started
         history = list(state.history.values())
@@ -581,13 +698,19 @@ class _Trainer:
         env.barrier()
         train_losses = [row["train_loss"] for row in history if "train_loss" in row]
         return TrainResult(
-            step=state.step, train_loss=train_losses[-1] if train_losses else None,
-            metrics=self.metrics, best_metric=state.best_metric, best_step=state.best_step,
-            tokens_seen=state.tokens_seen, wall_seconds=wall,
-            tokens_per_sec=run_tokens / wall if wall > 0 else 0.0, history=history,
+            step=state.step,
+            train_loss=train_losses[-1] if train_losses else None,
+            metrics=self.metrics,
+            best_metric=state.best_metric,
+            best_step=state.best_step,
+            tokens_seen=state.tokens_seen,
+            wall_seconds=wall,
+            tokens_per_sec=run_tokens / wall if wall > 0 else 0.0,
+            history=history,
             checkpoint=self.last_ckpt or checkpoint.latest(self.root),
             best_checkpoint=self.best_ckpt or checkpoint.latest(self.root, "best"),
-            resumed_from=start, hardware=self.hardware,
+            resumed_from=start,
+            hardware=self.hardware,
         )
 
     def _log_plot(self, history: list[dict[str, float]]) -> None:

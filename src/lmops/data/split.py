@@ -19,19 +19,19 @@ from lmops.errors import DataError
 # ---------------------------------------------------------------- splitting
 
 
-def random_split(n: int, valid_fraction: float, test_fraction: float,
-                 rng: np.random.Generator) -> np.ndarray:
+def random_split(
+    n: int, valid_fraction: float, test_fraction: float, rng: np.random.Generator
+) -> np.ndarray:
     """A train/valid/test label per row, drawn at random in the given shares."""
     labels = np.full(n, "train", dtype=object)
     order = rng.permutation(n)
     n_valid, n_test = round(n * valid_fraction), round(n * test_fraction)
     labels[order[:n_valid]] = "valid"
-    labels[order[n_valid:n_valid + n_test]] = "test"
+    labels[order[n_valid : n_valid + n_test]] = "test"
     return labels
 
 
-def group_split(groups: pd.Series, valid_groups: list[str],
-                test_groups: list[str]) -> np.ndarray:
+def group_split(groups: pd.Series, valid_groups: list[str], test_groups: list[str]) -> np.ndarray:
     """A train/valid/test label per row: named groups are held out whole."""
     labels = np.full(len(groups), "train", dtype=object)
     labels[groups.isin(valid_groups).to_numpy()] = "valid"
@@ -49,8 +49,7 @@ def check_groups(known: set[str], valid_groups: list[str], test_groups: list[str
         )
 
 
-def split_labels(src: SourceConfig, rows: pd.DataFrame, cfg: CleanConfig,
-                 seed: int) -> np.ndarray:
+def split_labels(src: SourceConfig, rows: pd.DataFrame, cfg: CleanConfig, seed: int) -> np.ndarray:
     """train/valid/test for each cleaned row of one source, as ``clean.split`` says."""
     split = cfg.split
     if src.role == "parallel" and src.group_column:
@@ -58,8 +57,9 @@ def split_labels(src: SourceConfig, rows: pd.DataFrame, cfg: CleanConfig,
     # One random stream per source: adding a source does not reshuffle the others.
     rng = np.random.default_rng([seed, zlib.crc32(src.name.encode())])
     if src.role == "parallel":
-        return random_split(len(rows), split.parallel_valid_fraction,
-                            split.parallel_test_fraction, rng)
+        return random_split(
+            len(rows), split.parallel_valid_fraction, split.parallel_test_fraction, rng
+        )
     return random_split(len(rows), split.valid_fraction, split.test_fraction, rng)
 
 
@@ -85,7 +85,7 @@ def _trie_regex(strings: set[str]) -> str:
             chain = [ch]
             # Follow single-child chains iteratively: recursion only at branch points.
             while len(child) == 1 and "" not in child:
-                (ch, child), = child.items()
+                ((ch, child),) = child.items()
                 chain.append(ch)
             branches.append(re.escape("".join(chain)) + render(child))
         if not branches:
@@ -134,7 +134,8 @@ class HeldOut:
         texts = list(texts)
         return np.fromiter(
             (self.contains_any(t) for t in tqdm(texts, desc=desc, unit="row")),
-            dtype=bool, count=len(texts),
+            dtype=bool,
+            count=len(texts),
         )
 
 
@@ -158,19 +159,26 @@ def remove_leaks(out: dict[str, pd.DataFrame], cfg: CleanConfig) -> dict[str, in
     text: a valid/test sentence in either language, or a valid/test monolingual text.
     Changes ``out`` in place; returns the counts removed."""
     held = HeldOut(
-        t for s in ("valid", "test")
-        for t in (*out[f"parallel_{s}"]["src"], *out[f"parallel_{s}"]["tgt"],
-                  *out[f"mono_{s}"]["text"])
+        t
+        for s in ("valid", "test")
+        for t in (
+            *out[f"parallel_{s}"]["src"],
+            *out[f"parallel_{s}"]["tgt"],
+            *out[f"mono_{s}"]["text"],
+        )
     )
     train = out["parallel_train"]
-    leaked = held.leaks(train["src"], "leak check: parallel src") \
-        | held.leaks(train["tgt"], "leak check: parallel tgt")
+    leaked = held.leaks(train["src"], "leak check: parallel src") | held.leaks(
+        train["tgt"], "leak check: parallel tgt"
+    )
     out["parallel_train"] = train[~leaked].reset_index(drop=True)
     stats = {"leaked.parallel_train": int(leaked.sum())}
 
     pairs = out["parallel_train"]
-    sides = [pd.DataFrame({"text": pairs[col], "lang": lang, "source": pairs["source"]})
-             for col, lang in (("src", cfg.source_lang), ("tgt", cfg.target_lang))]
+    sides = [
+        pd.DataFrame({"text": pairs[col], "lang": lang, "source": pairs["source"]})
+        for col, lang in (("src", cfg.source_lang), ("tgt", cfg.target_lang))
+    ]
     mono_train = concat_rows([out["mono_train"], *sides], MONO_COLUMNS)
     leaked = held.leaks(mono_train["text"], "leak check: mono_train")
     mono_train = mono_train[~leaked]

@@ -45,8 +45,7 @@ def _invisible() -> re.Pattern[str]:
             else:
                 ranges.append([cp, cp])
     # As ranges: a class of ~160 single characters matches ~10x slower.
-    cls = "".join(re.escape(chr(a)) + (f"-{re.escape(chr(b))}" if b > a else "")
-                  for a, b in ranges)
+    cls = "".join(re.escape(chr(a)) + (f"-{re.escape(chr(b))}" if b > a else "") for a, b in ranges)
     return re.compile(rf"[{cls}\ud800-\udfff]")
 
 
@@ -81,8 +80,9 @@ def clean_text(text: str | None) -> str:
     return unicodedata.normalize("NFC", text)
 
 
-def drop_reason(texts: Iterable[str], min_chars: int, max_chars: int,
-                max_ratio: float | None = None) -> str:
+def drop_reason(
+    texts: Iterable[str], min_chars: int, max_chars: int, max_ratio: float | None = None
+) -> str:
     """Why a row (one text, or both sides of a pair) is dropped; "" to keep it."""
     lengths = [len(t) for t in texts]
     if min(lengths) == 0:
@@ -96,19 +96,30 @@ def drop_reason(texts: Iterable[str], min_chars: int, max_chars: int,
     return ""
 
 
-def clean_batch(batch: dict[str, list], columns: list[str], min_chars: int, max_chars: int,
-                 max_ratio: float | None) -> dict[str, list]:
+def clean_batch(
+    batch: dict[str, list],
+    columns: list[str],
+    min_chars: int,
+    max_chars: int,
+    max_ratio: float | None,
+) -> dict[str, list]:
     out = {c: [clean_text(t) for t in batch[c]] for c in columns}
-    out["drop"] = [drop_reason(row, min_chars, max_chars, max_ratio)
-                   for row in zip(*(out[c] for c in columns), strict=True)]
+    out["drop"] = [
+        drop_reason(row, min_chars, max_chars, max_ratio)
+        for row in zip(*(out[c] for c in columns), strict=True)
+    ]
     return out
 
 
 # -------------------------------------------------------- checking files
 
 
-_BOMS = ((b"\xff\xfe\x00\x00", "UTF-32LE"), (b"\x00\x00\xfe\xff", "UTF-32BE"),
-         (b"\xff\xfe", "UTF-16LE"), (b"\xfe\xff", "UTF-16BE"))
+_BOMS = (
+    (b"\xff\xfe\x00\x00", "UTF-32LE"),
+    (b"\x00\x00\xfe\xff", "UTF-32BE"),
+    (b"\xff\xfe", "UTF-16LE"),
+    (b"\xfe\xff", "UTF-16BE"),
+)
 
 
 def _wide_encoding(head: bytes) -> str | None:
@@ -138,11 +149,15 @@ def check_text_file(path: str | Path, max_line_bytes: int | None = None) -> None
         head = fh.read(8192)
         wide = _wide_encoding(head)
         if wide is not None:
-            raise DataError(f"{path}: encoded as {wide}, expected UTF-8; re-encode the file: "
-                            f"iconv -f {wide} -t UTF-8")
+            raise DataError(
+                f"{path}: encoded as {wide}, expected UTF-8; re-encode the file: "
+                f"iconv -f {wide} -t UTF-8"
+            )
         if b"\0" in head:
-            raise DataError(f"{path}: binary file (NUL byte at byte offset {head.index(0)}); "
-                            "expected UTF-8 text")
+            raise DataError(
+                f"{path}: binary file (NUL byte at byte offset {head.index(0)}); "
+                "expected UTF-8 text"
+            )
         fh.seek(0)
         offset, has_text, lineno = 0, False, 0
         while line := fh.readline(max_line_bytes + 2 if max_line_bytes else -1):  # + CRLF
@@ -151,10 +166,13 @@ def check_text_file(path: str | Path, max_line_bytes: int | None = None) -> None
                 raise DataError(
                     f"{path}: line {lineno} is over {max_line_bytes} bytes "
                     "(clean.max_line_bytes): a text source holds one text per line; split "
-                    "the file into lines, or raise clean.max_line_bytes")
+                    "the file into lines, or raise clean.max_line_bytes"
+                )
             if b"\0" in line:
-                raise DataError(f"{path}: line {lineno}: binary data (NUL byte at byte offset "
-                                f"{offset + line.index(0)}); expected UTF-8 text")
+                raise DataError(
+                    f"{path}: line {lineno}: binary data (NUL byte at byte offset "
+                    f"{offset + line.index(0)}); expected UTF-8 text"
+                )
             try:
                 decoded = line.decode("utf-8")
             except UnicodeDecodeError as err:

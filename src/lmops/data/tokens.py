@@ -1,10 +1,10 @@
 """Token streams: the tokenise stage's flat id files that pretraining reads.
 
-    pretrain_{train,valid}.bin    one flat token stream: for each mono row
-                                  ``<2lang> ids </s>``, concatenated; raw numpy
-                                  array (uint16 when every id fits, else uint32)
-    pretrain_{train,valid}.json   sidecar: dtype, length (tokens), documents,
-                                  bytes (utf-8 bytes of the text), vocab_size
+pretrain_{train,valid}.bin    one flat token stream: for each mono row
+                              ``<2lang> ids </s>``, concatenated; raw numpy
+                              array (uint16 when every id fits, else uint32)
+pretrain_{train,valid}.json   sidecar: dtype, length (tokens), documents,
+                              bytes (utf-8 bytes of the text), vocab_size
 """
 
 from __future__ import annotations
@@ -33,14 +33,21 @@ def stream_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size < 1 << 16 else np.uint32)
 
 
-def write_stream(encoded: datasets.Dataset, path: Path, vocab_size: int, text_bytes: int,
-                 chunk_rows: int = 10_000) -> dict[str, Any]:
+def write_stream(
+    encoded: datasets.Dataset,
+    path: Path,
+    vocab_size: int,
+    text_bytes: int,
+    chunk_rows: int = 10_000,
+) -> dict[str, Any]:
     """Append the ``ids`` of ``encoded`` to ``path`` (.bin) chunk by chunk; write the sidecar."""
     dtype = stream_dtype(vocab_size)
     length = 0
     arrow = encoded.with_format("arrow")
-    with open(path, "wb") as fh, tqdm(total=len(encoded), desc=f"write {path.name}",
-                                      unit=" docs") as bar:
+    with (
+        open(path, "wb") as fh,
+        tqdm(total=len(encoded), desc=f"write {path.name}", unit=" docs") as bar,
+    ):
         for table in arrow.iter(batch_size=chunk_rows):
             ids = pc.list_flatten(table.column("ids")).to_numpy()
             # An id past the dtype would wrap around silently and corrupt the stream.
@@ -81,7 +88,8 @@ def load_stream(path: str | Path, vocab_size: int | None = None) -> np.ndarray:
     if vocab_size is not None and side.get("vocab_size") != vocab_size:
         raise LmopsError(
             f"{side_path}: tokens made with a vocabulary of {side.get('vocab_size')} pieces, "
-            f"but this vocabulary has {vocab_size}; rerun the tokenise stage")
+            f"but this vocabulary has {vocab_size}; rerun the tokenise stage"
+        )
     if not bin_path.is_file():
         raise LmopsError(f"{bin_path}: token stream not found (run the tokenise stage)")
     actual = bin_path.stat().st_size

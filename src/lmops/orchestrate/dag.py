@@ -57,8 +57,11 @@ def stage_graph(dvc_yaml: Mapping[str, Any]) -> dict[str, set[str]]:
     graph: dict[str, set[str]] = {}
     for name, spec in stages.items():
         deps = _paths(spec.get("deps"))
-        graph[name] = {other for other, produced in outs.items() if other != name
-                       and any(_overlaps(d, o) for d in deps for o in produced)}
+        graph[name] = {
+            other
+            for other, produced in outs.items()
+            if other != name and any(_overlaps(d, o) for d in deps for o in produced)
+        }
     return graph
 
 
@@ -94,13 +97,16 @@ def dag_order(dvc_yaml: Mapping[str, Any], target: str | None = None) -> list[st
 
 def _reads_param(spec: Mapping[str, Any], key: str) -> bool:
     """Whether a stage's ``params:`` (of params.yaml) include the dotted ``key``."""
-    return any(isinstance(name, str) and (key == name or key.startswith(f"{name}.")
-                                          or name.startswith(f"{key}."))
-               for name in spec.get("params") or [])
+    return any(
+        isinstance(name, str)
+        and (key == name or key.startswith(f"{name}.") or name.startswith(f"{key}."))
+        for name in spec.get("params") or []
+    )
 
 
-def stages_to_run(root: str | Path, target: str | None = None,
-                  params_changed: Iterable[str] = ()) -> list[str]:
+def stages_to_run(
+    root: str | Path, target: str | None = None, params_changed: Iterable[str] = ()
+) -> list[str]:
     """The stages ``dvc repro`` would run: those ``dvc status`` reports changed, those
     that read one of ``params_changed`` (dotted keys a profile would set), and all that
     follow them (their inputs are about to change), in DAG order."""
@@ -108,14 +114,17 @@ def stages_to_run(root: str | Path, target: str | None = None,
     order = dag_order(spec, target)
     beside = Path(sys.executable).with_name("dvc")  # this environment's dvc, activated or not
     dvc = str(beside) if beside.is_file() else "dvc"
-    out = subprocess.run([dvc, "status", "--json", *(["--with-deps", target] if target else [])],
-                         cwd=root, capture_output=True, text=True)
+    out = subprocess.run(
+        [dvc, "status", "--json", *(["--with-deps", target] if target else [])],
+        cwd=root,
+        capture_output=True,
+        text=True,
+    )
     if out.returncode != 0:
         raise LmopsError(f"dvc status failed: {(out.stderr or out.stdout).strip()[-500:]}")
     changed = {name.split(":")[-1] for name in json.loads(out.stdout or "{}")}
     stages = spec.get("stages") or {}
-    changed |= {name for name in order for key in params_changed
-                if _reads_param(stages[name], key)}
+    changed |= {name for name in order for key in params_changed if _reads_param(stages[name], key)}
     graph = stage_graph(spec)
     run: set[str] = set()
     for stage in order:
@@ -127,10 +136,13 @@ def stages_to_run(root: str | Path, target: str | None = None,
 # ----------------------------------------------------------------------- metrics
 
 
-def metrics_files(dvc_yaml: Mapping[str, Any], stages: Iterable[str] | None = None
-                  ) -> dict[str, list[str]]:
+def metrics_files(
+    dvc_yaml: Mapping[str, Any], stages: Iterable[str] | None = None
+) -> dict[str, list[str]]:
     """The metrics files each stage declares in dvc.yaml."""
     wanted = set(stages) if stages is not None else None
-    return {name: _paths(spec.get("metrics"))
-            for name, spec in (dvc_yaml.get("stages") or {}).items()
-            if (wanted is None or name in wanted) and spec.get("metrics")}
+    return {
+        name: _paths(spec.get("metrics"))
+        for name, spec in (dvc_yaml.get("stages") or {}).items()
+        if (wanted is None or name in wanted) and spec.get("metrics")
+    }

@@ -149,8 +149,13 @@ def stage_env(parent_run_id: str | None, base: Mapping[str, str] | None = None) 
     """The environment of a ``dvc`` subprocess: ours, the venv's bin on PATH, the parent run."""
     env = dict(os.environ if base is None else base)
     # a stage's own DVC/MLflow context comes from the dvc process it runs under
-    for key in ("DVC_STAGE", "DVC_ROOT", "DVC_EXP_NAME", "DVC_EXP_BASELINE_REV",
-                tracking.PARENT_ENV):
+    for key in (
+        "DVC_STAGE",
+        "DVC_ROOT",
+        "DVC_EXP_NAME",
+        "DVC_EXP_BASELINE_REV",
+        tracking.PARENT_ENV,
+    ):
         env.pop(key, None)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env.setdefault("GX_ANALYTICS_ENABLED", "false")
@@ -171,14 +176,22 @@ def stage_statuses(output: str, stages: Iterable[str]) -> dict[str, str]:
     return {s: seen.get(s, "not reached") for s in stages}
 
 
-def _run(cmd: list[str], root: Path, env: Mapping[str, str], label: str,
-         log: Callable[[str], None]) -> tuple[str, float]:
+def _run(
+    cmd: list[str], root: Path, env: Mapping[str, str], label: str, log: Callable[[str], None]
+) -> tuple[str, float]:
     """Run ``cmd``, stream its lines to ``log``; raise StageFailed on a non-zero exit."""
     started = time.perf_counter()
     lines: list[str] = []
-    proc = subprocess.Popen(cmd, cwd=root, env=dict(env), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, bufsize=1,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        cwd=root,
+        env=dict(env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        bufsize=1,
+        start_new_session=True,
+    )
     try:
         assert proc.stdout is not None
         for line in proc.stdout:
@@ -203,13 +216,18 @@ def up_to_date(root: str | Path, target: str | None = None) -> bool:
     True when ``dvc repro`` would do nothing, so a no-op run costs one DVC start, not one
     per stage."""
     cmd = ["dvc", "status", "--quiet", *(["--with-deps", target] if target else [])]
-    out = subprocess.run(cmd, cwd=Path(root).resolve(), env=stage_env(None),
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        cmd, cwd=Path(root).resolve(), env=stage_env(None), capture_output=True, text=True
+    )
     return out.returncode == 0
 
 
-def repro_stage(root: str | Path, stage: str, parent_run_id: str | None = None,
-                log: Callable[[str], None] = print) -> StageResult:
+def repro_stage(
+    root: str | Path,
+    stage: str,
+    parent_run_id: str | None = None,
+    log: Callable[[str], None] = print,
+) -> StageResult:
     """``dvc repro --single-item <stage>``: DVC decides whether it reruns."""
     root = Path(root).resolve()
     cmd = ["dvc", "repro", "--single-item", stage]
@@ -220,14 +238,25 @@ def repro_stage(root: str | Path, stage: str, parent_run_id: str | None = None,
     return StageResult(stage, status, seconds)
 
 
-def exp_run(root: str | Path, stages: list[str], target: str | None,
-            overrides: Mapping[str, Any] | Iterable[str] | None, name: str | None,
-            parent_run_id: str | None = None,
-            log: Callable[[str], None] = print) -> RunResult:
+def exp_run(
+    root: str | Path,
+    stages: list[str],
+    target: str | None,
+    overrides: Mapping[str, Any] | Iterable[str] | None,
+    name: str | None,
+    parent_run_id: str | None = None,
+    log: Callable[[str], None] = print,
+) -> RunResult:
     """One ``dvc exp run`` over ``target`` (all stages without one), results per stage."""
     root = Path(root).resolve()
-    cmd = ["dvc", "exp", "run", *(["-n", name] if name else []), *set_args(overrides),
-           *([target] if target else [])]
+    cmd = [
+        "dvc",
+        "exp",
+        "run",
+        *(["-n", name] if name else []),
+        *set_args(overrides),
+        *([target] if target else []),
+    ]
     output, seconds = _run(cmd, root, stage_env(parent_run_id), target or "pipeline", log)
     result = RunResult(cmd, seconds=seconds)
     result.stages = [StageResult(s, st) for s, st in stage_statuses(output, stages).items()]
@@ -244,9 +273,12 @@ def in_dir(root: str | Path):
         yield
 
 
-def start_parent_run(root: str | Path, tags: Mapping[str, str],
-                     params: Mapping[str, Any] | None = None,
-                     name: str | None = None) -> tuple[str, str]:
+def start_parent_run(
+    root: str | Path,
+    tags: Mapping[str, str],
+    params: Mapping[str, Any] | None = None,
+    name: str | None = None,
+) -> tuple[str, str]:
     """Create the pipeline's parent run (stages nest under it); returns (run id, experiment id)."""
     with in_dir(root):
         client, experiment_id = tracking.client_and_experiment()
@@ -254,8 +286,9 @@ def start_parent_run(root: str | Path, tags: Mapping[str, str],
     return run_id, experiment_id
 
 
-def end_parent_run(root: str | Path, run_id: str, ok: bool,
-                   results: Iterable[StageResult] = ()) -> None:
+def end_parent_run(
+    root: str | Path, run_id: str, ok: bool, results: Iterable[StageResult] = ()
+) -> None:
     with in_dir(root):
         client = tracking.client()
         for r in results:
@@ -269,14 +302,20 @@ def run_url(root: str | Path, experiment_id: str, run_id: str) -> str:
     with in_dir(root):
         uri = tracking.tracking_uri()
     # the link is shown in Prefect: never with the URI's user and password
-    base = public_url(uri) if uri.startswith(("http://", "https://")) else os.environ.get(
-        "LMOPS_MLFLOW_UI_URL", "http://127.0.0.1:5000")
+    base = (
+        public_url(uri)
+        if uri.startswith(("http://", "https://"))
+        else os.environ.get("LMOPS_MLFLOW_UI_URL", "http://127.0.0.1:5000")
+    )
     return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
 
 
-def metrics_table(root: str | Path, dvc_yaml: Mapping[str, Any],
-                  stages: Iterable[str] | None = None,
-                  results: Iterable[StageResult] = ()) -> str:
+def metrics_table(
+    root: str | Path,
+    dvc_yaml: Mapping[str, Any],
+    stages: Iterable[str] | None = None,
+    results: Iterable[StageResult] = (),
+) -> str:
     """A markdown table of every numeric metric the stages' metrics files hold.
 
     A file that does not exist (the stage never ran) is listed as missing rather than
@@ -291,10 +330,14 @@ def metrics_table(root: str | Path, dvc_yaml: Mapping[str, Any],
                 lines.append(f"| {stage} | {status.get(stage, '')} | `{rel}` | missing |")
                 continue
             data = flatten(json.loads(path.read_text(encoding="utf-8")))
-            numeric = {k: v for k, v in data.items()
-                       if isinstance(v, int | float) and not isinstance(v, bool)}
+            numeric = {
+                k: v
+                for k, v in data.items()
+                if isinstance(v, int | float) and not isinstance(v, bool)
+            }
             for key, value in numeric.items():
-                lines.append(f"| {stage} | {status.get(stage, '')} | {key} | {format_value(value, width=None)} |")
+                shown = format_value(value, width=None)
+                lines.append(f"| {stage} | {status.get(stage, '')} | {key} | {shown} |")
     return "\n".join(lines) + "\n"
 
 

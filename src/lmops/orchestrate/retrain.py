@@ -52,8 +52,10 @@ def _hub_revision(src: SourceConfig) -> str:
 
         return str(HfApi().dataset_info(src.dataset).sha)
     except Exception as err:  # offline, unknown dataset, auth: all end the same way
-        raise DataError(f"clean.sources[{src.name}]: cannot read the revision of hub "
-                        f"dataset {src.dataset!r}: {type(err).__name__}: {err}") from None
+        raise DataError(
+            f"clean.sources[{src.name}]: cannot read the revision of hub "
+            f"dataset {src.dataset!r}: {type(err).__name__}: {err}"
+        ) from None
 
 
 def _source_identity(src: SourceConfig) -> list[str]:
@@ -85,24 +87,41 @@ def last_completed(root: str | Path) -> Any | None:
     """The latest pipeline run whose retraining reached a decision, or None."""
     with in_dir(root):
         client, experiment_id = tracking.client_and_experiment()
-        runs = client.search_runs([experiment_id], f"tags.`{DONE_TAG}` = 'true'",
-                                  order_by=["attributes.start_time DESC"], max_results=1)
+        runs = client.search_runs(
+            [experiment_id],
+            f"tags.`{DONE_TAG}` = 'true'",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
     return runs[0] if runs else None
 
 
-def record_skip(root: str | Path, digest: str, last: Any,
-                extra_tags: Mapping[str, str] | None = None) -> dict[str, Any]:
+def record_skip(
+    root: str | Path, digest: str, last: Any, extra_tags: Mapping[str, str] | None = None
+) -> dict[str, Any]:
     """A finished MLflow run that says why this retraining did nothing."""
-    reason = (f"source data unchanged since run {last.info.run_id} "
-              f"(digest {digest[:12]})")
+    reason = f"source data unchanged since run {last.info.run_id} (digest {digest[:12]})"
     with in_dir(root):
         client, experiment_id = tracking.client_and_experiment()
-        run = client.create_run(experiment_id, run_name="retrain-skipped", tags={
-            **tracking.base_tags(), tag.KIND: tag.KIND_RETRAIN, ACTION_TAG: "skipped",
-            REASON_TAG: reason, DIGEST_TAG: digest, **(extra_tags or {})})
+        run = client.create_run(
+            experiment_id,
+            run_name="retrain-skipped",
+            tags={
+                **tracking.base_tags(),
+                tag.KIND: tag.KIND_RETRAIN,
+                ACTION_TAG: "skipped",
+                REASON_TAG: reason,
+                DIGEST_TAG: digest,
+                **(extra_tags or {}),
+            },
+        )
         client.set_terminated(run.info.run_id, "FINISHED")
-    return {"action": "skipped", "reason": reason, "mlflow_run_id": run.info.run_id,
-            "last_run": last.info.run_id}
+    return {
+        "action": "skipped",
+        "reason": reason,
+        "mlflow_run_id": run.info.run_id,
+        "last_run": last.info.run_id,
+    }
 
 
 # -------------------------------------------------------------------- decision
@@ -118,13 +137,19 @@ def validation_passed(root: Path, dvc_yaml: Mapping[str, Any]) -> tuple[bool, st
         return False, f"{rel}: no data validation summary"
     summary = json.loads(path.read_text(encoding="utf-8"))
     if summary.get("success") is not True:
-        return False, (f"data validation failed ({summary.get('failed', '?')} of "
-                       f"{summary.get('evaluated', '?')} expectations, see {rel})")
+        return False, (
+            f"data validation failed ({summary.get('failed', '?')} of "
+            f"{summary.get('evaluated', '?')} expectations, see {rel})"
+        )
     return True, "data validation passed"
 
 
-def decide(challenger: Mapping[str, Any], champion: Mapping[str, Any] | None,
-           validated: tuple[bool, str], cfg: RetrainConfig) -> tuple[bool, str]:
+def decide(
+    challenger: Mapping[str, Any],
+    champion: Mapping[str, Any] | None,
+    validated: tuple[bool, str],
+    cfg: RetrainConfig,
+) -> tuple[bool, str]:
     """Promote the challenger? Both metric sets come from the same test set and text.
 
     Perplexity compares per byte (``bpb_<lang>``), so a new vocabulary compares fairly.
@@ -137,8 +162,10 @@ def decide(challenger: Mapping[str, Any], champion: Mapping[str, Any] | None,
     for key in sorted(k for k in challenger if k.startswith("bpb_") and k in champion):
         rise = 2.0 ** (float(challenger[key]) - float(champion[key])) - 1.0
         if rise > cfg.max_ppl_increase:
-            return False, (f"perplexity ({key.removeprefix('bpb_')}) {rise:+.1%} over the "
-                           f"champion's (tolerance {cfg.max_ppl_increase:.1%})")
+            return False, (
+                f"perplexity ({key.removeprefix('bpb_')}) {rise:+.1%} over the "
+                f"champion's (tolerance {cfg.max_ppl_increase:.1%})"
+            )
     gain = float(challenger["bleu"]) - float(champion["bleu"])
     if not math.isfinite(gain) or gain < cfg.min_bleu_gain:
         return False, f"BLEU {gain:+.2f} (needs {cfg.min_bleu_gain:+.2f} or more)"
@@ -152,8 +179,9 @@ def _find_dir(root: Path, marker: str, what: str) -> Path:
     return found[0]
 
 
-def evaluate_version(version: Any, root: Path, dvc_yaml: Mapping[str, Any],
-                     params: Params) -> dict[str, Any]:
+def evaluate_version(
+    version: Any, root: Path, dvc_yaml: Mapping[str, Any], params: Params
+) -> dict[str, Any]:
     """Score a registered version on this workspace's test set and held-out text, with
     the workspace's evaluation settings: the same yardstick as the challenger."""
     from lmops.pipeline.evaluate import evaluate
@@ -163,16 +191,32 @@ def evaluate_version(version: Any, root: Path, dvc_yaml: Mapping[str, Any],
         got = registry.download(version, tmp)
         model_dir = _find_dir(got, "manifest.json", "model weights")
         vocab_dir = _find_dir(got, "spm.model", "vocabulary")
-        metrics, _ = evaluate(model_dir, vocab_dir, root / args["clean"], root / args["tokens"],
-                              params.evaluate, params.clean.target_lang, Path(tmp) / "eval")
+        metrics, _ = evaluate(
+            model_dir,
+            vocab_dir,
+            root / args["clean"],
+            root / args["tokens"],
+            params.evaluate,
+            params.clean.target_lang,
+            Path(tmp) / "eval",
+        )
     return metrics
 
 
-def _log_decision(run_id: str, decision: Mapping[str, Any], digest: str,
-                  challenger: Mapping[str, Any], champion: Mapping[str, Any] | None) -> None:
+def _log_decision(
+    run_id: str,
+    decision: Mapping[str, Any],
+    digest: str,
+    challenger: Mapping[str, Any],
+    champion: Mapping[str, Any] | None,
+) -> None:
     client, _ = tracking.client_and_experiment()
-    for key, value in {ACTION_TAG: decision["action"], REASON_TAG: decision["reason"],
-                       DIGEST_TAG: digest, DONE_TAG: "true"}.items():
+    for key, value in {
+        ACTION_TAG: decision["action"],
+        REASON_TAG: decision["reason"],
+        DIGEST_TAG: digest,
+        DONE_TAG: "true",
+    }.items():
         client.set_tag(run_id, key, value)
     for prefix, metrics in (("challenger", challenger), ("champion", champion or {})):
         for key in ("bleu", "chrf", *sorted(k for k in metrics if k.startswith("bpb_"))):
@@ -180,8 +224,9 @@ def _log_decision(run_id: str, decision: Mapping[str, Any], digest: str,
                 client.log_metric(run_id, f"retrain/{prefix}_{key}", float(metrics[key]))
 
 
-def champion_challenger(root: str | Path, run_id: str, digest: str,
-                        extra_tags: Mapping[str, str] | None = None) -> dict[str, Any]:
+def champion_challenger(
+    root: str | Path, run_id: str, digest: str, extra_tags: Mapping[str, str] | None = None
+) -> dict[str, Any]:
     """Register the workspace's evaluated translator and promote it if it wins; the
     decision is recorded on ``run_id`` (the pipeline's MLflow parent run)."""
     root = Path(root).resolve()
@@ -193,13 +238,19 @@ def champion_challenger(root: str | Path, run_id: str, digest: str,
         champ = registry.version_by_alias(cfg.model_name, registry.CHAMPION)
         md5 = tracking.digest(cand.model_dir)
         if champ is not None and champ.tags.get(registry.MD5_TAG) == md5:
-            decision: dict[str, Any] = {"action": "unchanged", "champion": str(champ.version),
-                        "reason": "the pipeline produced the champion's model again"}
+            decision: dict[str, Any] = {
+                "action": "unchanged",
+                "champion": str(champ.version),
+                "reason": "the pipeline produced the champion's model again",
+            }
             _log_decision(run_id, decision, digest, cand.metrics, None)
             return decision
         validated = validation_passed(root, dvc_yaml)
-        champ_metrics = (evaluate_version(champ, root, dvc_yaml, params)
-                         if champ is not None and validated[0] else None)
+        champ_metrics = (
+            evaluate_version(champ, root, dvc_yaml, params)
+            if champ is not None and validated[0]
+            else None
+        )
         ok, reason = decide(cand.metrics, champ_metrics, validated, cfg)
         version = registry.register(cand, run_id, cfg.model_name, extra_tags)
         if ok:
@@ -207,8 +258,9 @@ def champion_challenger(root: str | Path, run_id: str, digest: str,
         decision = {
             "action": "promoted" if ok else "kept champion",
             "challenger": str(version.version),
-            "champion": (str(version.version) if ok
-                         else str(champ.version) if champ is not None else None),
+            "champion": (
+                str(version.version) if ok else str(champ.version) if champ is not None else None
+            ),
             "reason": reason,
             "challenger_bleu": cand.metrics.get("bleu"),
             "champion_bleu": (champ_metrics or {}).get("bleu"),

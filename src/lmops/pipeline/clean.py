@@ -33,7 +33,6 @@ from lmops.pipeline import Result, path
 log = logging.getLogger(__name__)
 
 
-
 def _split_stats(name: str, df: pd.DataFrame) -> dict[str, int]:
     text_cols = ["text"] if name.startswith("mono") else ["src", "tgt"]
     texts = [t for c in text_cols for t in df[c]]
@@ -43,13 +42,18 @@ def _split_stats(name: str, df: pd.DataFrame) -> dict[str, int]:
         f"{name}.bytes": sum(len(t.encode("utf-8")) for t in texts),
     }
     if "lang" in df:
-        stats.update({f"{name}.rows_{lang}": int(n)
-                      for lang, n in df["lang"].value_counts().sort_index().items()})
+        stats.update(
+            {
+                f"{name}.rows_{lang}": int(n)
+                for lang, n in df["lang"].value_counts().sort_index().items()
+            }
+        )
     return stats
 
 
-def build_clean(cfg: CleanConfig, seed: int, out_dir: str | Path,
-                stats_path: str | Path) -> dict[str, int]:
+def build_clean(
+    cfg: CleanConfig, seed: int, out_dir: str | Path, stats_path: str | Path
+) -> dict[str, int]:
     """The clean stage: load, clean, split and de-leak every source; write the
     splits into ``out_dir`` and the numbers into ``stats_path`` (returned too).
 
@@ -60,13 +64,19 @@ def build_clean(cfg: CleanConfig, seed: int, out_dir: str | Path,
     mono: dict[str, list[pd.DataFrame]] = {s: [] for s in SPLITS}
     pairs: dict[str, list[pd.DataFrame]] = {s: [] for s in SPLITS}
     seen: dict[str, dict[str, set[str]]] = {"monolingual": {}, "parallel": {}}
-    with atomic_output(out_dir, is_dir=True) as tmp, \
-            tempfile.TemporaryDirectory(prefix="lmops-datasets-") as cache:
+    with (
+        atomic_output(out_dir, is_dir=True) as tmp,
+        tempfile.TemporaryDirectory(prefix="lmops-datasets-") as cache,
+    ):
         for src in cfg.sources:  # fail on a bad file before minutes of work on the others
             check_source(src, cfg)
         loaded = [(src, load_source(src, cfg, cache, check=False)) for src in cfg.sources]
-        grouped = {g for src, ds in loaded if src.role == "parallel" and src.group_column
-                   for g in ds.unique("group")}
+        grouped = {
+            g
+            for src, ds in loaded
+            if src.role == "parallel" and src.group_column
+            for g in ds.unique("group")
+        }
         if grouped:
             check_groups(grouped, cfg.split.valid_groups, cfg.split.test_groups)
         for src, ds in loaded:
@@ -75,15 +85,19 @@ def build_clean(cfg: CleanConfig, seed: int, out_dir: str | Path,
             stats[f"{key}.loaded"] = len(ds)
             stats[f"{key}.kept"] = len(kept)
             stats.update({f"{key}.dropped.{r}": n for r, n in sorted(dropped.items())})
-            log.info("%s: %d rows loaded, %d kept (%s)", src.name, len(ds), len(kept),
-                     ", ".join(f"{r} {n}" for r, n in dropped.items() if n) or "none dropped")
+            log.info(
+                "%s: %d rows loaded, %d kept (%s)",
+                src.name,
+                len(ds),
+                len(kept),
+                ", ".join(f"{r} {n}" for r, n in dropped.items() if n) or "none dropped",
+            )
             kept["source"] = src.name
             if src.role == "monolingual":
                 kept["lang"] = source_lang(src)
             labels = split_labels(src, kept, cfg, seed)
             for split in SPLITS:
-                (mono if src.role == "monolingual" else pairs)[split].append(
-                    kept[labels == split])
+                (mono if src.role == "monolingual" else pairs)[split].append(kept[labels == split])
 
         out = {f"mono_{s}": concat_rows(mono[s], MONO_COLUMNS) for s in SPLITS}
         out.update({f"parallel_{s}": concat_rows(pairs[s], PARALLEL_COLUMNS) for s in SPLITS})

@@ -19,7 +19,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
@@ -69,23 +69,26 @@ def stream_nll(model: Transformer, ids: np.ndarray, batch_size: int) -> tuple[fl
             x[i, : len(t) - 1], y[i, : len(t) - 1] = t[:-1], t[1:]
         logits = model(x.to(model.device)).float()
         y = y.to(model.device)
-        total += F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-100,
-                                 reduction="sum").item()
+        total += F.cross_entropy(
+            logits.flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum"
+        ).item()
         count += int((y != -100).sum())
     return total, count
 
 
-def perplexity(model: Transformer, tok: Tokenizer, texts: pd.DataFrame,
-               cfg: EvaluateConfig) -> dict[str, float]:
+def perplexity(
+    model: Transformer, tok: Tokenizer, texts: pd.DataFrame, cfg: EvaluateConfig
+) -> dict[str, float]:
     """``ppl_<lang>``, ``bpb_<lang>``, ``nll_<lang>`` (nats/token) for each language present."""
     out: dict[str, float] = {}
     for lang, rows in texts.groupby("lang", sort=True):
         docs = tok.encode(list(rows["text"]))
-        tag = tok.lang_id(lang)
+        tag = tok.lang_id(cast(str, lang))  # the groupby key: a language code
         ids = np.fromiter((t for doc in docs for t in (tag, *doc, tok.eos_id)), dtype=np.int64)
         with _autocast(model, cfg.precision):
             nll, count = stream_nll(model, ids, cfg.ppl_batch_size)
-        n_bytes = int(rows["text"].str.encode("utf-8").str.len().sum())
+        # pandas-stubs allow .str.len() on str only; on bytes it counts bytes
+        n_bytes = int(rows["text"].str.encode("utf-8").str.len().sum())  # type: ignore[misc]
         out[f"nll_{lang}"] = nll / count
         out[f"ppl_{lang}"] = math.exp(nll / count)
         out[f"bpb_{lang}"] = nll / math.log(2) / n_bytes
@@ -125,13 +128,21 @@ def score_translations(path: str | Path) -> dict[str, Any]:
     stage's metrics file, whose timings change on every run.
     """
     table = read_translations(path)
-    return {**bleu_chrf(list(table["hypothesis"]), list(table["reference"])),
-            "test_pairs": len(table)}
+    return {
+        **bleu_chrf(list(table["hypothesis"]), list(table["reference"])),
+        "test_pairs": len(table),
+    }
 
 
-def evaluate_model(model: Transformer, tok: Tokenizer, clean_dir: str | Path,
-                   tokens_dir: str | Path, cfg: EvaluateConfig, tgt_lang: str,
-                   out_dir: str | Path) -> tuple[dict[str, Any], pd.DataFrame]:
+def evaluate_model(
+    model: Transformer,
+    tok: Tokenizer,
+    clean_dir: str | Path,
+    tokens_dir: str | Path,
+    cfg: EvaluateConfig,
+    tgt_lang: str,
+    out_dir: str | Path,
+) -> tuple[dict[str, Any], pd.DataFrame]:
     """Score ``model``; write samples and all test translations to ``out_dir`` (atomically).
 
     Returns the metrics and the table of sample translations (source, reference, hypothesis).
@@ -149,30 +160,46 @@ def evaluate_model(model: Transformer, tok: Tokenizer, clean_dir: str | Path,
     started = time.perf_counter()
     with _autocast(model, cfg.precision):
         # encoded with the model's own vocabulary: a registered champion may carry another
-        hyps = translate_ids(model, tok, tok.encode(list(pairs["src"])), tgt_lang, cfg.decode,
-                             progress=True, desc="translate test")
+        hyps = translate_ids(
+            model,
+            tok,
+            tok.encode(list(pairs["src"])),
+            tgt_lang,
+            cfg.decode,
+            progress=True,
+            desc="translate test",
+        )
     seconds = time.perf_counter() - started
     metrics.update(bleu_chrf(hyps, list(pairs["tgt"])))
-    metrics.update({
-        "test_pairs": len(pairs), "num_params": model.num_params(),
-        "decode_seconds": seconds, "ms_per_sentence": 1000 * seconds / len(pairs),
-        "hardware": facts(device, autocast_dtype(cfg.precision, device, "evaluate.precision"),
-                          compiled=False),
-    })
-    table = pd.DataFrame({"source": pairs["src"], "reference": pairs["tgt"],
-                          "hypothesis": hyps})
+    metrics.update(
+        {
+            "test_pairs": len(pairs),
+            "num_params": model.num_params(),
+            "decode_seconds": seconds,
+            "ms_per_sentence": 1000 * seconds / len(pairs),
+            "hardware": facts(
+                device, autocast_dtype(cfg.precision, device, "evaluate.precision"), compiled=False
+            ),
+        }
+    )
+    table = pd.DataFrame({"source": pairs["src"], "reference": pairs["tgt"], "hypothesis": hyps})
     samples = table.head(cfg.n_samples)
     with atomic_output(out_dir, is_dir=True) as tmp:
-        samples.to_json(tmp / SAMPLES_FILE, orient="records", lines=True,
-                                          force_ascii=False)
+        samples.to_json(tmp / SAMPLES_FILE, orient="records", lines=True, force_ascii=False)
         table.to_csv(tmp / TRANSLATIONS_FILE, sep="\t", index=False)
         write_json(tmp / "metrics.json", metrics)
     return metrics, samples
 
 
-def evaluate(model_dir: str | Path, vocab_dir: str | Path, clean_dir: str | Path,
-             tokens_dir: str | Path, cfg: EvaluateConfig, tgt_lang: str,
-             out_dir: str | Path) -> tuple[dict[str, Any], pd.DataFrame]:
+def evaluate(
+    model_dir: str | Path,
+    vocab_dir: str | Path,
+    clean_dir: str | Path,
+    tokens_dir: str | Path,
+    cfg: EvaluateConfig,
+    tgt_lang: str,
+    out_dir: str | Path,
+) -> tuple[dict[str, Any], pd.DataFrame]:
     """Load a model directory and score it; the metrics and the sample table."""
     tok = Tokenizer.load(vocab_dir)
     model, _ = load_model(model_dir)
@@ -193,7 +220,14 @@ class Paths:
 def run(paths: Paths, params: Params, log: object = None) -> Result:
     """The evaluate stage (reads ``evaluate`` and the target language of ``clean``); the
     table holds the sample translations."""
-    metrics, samples = evaluate(paths.model, paths.vocab, paths.clean, paths.tokens,
-                                params.evaluate, params.clean.target_lang, paths.out)
+    metrics, samples = evaluate(
+        paths.model,
+        paths.vocab,
+        paths.clean,
+        paths.tokens,
+        params.evaluate,
+        params.clean.target_lang,
+        paths.out,
+    )
     write_json(paths.metrics, metrics)
     return Result(metrics, samples)

@@ -32,10 +32,16 @@ from lmops.pipeline import Result, path
 from lmops.pipeline.training import SELECT_METRIC, bleu_validation, keep_best
 
 
-def finetune(tokens_dir: str | Path, vocab_dir: str | Path, init_model: str | Path,
-             work_dir: str | Path, out_model: str | Path, params: Params,
-             curve_path: str | Path | None = None,
-             log: TrainLog | None = None) -> dict[str, Any] | None:
+def finetune(
+    tokens_dir: str | Path,
+    vocab_dir: str | Path,
+    init_model: str | Path,
+    work_dir: str | Path,
+    out_model: str | Path,
+    params: Params,
+    curve_path: str | Path | None = None,
+    log: TrainLog | None = None,
+) -> dict[str, Any] | None:
     """Fine-tune ``init_model`` (or resume), write the best-BLEU model, return the metrics
     (None on a worker rank of a data-parallel run)."""
     tokens_dir, init_model = Path(tokens_dir), Path(init_model)
@@ -46,25 +52,47 @@ def finetune(tokens_dir: str | Path, vocab_dir: str | Path, init_model: str | Pa
     check_vocab(model, tok, init_model)
     block = model.cfg.block_size
     train = read_pairs(tokens_dir / "parallel_train.parquet")
-    evaluate, greedy = bleu_validation(tok, tokens_dir / "parallel_valid.parquet", tgt_lang,
-                                       block, cfg, params.evaluate.decode)
+    evaluate, greedy = bleu_validation(
+        tok, tokens_dir / "parallel_valid.parquet", tgt_lang, block, cfg, params.evaluate.decode
+    )
     resolved = {
-        "model": model.cfg.model_dump(), "vocab_size": tok.vocab_size,
-        "target_lang": tgt_lang, "bleu_decode": greedy.model_dump(),
+        "model": model.cfg.model_dump(),
+        "vocab_size": tok.vocab_size,
+        "target_lang": tgt_lang,
+        "bleu_decode": greedy.model_dump(),
         "init": file_digest(init_model / "model.safetensors"),
-        "data": {**{name: file_digest(tokens_dir / f"{name}.parquet")
-                    for name in ("parallel_train", "parallel_valid")},
-                 TRAIN_STREAM: file_digest(tokens_dir / f"{TRAIN_STREAM}.bin")},
+        "data": {
+            **{
+                name: file_digest(tokens_dir / f"{name}.parquet")
+                for name in ("parallel_train", "parallel_valid")
+            },
+            TRAIN_STREAM: file_digest(tokens_dir / f"{TRAIN_STREAM}.bin"),
+        },
     }
-    text = window_batches(load_stream(tokens_dir / TRAIN_STREAM, tok.vocab_size), block,
-                          params.seed + 1,
-                          str(tokens_dir / f"{TRAIN_STREAM}.bin"))
-    batches = mix_batches(pair_batches(train, tok, tgt_lang, block, params.seed), text,
-                          cfg.lm_mix, params.seed)
-    result = fit(model, batches, lm_loss, cfg,
-                 work_dir, seed=params.seed, stage="finetune", resolved_config=resolved,
-                 evaluate=evaluate, select_metric=SELECT_METRIC, select_mode="max",
-                 curve_path=curve_path, log=log)
+    text = window_batches(
+        load_stream(tokens_dir / TRAIN_STREAM, tok.vocab_size),
+        block,
+        params.seed + 1,
+        str(tokens_dir / f"{TRAIN_STREAM}.bin"),
+    )
+    batches = mix_batches(
+        pair_batches(train, tok, tgt_lang, block, params.seed), text, cfg.lm_mix, params.seed
+    )
+    result = fit(
+        model,
+        batches,
+        lm_loss,
+        cfg,
+        work_dir,
+        seed=params.seed,
+        stage="finetune",
+        resolved_config=resolved,
+        evaluate=evaluate,
+        select_metric=SELECT_METRIC,
+        select_mode="max",
+        curve_path=curve_path,
+        log=log,
+    )
     return keep_best(model, result, out_model, {"stage": "finetune", "target_lang": tgt_lang})
 
 
@@ -82,8 +110,16 @@ class Paths:
 def run(paths: Paths, params: Params, log: TrainLog | None = None) -> Result:
     """The finetune stage (reads ``seed``, ``finetune``, ``evaluate.decode`` and the
     target language of ``clean``)."""
-    metrics = finetune(paths.tokens, paths.vocab, paths.init, paths.work, paths.out, params,
-                       curve_path=paths.curve, log=log)
+    metrics = finetune(
+        paths.tokens,
+        paths.vocab,
+        paths.init,
+        paths.work,
+        paths.out,
+        params,
+        curve_path=paths.curve,
+        log=log,
+    )
     if metrics is not None:
         write_json(paths.metrics, metrics)
     return Result(metrics)

@@ -28,25 +28,35 @@ from lmops.pipeline import Result, path
 from lmops.pipeline.training import mean_loss, summary
 
 
-def fixed_windows(tokens: np.ndarray, block_size: int, batch_size: int,
-                  n_batches: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def fixed_windows(
+    tokens: np.ndarray, block_size: int, batch_size: int, n_batches: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Evenly spaced windows over ``tokens``: the same validation batches at every eval."""
     n_windows = len(tokens) - block_size
     if n_windows < 1:
-        raise DataError(f"validation stream: {len(tokens)} tokens, need more than block_size "
-                        f"({block_size})")
+        raise DataError(
+            f"validation stream: {len(tokens)} tokens, need more than block_size ({block_size})"
+        )
     count = min(batch_size * n_batches, n_windows)
     starts = np.linspace(0, n_windows - 1, count).astype(np.int64)
-    rows = torch.from_numpy(np.stack([np.asarray(tokens[s : s + block_size + 1])
-                                      for s in starts]).astype(np.int64))
-    return [(rows[i : i + batch_size, :-1], rows[i : i + batch_size, 1:])
-            for i in range(0, count, batch_size)]
+    rows = torch.from_numpy(
+        np.stack([np.asarray(tokens[s : s + block_size + 1]) for s in starts]).astype(np.int64)
+    )
+    return [
+        (rows[i : i + batch_size, :-1], rows[i : i + batch_size, 1:])
+        for i in range(0, count, batch_size)
+    ]
 
 
-def pretrain(tokens_dir: str | Path, vocab_dir: str | Path, work_dir: str | Path,
-             out_model: str | Path, params: Params,
-             curve_path: str | Path | None = None,
-             log: TrainLog | None = None) -> dict[str, Any]:
+def pretrain(
+    tokens_dir: str | Path,
+    vocab_dir: str | Path,
+    work_dir: str | Path,
+    out_model: str | Path,
+    params: Params,
+    curve_path: str | Path | None = None,
+    log: TrainLog | None = None,
+) -> dict[str, Any]:
     """Train from scratch (or resume), write the model directory, return the metrics."""
     tokens_dir = Path(tokens_dir)
     tok = Tokenizer.load(vocab_dir)
@@ -63,15 +73,27 @@ def pretrain(tokens_dir: str | Path, vocab_dir: str | Path, work_dir: str | Path
         return {"valid_loss": loss, "valid_ppl": math.exp(min(loss, 50.0))}
 
     resolved = {
-        "model": mcfg.model_dump(), "vocab_size": tok.vocab_size,
-        "data": {name: file_digest(tokens_dir / f"{name}.bin")
-                 for name in (TRAIN_STREAM, VALID_STREAM)},
+        "model": mcfg.model_dump(),
+        "vocab_size": tok.vocab_size,
+        "data": {
+            name: file_digest(tokens_dir / f"{name}.bin") for name in (TRAIN_STREAM, VALID_STREAM)
+        },
     }
-    result = fit(model, window_batches(train, mcfg.block_size, params.seed,
-                                       str(tokens_dir / f"{TRAIN_STREAM}.bin")),
-                 lm_loss, cfg, work_dir, seed=params.seed, stage="pretrain",
-                 resolved_config=resolved, evaluate=evaluate, curve_path=curve_path,
-                 log=log)
+    result = fit(
+        model,
+        window_batches(
+            train, mcfg.block_size, params.seed, str(tokens_dir / f"{TRAIN_STREAM}.bin")
+        ),
+        lm_loss,
+        cfg,
+        work_dir,
+        seed=params.seed,
+        stage="pretrain",
+        resolved_config=resolved,
+        evaluate=evaluate,
+        curve_path=curve_path,
+        log=log,
+    )
     if DistEnv.from_env().is_main:
         save_model(model.cpu(), out_model, {"stage": "pretrain", "steps": result.step})
     return summary(result, model)
@@ -89,8 +111,9 @@ class Paths:
 
 def run(paths: Paths, params: Params, log: TrainLog | None = None) -> Result:
     """The pretrain stage (reads ``seed``, ``model`` and ``pretrain``)."""
-    metrics = pretrain(paths.tokens, paths.vocab, paths.work, paths.out, params,
-                       curve_path=paths.curve, log=log)
+    metrics = pretrain(
+        paths.tokens, paths.vocab, paths.work, paths.out, params, curve_path=paths.curve, log=log
+    )
     if not DistEnv.from_env().is_main:  # torchrun: rank 0 writes the outputs
         return Result(None)
     write_json(paths.metrics, metrics)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, SupportsInt, cast
 
 import datasets
 import pandas as pd
@@ -29,14 +29,19 @@ from lmops.io import atomic_output, write_json
 from lmops.pipeline import Result, path
 
 PARALLEL_SPLITS = ("parallel_train", "parallel_valid", "parallel_test")
-PARALLEL_FEATURES = datasets.Features({
-    "src": datasets.Value("string"), "tgt": datasets.Value("string"),
-    "src_ids": datasets.List(ID_TYPE), "tgt_ids": datasets.List(ID_TYPE),
-})
+PARALLEL_FEATURES = datasets.Features(
+    {
+        "src": datasets.Value("string"),
+        "tgt": datasets.Value("string"),
+        "src_ids": datasets.List(ID_TYPE),
+        "tgt_ids": datasets.List(ID_TYPE),
+    }
+)
 
 
 def utf8_bytes(texts: pd.Series) -> int:
-    return int(texts.str.encode("utf-8").str.len().sum())
+    # pandas-stubs allow .str.len() on str only; on bytes it counts bytes
+    return int(texts.str.encode("utf-8").str.len().sum())  # type: ignore[misc]
 
 
 class _EncodeMono:
@@ -48,8 +53,9 @@ class _EncodeMono:
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
         eos = self.tok.eos_id
         tags = [self.tok.lang_id(lang) for lang in batch["lang"]]
-        ids = [[tag, *row, eos] for tag, row in zip(tags, self.tok.encode(batch["text"]),
-                                                    strict=True)]
+        ids = [
+            [tag, *row, eos] for tag, row in zip(tags, self.tok.encode(batch["text"]), strict=True)
+        ]
         return {"ids": ids}
 
 
@@ -67,7 +73,9 @@ def _check_columns(df: pd.DataFrame, path: Path, columns: tuple[str, ...]) -> No
             raise DataError(f"{path}: no '{col}' column (columns: {list(df.columns)})")
         missing = df[col].isna()
         if missing.any():
-            raise DataError(f"{path}: row {int(missing.idxmax())}: '{col}' is missing")
+            raise DataError(
+                f"{path}: row {int(cast(SupportsInt, missing.idxmax()))}: '{col}' is missing"
+            )
 
 
 def _read(data_dir: Path, name: str, columns: tuple[str, ...]) -> tuple[pd.DataFrame, Path]:
@@ -77,37 +85,49 @@ def _read(data_dir: Path, name: str, columns: tuple[str, ...]) -> tuple[pd.DataF
     return df, path
 
 
-def _map(df: pd.DataFrame, fn: Any, features: datasets.Features, cfg: TokeniseConfig,
-         desc: str) -> datasets.Dataset:
+def _map(
+    df: pd.DataFrame, fn: Any, features: datasets.Features, cfg: TokeniseConfig, desc: str
+) -> datasets.Dataset:
     if df.empty:  # map never calls fn on no rows, so the new columns would be missing
         return datasets.Dataset.from_dict({name: [] for name in features}, features=features)
     ds = datasets.Dataset.from_pandas(df.reset_index(drop=True), preserve_index=False)
     drop = [c for c in ds.column_names if c not in features]
     # Fewer batches than workers would only add process start-up time.
     num_proc = min(cfg.num_proc, max(1, len(ds) // cfg.batch_size))
-    return ds.map(fn, batched=True, batch_size=cfg.batch_size,
-                  num_proc=num_proc if num_proc > 1 else None,
-                  remove_columns=drop, features=features, desc=desc)
+    return ds.map(
+        fn,
+        batched=True,
+        batch_size=cfg.batch_size,
+        num_proc=num_proc if num_proc > 1 else None,
+        remove_columns=drop,
+        features=features,
+        desc=desc,
+    )
 
 
-def _encode_mono(data_dir: Path, name: str, tok: Tokenizer,
-                 cfg: TokeniseConfig) -> tuple[datasets.Dataset, int]:
+def _encode_mono(
+    data_dir: Path, name: str, tok: Tokenizer, cfg: TokeniseConfig
+) -> tuple[datasets.Dataset, int]:
     df, path = _read(data_dir, name, ("text", "lang"))
     if df.empty and name == "mono_train":
-        raise DataError(f"{path}: no rows, so no pretraining text to tokenise; check the "
-                        "clean stage's sources and filters (data/metrics/clean.json)")
+        raise DataError(
+            f"{path}: no rows, so no pretraining text to tokenise; check the "
+            "clean stage's sources and filters (data/metrics/clean.json)"
+        )
     unknown = ~df["lang"].isin(tok.languages)
     if unknown.any():
-        row = int(unknown.idxmax())
-        raise DataError(f"{path}: row {row}: language {df['lang'].iloc[row]!r} has no tag "
-                        f"in the vocabulary (languages: {tok.languages})")
-    encoded = _map(df[["text", "lang"]], _EncodeMono(tok), STREAM_FEATURES, cfg,
-                   f"encode {name}")
+        row = int(cast(SupportsInt, unknown.idxmax()))
+        raise DataError(
+            f"{path}: row {row}: language {df['lang'].iloc[row]!r} has no tag "
+            f"in the vocabulary (languages: {tok.languages})"
+        )
+    encoded = _map(df[["text", "lang"]], _EncodeMono(tok), STREAM_FEATURES, cfg, f"encode {name}")
     return encoded, utf8_bytes(df["text"])
 
 
-def tokenise(data_dir: str | Path, vocab_dir: str | Path, out: str | Path,
-             cfg: TokeniseConfig) -> dict[str, Any]:
+def tokenise(
+    data_dir: str | Path, vocab_dir: str | Path, out: str | Path, cfg: TokeniseConfig
+) -> dict[str, Any]:
     """The tokenise stage: the clean stage's dir + a vocab dir -> ``out`` (atomic); stats."""
     data_dir = Path(data_dir)
     tok = Tokenizer.load(vocab_dir)
@@ -119,7 +139,8 @@ def tokenise(data_dir: str | Path, vocab_dir: str | Path, out: str | Path,
             encoded, text = _encode_mono(data_dir, split, tok, cfg)
             side = write_stream(encoded, tmp / f"{stem}.bin", tok.vocab_size, text)
             stats[stem] = {
-                "tokens": side["length"], "documents": side["documents"],
+                "tokens": side["length"],
+                "documents": side["documents"],
                 "bytes": side["bytes"],
                 "bytes_per_token": round(side["bytes"] / max(side["length"], 1), 4),
             }
@@ -139,11 +160,15 @@ def tokenise(data_dir: str | Path, vocab_dir: str | Path, out: str | Path,
             tokens += src + tgt
             text_bytes += utf8_bytes(df["src"]) + utf8_bytes(df["tgt"])
     wall = time.perf_counter() - started
-    stats.update({
-        "tokens": tokens, "bytes": text_bytes, "wall_seconds": round(wall, 3),
-        "tokens_per_second": round(tokens / wall, 1),
-        "mb_per_second": round(text_bytes / wall / 1e6, 3),
-    })
+    stats.update(
+        {
+            "tokens": tokens,
+            "bytes": text_bytes,
+            "wall_seconds": round(wall, 3),
+            "tokens_per_second": round(tokens / wall, 1),
+            "mb_per_second": round(text_bytes / wall / 1e6, 3),
+        }
+    )
     return stats
 
 

@@ -8,7 +8,7 @@ same way (:func:`keep_best`).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import sacrebleu
 import torch
@@ -29,23 +29,32 @@ def mean_loss(model: torch.nn.Module, batches: list) -> float:
     return sum(losses) / len(losses)
 
 
-def bleu_validation(tok: Tokenizer, valid_path: Path, tgt_lang: str, block_size: int,
-                    cfg: FinetuneConfig | DistilConfig,
-                    decode: DecodeConfig) -> tuple[EvalFn, DecodeConfig]:
+def bleu_validation(
+    tok: Tokenizer,
+    valid_path: Path,
+    tgt_lang: str,
+    block_size: int,
+    cfg: FinetuneConfig | DistilConfig,
+    decode: DecodeConfig,
+) -> tuple[EvalFn, DecodeConfig]:
     """``fit``'s evaluate callback for translation training, and the decoding it uses.
 
     The callback returns the teacher-forced loss on the first ``eval_batches`` batches of
     the validation pairs and the BLEU of greedy translations of the first ``bleu_samples``.
     """
     valid = read_pairs(valid_path)
-    valid_batches = fixed_batches(valid, tok, tgt_lang, block_size, cfg.batch_size,
-                                  cfg.eval_batches)
+    valid_batches = fixed_batches(
+        valid, tok, tgt_lang, block_size, cfg.batch_size, cfg.eval_batches
+    )
     bleu_pairs = valid.iloc[: cfg.bleu_samples]
-    greedy = DecodeConfig(beam_size=1, max_new_tokens=decode.max_new_tokens,
-                          batch_size=decode.batch_size)
+    greedy = DecodeConfig(
+        beam_size=1, max_new_tokens=decode.max_new_tokens, batch_size=decode.batch_size
+    )
 
     def evaluate(model: torch.nn.Module, step: int) -> dict[str, float]:
-        hyps = translate_ids(model, tok, list(bleu_pairs["src_ids"]), tgt_lang, greedy)
+        hyps = translate_ids(
+            cast(Transformer, model), tok, list(bleu_pairs["src_ids"]), tgt_lang, greedy
+        )
         bleu = sacrebleu.corpus_bleu(hyps, [list(bleu_pairs["tgt"])]).score
         return {"valid_loss": mean_loss(model, valid_batches), SELECT_METRIC: bleu}
 
@@ -54,10 +63,13 @@ def bleu_validation(tok: Tokenizer, valid_path: Path, tgt_lang: str, block_size:
 
 def summary(result: TrainResult, model: Transformer) -> dict[str, Any]:
     """The stage's metrics file: final losses, throughput and size."""
-    out = {
-        "steps": result.step, "tokens_seen": result.tokens_seen,
-        "train_loss": result.train_loss, "wall_seconds": round(result.wall_seconds, 2),
-        "tokens_per_sec": round(result.tokens_per_sec, 1), "resumed_from": result.resumed_from,
+    out: dict[str, Any] = {
+        "steps": result.step,
+        "tokens_seen": result.tokens_seen,
+        "train_loss": result.train_loss,
+        "wall_seconds": round(result.wall_seconds, 2),
+        "tokens_per_sec": round(result.tokens_per_sec, 1),
+        "resumed_from": result.resumed_from,
         "num_params": model.num_params(),
         "flops_per_token": flops_per_token(model.cfg, model.vocab_size),
     }
@@ -66,8 +78,9 @@ def summary(result: TrainResult, model: Transformer) -> dict[str, Any]:
     return out
 
 
-def keep_best(model: Transformer, result: TrainResult, out_model: str | Path,
-              meta: dict[str, Any]) -> dict[str, Any] | None:
+def keep_best(
+    model: Transformer, result: TrainResult, out_model: str | Path, meta: dict[str, Any]
+) -> dict[str, Any] | None:
     """The tail of a BLEU-selected stage: the best checkpoint's weights go into ``model``,
     rank 0 writes them to ``out_model`` (``meta`` first in its config) and gets the
     summary; another rank gets None."""
@@ -77,9 +90,17 @@ def keep_best(model: Transformer, result: TrainResult, out_model: str | Path,
     if not DistEnv.from_env().is_main:
         return None
     target_lang = meta.pop("target_lang", None)
-    save_model(model, out_model, {**meta, "steps": result.step, "best_step": result.best_step,
-                                  SELECT_METRIC: result.best_metric,
-                                  **({"target_lang": target_lang} if target_lang else {})})
+    save_model(
+        model,
+        out_model,
+        {
+            **meta,
+            "steps": result.step,
+            "best_step": result.best_step,
+            SELECT_METRIC: result.best_metric,
+            **({"target_lang": target_lang} if target_lang else {}),
+        },
+    )
     out = summary(result, model)
     out.update({"best_step": result.best_step, f"best_{SELECT_METRIC}": result.best_metric})
     return out

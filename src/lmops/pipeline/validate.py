@@ -35,10 +35,19 @@ from lmops.pipeline import Result, path
 # symbols (it cut the share of rejected French articles from 3.0% to 1.8%).
 _LATIN = r"\p{Latin}\p{Greek}"
 SCRIPT_LETTERS: dict[str, str] = {
-    "en": _LATIN, "fr": _LATIN, "de": _LATIN, "es": _LATIN, "it": _LATIN,
-    "pt": _LATIN, "nl": _LATIN,
-    "ru": r"\p{Cyrillic}", "uk": r"\p{Cyrillic}", "el": r"\p{Greek}",
-    "ar": r"\p{Arabic}", "zh": r"\p{Han}", "ja": r"\p{Han}\p{Hiragana}\p{Katakana}",
+    "en": _LATIN,
+    "fr": _LATIN,
+    "de": _LATIN,
+    "es": _LATIN,
+    "it": _LATIN,
+    "pt": _LATIN,
+    "nl": _LATIN,
+    "ru": r"\p{Cyrillic}",
+    "uk": r"\p{Cyrillic}",
+    "el": r"\p{Greek}",
+    "ar": r"\p{Arabic}",
+    "zh": r"\p{Han}",
+    "ja": r"\p{Han}\p{Hiragana}\p{Katakana}",
 }
 # Unknown languages: letters of any script; the check then only rejects control
 # characters and other non-text code points.
@@ -95,8 +104,10 @@ def load_splits(data_dir: str | Path) -> dict[str, pd.DataFrame]:
             df = read_split(data_dir, name)
             missing = [c for c in REQUIRED_COLUMNS[kind] if c not in df.columns]
             if missing:
-                raise DataError(f"{split_path(data_dir, name)}: missing column(s) {missing} "
-                                f"(expected {list(REQUIRED_COLUMNS[kind])})")
+                raise DataError(
+                    f"{split_path(data_dir, name)}: missing column(s) {missing} "
+                    f"(expected {list(REQUIRED_COLUMNS[kind])})"
+                )
             frames[name] = df
     return frames
 
@@ -126,7 +137,8 @@ def add_derived_columns(frames: dict[str, pd.DataFrame]) -> dict[str, pd.DataFra
             if col in df.columns:
                 df[col] = _text(df[col])
         if name.startswith("parallel_"):
-            tgt_len = df["tgt"].str.len().replace(0, float("nan"))
+            # pandas-stubs want an int for an int Series; NaN upcasts it to float
+            tgt_len = df["tgt"].str.len().replace(0, float("nan"))  # type: ignore[arg-type]
             df["length_ratio"] = (df["src"].str.len() / tgt_len).round(3)
     mono_train = out["mono_train"]["text"]
     par_train = out["parallel_train"]
@@ -147,54 +159,85 @@ def build_suite(name: str, cfg: ValidateConfig, languages: list[str]) -> Any:
 
     ex = gx.expectations
     kind, split = name.split("_", 1)
-    items: list[Any] = [ex.ExpectTableRowCountToBeBetween(
-        min_value=cfg.min_rows, meta={"rule": "row count"})]
+    items: list[Any] = [
+        ex.ExpectTableRowCountToBeBetween(min_value=cfg.min_rows, meta={"rule": "row count"})
+    ]
     for col in TEXT_COLUMNS[kind]:
         items += [
             ex.ExpectColumnValuesToNotBeNull(column=col, meta={"rule": "nulls"}),
             ex.ExpectColumnValueLengthsToBeBetween(
-                column=col, min_value=cfg.min_chars, max_value=cfg.max_chars,
-                meta={"rule": "length"}),
+                column=col,
+                min_value=cfg.min_chars,
+                max_value=cfg.max_chars,
+                meta={"rule": "length"},
+            ),
             ex.ExpectColumnProportionOfUniqueValuesToBeBetween(
-                column=col, min_value=1 - cfg.max_duplicate_rate, meta={"rule": "duplicates"}),
+                column=col, min_value=1 - cfg.max_duplicate_rate, meta={"rule": "duplicates"}
+            ),
             ex.ExpectColumnValuesToNotMatchRegex(
-                column=col, regex=BAD_CHARS, mostly=cfg.min_script_fraction,
-                meta={"rule": "bad characters"}),
+                column=col,
+                regex=BAD_CHARS,
+                mostly=cfg.min_script_fraction,
+                meta={"rule": "bad characters"},
+            ),
         ]
         if kind == "mono":
             # Each language's rows are held to that language's script.
-            items += [ex.ExpectColumnValuesToMatchRegex(
-                column=col, regex=script_regex(lang), mostly=cfg.min_script_fraction,
-                row_condition=Column("lang") == lang, meta={"rule": f"script ({lang})"})
-                for lang in languages]
+            items += [
+                ex.ExpectColumnValuesToMatchRegex(
+                    column=col,
+                    regex=script_regex(lang),
+                    mostly=cfg.min_script_fraction,
+                    row_condition=Column("lang") == lang,
+                    meta={"rule": f"script ({lang})"},
+                )
+                for lang in languages
+            ]
         else:
             lang = languages[0] if col == "src" else languages[1]
-            items.append(ex.ExpectColumnValuesToMatchRegex(
-                column=col, regex=script_regex(lang), mostly=cfg.min_script_fraction,
-                meta={"rule": f"script ({lang})"}))
+            items.append(
+                ex.ExpectColumnValuesToMatchRegex(
+                    column=col,
+                    regex=script_regex(lang),
+                    mostly=cfg.min_script_fraction,
+                    meta={"rule": f"script ({lang})"},
+                )
+            )
     if kind == "mono":
         items += [
             ex.ExpectColumnValuesToNotBeNull(column="lang", meta={"rule": "language"}),
             ex.ExpectColumnValuesToBeInSet(
-                column="lang", value_set=list(languages), meta={"rule": "language"}),
+                column="lang", value_set=list(languages), meta={"rule": "language"}
+            ),
         ]
     else:
-        items.append(ex.ExpectColumnValuesToBeBetween(
-            column="length_ratio", min_value=1 / cfg.max_length_ratio,
-            max_value=cfg.max_length_ratio, mostly=cfg.min_length_ratio_fraction,
-            meta={"rule": "length ratio"},
-            notes="Derived column: characters in src / characters in tgt."))
+        items.append(
+            ex.ExpectColumnValuesToBeBetween(
+                column="length_ratio",
+                min_value=1 / cfg.max_length_ratio,
+                max_value=cfg.max_length_ratio,
+                mostly=cfg.min_length_ratio_fraction,
+                meta={"rule": "length ratio"},
+                notes="Derived column: characters in src / characters in tgt.",
+            )
+        )
     if split != "train":
         trains = ["mono_train"] if kind == "mono" else ["parallel_train", "mono_train"]
-        items += [ex.ExpectColumnValuesToBeNull(
-            column=f"{col}_in_{train}", meta={"rule": f"leakage into {train}"},
-            notes=f"Derived column: the {col} where it also occurs in {train}.")
-            for col in TEXT_COLUMNS[kind] for train in trains]
+        items += [
+            ex.ExpectColumnValuesToBeNull(
+                column=f"{col}_in_{train}",
+                meta={"rule": f"leakage into {train}"},
+                notes=f"Derived column: the {col} where it also occurs in {train}.",
+            )
+            for col in TEXT_COLUMNS[kind]
+            for train in trains
+        ]
     return gx.ExpectationSuite(name=name, expectations=items)
 
 
-def run_checks(frames: dict[str, pd.DataFrame], cfg: ValidateConfig, languages: list[str],
-               site_dir: str | Path) -> dict[str, Any]:
+def run_checks(
+    frames: dict[str, pd.DataFrame], cfg: ValidateConfig, languages: list[str], site_dir: str | Path
+) -> dict[str, Any]:
     """Validate every split with GX and write the Data Docs site into ``site_dir``.
 
     ``frames`` must already carry :func:`add_derived_columns`. Returns the GX
@@ -209,20 +252,26 @@ def run_checks(frames: dict[str, pd.DataFrame], cfg: ValidateConfig, languages: 
     # The ephemeral context comes with a site in a fresh temp dir; use ours only.
     for site in list(context.list_data_docs_sites()):
         context.delete_data_docs_site(site)
-    context.add_data_docs_site(SITE_NAME, {
-        "class_name": "SiteBuilder",
-        "show_how_to_buttons": False,
-        "store_backend": {"class_name": "TupleFilesystemStoreBackend",
-                          "base_directory": str(Path(site_dir).resolve())},
-        "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
-    })
+    context.add_data_docs_site(
+        SITE_NAME,
+        {
+            "class_name": "SiteBuilder",
+            "show_how_to_buttons": False,
+            "store_backend": {
+                "class_name": "TupleFilesystemStoreBackend",
+                "base_directory": str(Path(site_dir).resolve()),
+            },
+            "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+        },
+    )
     source = context.data_sources.add_pandas("clean")
     results = {}
     for name, df in tqdm(frames.items(), desc="validate", unit="split"):
         batch = source.add_dataframe_asset(name).add_batch_definition_whole_dataframe(name)
         suite = context.suites.add(build_suite(name, cfg, languages))
         definition = context.validation_definitions.add(
-            gx.ValidationDefinition(name=name, data=batch, suite=suite))
+            gx.ValidationDefinition(name=name, data=batch, suite=suite)
+        )
         # Each split is its own DataFrame, passed at run time. (A Checkpoint gives all
         # its definitions the same batch parameters, and one Checkpoint per split with
         # an UpdateDataDocsAction re-renders the site each time: twice as slow.)
@@ -236,9 +285,11 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
     suites = {}
     for name, result in results.items():
         stats = result.statistics
-        suites[name] = {"success": bool(result.success),
-                        "evaluated": int(stats["evaluated_expectations"]),
-                        "failed": int(stats["unsuccessful_expectations"])}
+        suites[name] = {
+            "success": bool(result.success),
+            "evaluated": int(stats["evaluated_expectations"]),
+            "failed": int(stats["unsuccessful_expectations"]),
+        }
     return {
         "success": all(s["success"] for s in suites.values()),
         "evaluated": sum(s["evaluated"] for s in suites.values()),
@@ -250,7 +301,7 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
 def _short(value: Any) -> str:
     text = str(value)
     if len(text) > EXAMPLE_CHARS:
-        text = text[:EXAMPLE_CHARS - 1] + "…"
+        text = text[: EXAMPLE_CHARS - 1] + "…"
     return repr(text)
 
 
@@ -283,8 +334,13 @@ def describe_failure(where: str, item: Any, frame: pd.DataFrame) -> str:
             return line
         return line + _examples(res.get("partial_unexpected_list") or [])
     low, high = kwargs.get("min_value"), kwargs.get("max_value")
-    expected = (f"between {low} and {high}" if low is not None and high is not None
-                else f"at least {low}" if low is not None else f"at most {high}")
+    expected = (
+        f"between {low} and {high}"
+        if low is not None and high is not None
+        else f"at least {low}"
+        if low is not None
+        else f"at most {high}"
+    )
     observed = res.get("observed_value")
     if config.type == "expect_table_row_count_to_be_between":
         return f"{head}: {observed} rows, expected {expected}"
@@ -297,18 +353,27 @@ def describe_failure(where: str, item: Any, frame: pd.DataFrame) -> str:
     return line
 
 
-def failures(results: dict[str, Any], frames: dict[str, pd.DataFrame],
-             data_dir: str | Path) -> list[str]:
+def failures(
+    results: dict[str, Any], frames: dict[str, pd.DataFrame], data_dir: str | Path
+) -> list[str]:
     lines = []
     for name, result in results.items():
         where = str(split_path(data_dir, name))
-        lines += [describe_failure(where, item, frames[name])
-                  for item in result.results if not item.success]
+        lines += [
+            describe_failure(where, item, frames[name])
+            for item in result.results
+            if not item.success
+        ]
     return lines
 
 
-def validate_clean(data_dir: str | Path, report_dir: str | Path, summary_path: str | Path,
-                   cfg: ValidateConfig, languages: list[str]) -> dict[str, Any]:
+def validate_clean(
+    data_dir: str | Path,
+    report_dir: str | Path,
+    summary_path: str | Path,
+    cfg: ValidateConfig,
+    languages: list[str],
+) -> dict[str, Any]:
     """The validate stage: check ``data_dir``, write the report and the summary.
 
     The Data Docs report is written (atomically) whether or not the data pass,
@@ -327,10 +392,15 @@ def validate_clean(data_dir: str | Path, report_dir: str | Path, summary_path: s
         raise QualityError(
             f"{data_dir}: {summary['failed']} of {summary['evaluated']} data quality "
             f"expectations failed (report: {Path(report_dir) / 'index.html'}):\n  "
-            + "\n  ".join(lines))
+            + "\n  ".join(lines)
+        )
     write_json(summary_path, summary)
-    log.info("%d expectations on %d rows passed; report: %s", summary["evaluated"],
-             sum(len(df) for df in frames.values()), Path(report_dir) / "index.html")
+    log.info(
+        "%d expectations on %d rows passed; report: %s",
+        summary["evaluated"],
+        sum(len(df) for df in frames.values()),
+        Path(report_dir) / "index.html",
+    )
     return summary
 
 
@@ -343,5 +413,8 @@ class Paths:
 
 def run(paths: Paths, params: Params, log: object = None) -> Result:
     """The validate stage (reads ``validate`` and the languages of ``clean``)."""
-    return Result(validate_clean(paths.data, paths.report, paths.summary, params.validate_,
-                                 params.clean.languages))
+    return Result(
+        validate_clean(
+            paths.data, paths.report, paths.summary, params.validate_, params.clean.languages
+        )
+    )

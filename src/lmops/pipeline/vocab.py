@@ -10,7 +10,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, SupportsInt, cast
 
 import numpy as np
 import sentencepiece as spm
@@ -76,9 +76,14 @@ def _size_error(err: RuntimeError, cfg: VocabConfig, source: Path, n: int) -> Lm
     return LmopsError(f"{source}: sentencepiece training failed: {msg}")
 
 
-def train_vocab(texts: Sequence[str], out_dir: str | Path, cfg: VocabConfig,
-                languages: Sequence[str], seed: int, source: str | Path = TRAIN_SPLIT,
-                ) -> dict[str, Any]:
+def train_vocab(
+    texts: Sequence[str],
+    out_dir: str | Path,
+    cfg: VocabConfig,
+    languages: Sequence[str],
+    seed: int,
+    source: str | Path = TRAIN_SPLIT,
+) -> dict[str, Any]:
     """Train SentencePiece on ``texts`` into ``out_dir`` (which must exist); returns meta."""
     out_dir = Path(out_dir)
     if not texts:
@@ -107,7 +112,10 @@ def train_vocab(texts: Sequence[str], out_dir: str | Path, cfg: VocabConfig,
             shuffle_input_sentence=True,
             max_sentence_length=max(_SPM_MAX_SENTENCE_BYTES, longest),
             num_threads=cfg.num_threads,
-            pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
+            pad_id=PAD_ID,
+            unk_id=UNK_ID,
+            bos_id=BOS_ID,
+            eos_id=EOS_ID,
             user_defined_symbols=specials,
             minloglevel=1,
         )
@@ -123,8 +131,10 @@ def train_vocab(texts: Sequence[str], out_dir: str | Path, cfg: VocabConfig,
     )
     meta = {
         "vocab_size": sp.get_piece_size(),
-        "pad_id": sp.pad_id(), "unk_id": sp.unk_id(),
-        "bos_id": sp.bos_id(), "eos_id": sp.eos_id(),
+        "pad_id": sp.pad_id(),
+        "unk_id": sp.unk_id(),
+        "bos_id": sp.bos_id(),
+        "eos_id": sp.eos_id(),
         "sep_id": sp.piece_to_id(SEP),
         "lang_ids": {lang: sp.piece_to_id(lang_tag(lang)) for lang in languages},
         "languages": list(languages),
@@ -139,8 +149,9 @@ def train_vocab(texts: Sequence[str], out_dir: str | Path, cfg: VocabConfig,
     return meta
 
 
-def build_vocab(data_dir: str | Path, out: str | Path, cfg: VocabConfig,
-                languages: Sequence[str], seed: int) -> dict[str, Any]:
+def build_vocab(
+    data_dir: str | Path, out: str | Path, cfg: VocabConfig, languages: Sequence[str], seed: int
+) -> dict[str, Any]:
     """The vocab stage: ``mono_train`` from the clean stage's dir -> ``out`` (atomic)."""
     path = layout.split_path(data_dir, TRAIN_SPLIT)
     df = layout.read_split(data_dir, TRAIN_SPLIT)
@@ -148,7 +159,7 @@ def build_vocab(data_dir: str | Path, out: str | Path, cfg: VocabConfig,
         raise DataError(f"{path}: no 'text' column (columns: {list(df.columns)})")
     missing = df["text"].isna()
     if missing.any():
-        raise DataError(f"{path}: row {int(missing.idxmax())}: text is missing")
+        raise DataError(f"{path}: row {int(cast(SupportsInt, missing.idxmax()))}: text is missing")
     with atomic_output(out, is_dir=True) as tmp:
         return train_vocab(df["text"].tolist(), tmp, cfg, languages, seed, source=path)
 
@@ -164,5 +175,6 @@ def run(paths: Paths, params: Params, log: object = None) -> Result:
     """The vocab stage (reads ``seed``, ``vocab`` and the languages of ``clean``): refuses
     data that failed validation, then trains; the metrics are the vocabulary's meta."""
     check_quality(paths.quality)
-    return Result(build_vocab(paths.data, paths.out, params.vocab, params.clean.languages,
-                              params.seed))
+    return Result(
+        build_vocab(paths.data, paths.out, params.vocab, params.clean.languages, params.seed)
+    )

@@ -110,9 +110,16 @@ def is_http(uri: str) -> bool:
 
 
 def _os_reason(text: str) -> str | None:
-    for needle in ("Connection refused", "Connection reset", "Connection aborted",
-                   "Name or service not known", "Temporary failure in name resolution",
-                   "No route to host", "Network is unreachable", "timed out"):
+    for needle in (
+        "Connection refused",
+        "Connection reset",
+        "Connection aborted",
+        "Name or service not known",
+        "Temporary failure in name resolution",
+        "No route to host",
+        "Network is unreachable",
+        "timed out",
+    ):
         if needle.lower() in text.lower():
             return needle.lower()
     return None
@@ -123,8 +130,12 @@ def unreachable_reason(err: BaseException | None) -> str | None:
     (a rejected request, a bug), which must not be buffered away."""
     import requests
 
-    bad_request = (requests.exceptions.InvalidURL, requests.exceptions.InvalidSchema,
-                   requests.exceptions.MissingSchema, requests.exceptions.InvalidHeader)
+    bad_request = (
+        requests.exceptions.InvalidURL,
+        requests.exceptions.InvalidSchema,
+        requests.exceptions.MissingSchema,
+        requests.exceptions.InvalidHeader,
+    )
     seen: set[int] = set()
     while err is not None and id(err) not in seen:
         seen.add(id(err))
@@ -160,9 +171,11 @@ def probe(uri: str, timeout: float = PROBE_TIMEOUT) -> str | None:
 
 
 def unreachable_message(uri: str, reason: str) -> str:
-    return (f"MLflow tracking server {redact_uri(uri)} is not answering ({reason}); "
-            "start it (docs/tracking.md, 'Team set-up') or unset MLFLOW_TRACKING_URI to track to "
-            "mlruns/ in this checkout")
+    return (
+        f"MLflow tracking server {redact_uri(uri)} is not answering ({reason}); "
+        "start it (docs/tracking.md, 'Team set-up') or unset MLFLOW_TRACKING_URI to track to "
+        "mlruns/ in this checkout"
+    )
 
 
 def check_server(uri: str) -> None:
@@ -203,9 +216,13 @@ def leave_active_run(status: str) -> None:
     leaves MLflow's stack first, so it is left even when its status update fails."""
     import mlflow
 
-    with http_settings({"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
-                        "MLFLOW_HTTP_REQUEST_TIMEOUT": "2"}, override=True), \
-            contextlib.suppress(Exception):
+    with (
+        http_settings(
+            {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "2"},
+            override=True,
+        ),
+        contextlib.suppress(Exception),
+    ):
         mlflow.end_run(status)
 
 
@@ -235,13 +252,22 @@ class RunBuffer:
     name. Calls may name another run (the stage's parent) with ``run_id=``.
     """
 
-    def __init__(self, run_id: str, client: Any, spool_dir: str | Path, uri: str,
-                 retry_seconds: float | None = None):
+    def __init__(
+        self,
+        run_id: str,
+        client: Any,
+        spool_dir: str | Path,
+        uri: str,
+        retry_seconds: float | None = None,
+    ):
         self.run_id, self.client, self.uri = run_id, client, uri
         self.spool_dir = Path(spool_dir)
         self.spool = self.spool_dir / f"{run_id}.jsonl"
-        self.retry = (seconds_setting(RETRY_ENV, DEFAULT_RETRY_SECONDS)
-                      if retry_seconds is None else retry_seconds)
+        self.retry = (
+            seconds_setting(RETRY_ENV, DEFAULT_RETRY_SECONDS)
+            if retry_seconds is None
+            else retry_seconds
+        )
         self.pending: list[dict[str, Any]] = []
         self.rejected: str | None = None  # an entry the server refused: sending stops there
         self.seq = 0
@@ -252,14 +278,20 @@ class RunBuffer:
 
     # ---------------------------------------------------------------- logging
 
-    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None,
-                    run_id: str | None = None, timestamp: int | None = None) -> None:
+    def log_metrics(
+        self,
+        metrics: Mapping[str, float],
+        step: int | None = None,
+        run_id: str | None = None,
+        timestamp: int | None = None,
+    ) -> None:
         if not metrics:
             return
         run_id, ts, step = run_id or self.run_id, timestamp or now_ms(), step or 0
         rows: list[dict[str, Any]] = [
             {"key": k, "value": float(v), "timestamp": ts, "step": int(step)}
-            for k, v in metrics.items()]
+            for k, v in metrics.items()
+        ]
         latest = self._latest.setdefault(run_id, {})
         for row in rows:
             old = latest.get(row["key"])
@@ -269,21 +301,39 @@ class RunBuffer:
 
     def log_params(self, params: Mapping[str, str], run_id: str | None = None) -> None:
         if params:
-            self._submit({"run_id": run_id or self.run_id, "kind": "params",
-                          "params": {k: str(v) for k, v in params.items()}})
+            self._submit(
+                {
+                    "run_id": run_id or self.run_id,
+                    "kind": "params",
+                    "params": {k: str(v) for k, v in params.items()},
+                }
+            )
 
     def set_tags(self, tags: Mapping[str, str], run_id: str | None = None) -> None:
         if tags:
-            self._submit({"run_id": run_id or self.run_id, "kind": "tags",
-                          "tags": {k: str(v) for k, v in tags.items()}})
+            self._submit(
+                {
+                    "run_id": run_id or self.run_id,
+                    "kind": "tags",
+                    "tags": {k: str(v) for k, v in tags.items()},
+                }
+            )
 
-    def log_artifact(self, path: str | Path, artifact_path: str | None = None,
-                     run_id: str | None = None) -> None:
+    def log_artifact(
+        self, path: str | Path, artifact_path: str | None = None, run_id: str | None = None
+    ) -> None:
         """A file, or with ``log_artifacts`` semantics (its contents) a directory."""
         path = Path(path)
         kind = "artifacts" if path.is_dir() else "artifact"
-        self._submit({"run_id": run_id or self.run_id, "kind": kind, "path": str(path.resolve()),
-                      "artifact_path": artifact_path}, stage=lambda e: self._stage_copy(e))
+        self._submit(
+            {
+                "run_id": run_id or self.run_id,
+                "kind": kind,
+                "path": str(path.resolve()),
+                "artifact_path": artifact_path,
+            },
+            stage=lambda e: self._stage_copy(e),
+        )
 
     def log_table(self, data: Any, artifact_file: str, run_id: str | None = None) -> None:
         """``MlflowClient.log_table``; kept, the table is written as MLflow writes it."""
@@ -301,20 +351,31 @@ class RunBuffer:
             with _upload_timeout():
                 self.client.log_table(run_id, frame, artifact_file)
 
-        self._submit({"run_id": run_id, "kind": "table", "artifact_file": artifact_file},
-                     send=send, stage=stage)
+        self._submit(
+            {"run_id": run_id, "kind": "table", "artifact_file": artifact_file},
+            send=send,
+            stage=stage,
+        )
 
-    def log_input(self, dataset: Mapping[str, Any], context: str,
-                  run_id: str | None = None) -> None:
+    def log_input(
+        self, dataset: Mapping[str, Any], context: str, run_id: str | None = None
+    ) -> None:
         """A dataset input: ``dataset`` is ``mlflow.data.Dataset.to_dict()``."""
         keep = ("name", "digest", "source_type", "source", "schema", "profile")
-        self._submit({"run_id": run_id or self.run_id, "kind": "input", "context": context,
-                      "dataset": {k: dataset.get(k) for k in keep}})
+        self._submit(
+            {
+                "run_id": run_id or self.run_id,
+                "kind": "input",
+                "context": context,
+                "dataset": {k: dataset.get(k) for k in keep},
+            }
+        )
 
     def end_run(self, status: str, run_id: str | None = None) -> None:
         """Set a run's final status (for MLflow's active run see :meth:`end_active_run`)."""
-        self._submit({"run_id": run_id or self.run_id, "kind": "end", "status": status,
-                      "end_time": now_ms()})
+        self._submit(
+            {"run_id": run_id or self.run_id, "kind": "end", "status": status, "end_time": now_ms()}
+        )
 
     def end_active_run(self, status: str) -> None:
         """``mlflow.end_run(status)`` for the stage run, MLflow's active run: the run leaves
@@ -338,8 +399,12 @@ class RunBuffer:
 
     # -------------------------------------------------------------- internals
 
-    def _submit(self, entry: dict[str, Any], send: Callable[[], None] | None = None,
-                stage: Callable[[dict[str, Any]], None] | None = None) -> None:
+    def _submit(
+        self,
+        entry: dict[str, Any],
+        send: Callable[[], None] | None = None,
+        stage: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
         """Send ``entry`` now, or keep it (and so every later one) for later."""
         if not self.pending:
             try:
@@ -357,10 +422,15 @@ class RunBuffer:
 
     def _went_away(self, reason: str) -> None:
         self.next_try = time.monotonic() + self.retry
-        log.warning("MLflow tracking server %s is not answering (%s); the run goes on, what "
-                    "it logs is kept in order in %s and sent once the server answers "
-                    "(tried again every %g s at most)",
-                    redact_uri(self.uri), reason, self.spool, self.retry)
+        log.warning(
+            "MLflow tracking server %s is not answering (%s); the run goes on, what "
+            "it logs is kept in order in %s and sent once the server answers "
+            "(tried again every %g s at most)",
+            redact_uri(self.uri),
+            reason,
+            self.spool,
+            self.retry,
+        )
 
     def _stage_path(self, name: str) -> str:
         rel = f"{self.run_id}/{self.seq + 1:06d}/{name}"
@@ -407,15 +477,15 @@ class RunBuffer:
             rows = [m for e in group for m in e["metrics"]]
             metrics = [Metric(m["key"], m["value"], m["timestamp"], m["step"]) for m in rows]
             for lo in range(0, len(metrics), _MAX_METRICS):
-                client.log_batch(run_id, metrics=metrics[lo:lo + _MAX_METRICS])
+                client.log_batch(run_id, metrics=metrics[lo : lo + _MAX_METRICS])
         elif kind == "params":
             params = [Param(k, v) for k, v in first["params"].items()]
             for lo in range(0, len(params), _MAX_PARAMS):
-                client.log_batch(run_id, params=params[lo:lo + _MAX_PARAMS])
+                client.log_batch(run_id, params=params[lo : lo + _MAX_PARAMS])
         elif kind == "tags":
             tags = [RunTag(k, v) for k, v in first["tags"].items()]
             for lo in range(0, len(tags), _MAX_TAGS):
-                client.log_batch(run_id, tags=tags[lo:lo + _MAX_TAGS])
+                client.log_batch(run_id, tags=tags[lo : lo + _MAX_TAGS])
         elif kind == "artifact":
             with _upload_timeout():
                 client.log_artifact(run_id, self._path(first), first.get("artifact_path"))
@@ -427,8 +497,14 @@ class RunBuffer:
                 self._send_table(first)
         elif kind == "input":
             data = first["dataset"]
-            client.log_inputs(run_id, [DatasetInput(
-                Dataset(**data), [InputTag("mlflow.data.context", first["context"])])])
+            client.log_inputs(
+                run_id,
+                [
+                    DatasetInput(
+                        Dataset(**data), [InputTag("mlflow.data.context", first["context"])]
+                    )
+                ],
+            )
         elif kind == "end":
             client.set_terminated(run_id, first["status"], first.get("end_time"))
         else:
@@ -451,8 +527,11 @@ class RunBuffer:
         if first["kind"] != "metrics":
             return group
         for entry in self.pending[1:]:
-            if (entry["kind"] != "metrics" or entry["run_id"] != first["run_id"]
-                    or count + len(entry["metrics"]) > _MAX_METRICS):
+            if (
+                entry["kind"] != "metrics"
+                or entry["run_id"] != first["run_id"]
+                or count + len(entry["metrics"]) > _MAX_METRICS
+            ):
                 break
             group.append(entry)
             count += len(entry["metrics"])
@@ -479,19 +558,24 @@ class RunBuffer:
                 self._send(group)
             except Exception as err:
                 if unreachable_reason(err) is None:
-                    self.rejected = (f"the server rejected entry {group[0]['seq']} "
-                                     f"({group[0]['kind']}) of {self.spool}: "
-                                     f"{redact(str(err))[:500]}")
+                    self.rejected = (
+                        f"the server rejected entry {group[0]['seq']} "
+                        f"({group[0]['kind']}) of {self.spool}: "
+                        f"{redact(str(err))[:500]}"
+                    )
                     log.warning("%s; it and what follows stay in the spool file", self.rejected)
                 break
-            del self.pending[:len(group)]
+            del self.pending[: len(group)]
             sent += len(group)
             self._write({"ack": group[-1]["seq"]})
         if self.pending:
             return False
         self._discard()
-        log.warning("MLflow tracking server %s answers again: %d kept entries sent",
-                    redact_uri(self.uri), sent)
+        log.warning(
+            "MLflow tracking server %s answers again: %d kept entries sent",
+            redact_uri(self.uri),
+            sent,
+        )
         return True
 
     def close(self, wait: float | None = None) -> bool:
@@ -508,11 +592,18 @@ class RunBuffer:
         if not self.pending:
             return True
         self.release()
-        why = self.rejected or (f"the server {redact_uri(self.uri)} did not answer within "
-                                f"{wait:g} s ({FLUSH_WAIT_ENV})")
-        log.warning("%s: %d tracking entries of MLflow run %s are kept in %s; once the "
-                    "server answers, upload them (same MLFLOW_TRACKING_URI) with: "
-                    "lmops tracking sync", why, len(self.pending), self.run_id, self.spool)
+        why = self.rejected or (
+            f"the server {redact_uri(self.uri)} did not answer within {wait:g} s ({FLUSH_WAIT_ENV})"
+        )
+        log.warning(
+            "%s: %d tracking entries of MLflow run %s are kept in %s; once the "
+            "server answers, upload them (same MLFLOW_TRACKING_URI) with: "
+            "lmops tracking sync",
+            why,
+            len(self.pending),
+            self.run_id,
+            self.spool,
+        )
         return False
 
     def release(self) -> None:
@@ -531,15 +622,15 @@ class RunBuffer:
 
     def final_status(self) -> str | None:
         """The status the kept entries give the stage run, if they end it."""
-        ends = [e["status"] for e in self.pending
-                if e["kind"] == "end" and e["run_id"] == self.run_id]
+        ends = [
+            e["status"] for e in self.pending if e["kind"] == "end" and e["run_id"] == self.run_id
+        ]
         return ends[-1] if ends else self._acked_end
 
     def end_abandoned(self, message: str) -> None:
         """Mark the stage run FAILED, after what is kept: its process died before ending it."""
         self._keep({"run_id": self.run_id, "kind": "tags", "tags": {tag.ERROR: message}})
-        self._keep({"run_id": self.run_id, "kind": "end", "status": "FAILED",
-                    "end_time": now_ms()})
+        self._keep({"run_id": self.run_id, "kind": "end", "status": "FAILED", "end_time": now_ms()})
 
     @classmethod
     def from_spool(cls, path: str | Path, client: Any, uri: str) -> RunBuffer:
@@ -568,7 +659,10 @@ class RunBuffer:
         buf._fh = fh
         buf.seq = max((e["seq"] for e in entries), default=acked)
         buf.pending = [e for e in entries if e["seq"] > acked]
-        ends = [e["status"] for e in entries if e["seq"] <= acked and e["kind"] == "end"
-                and e["run_id"] == buf.run_id]
+        ends = [
+            e["status"]
+            for e in entries
+            if e["seq"] <= acked and e["kind"] == "end" and e["run_id"] == buf.run_id
+        ]
         buf._acked_end = ends[-1] if ends else None
         return buf

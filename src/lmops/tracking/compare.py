@@ -20,8 +20,14 @@ from lmops.tracking import runs as tracking
 from lmops.tracking import tags as tag
 
 # values that change on every run, hidden unless asked for: they would make every row differ
-VOLATILE_SUFFIXES = ("/wall_seconds", "/decode_seconds", "/ms_per_sentence", "/tok_s",
-                     "/tokens_per_sec", "/seconds")
+VOLATILE_SUFFIXES = (
+    "/wall_seconds",
+    "/decode_seconds",
+    "/ms_per_sentence",
+    "/tok_s",
+    "/tokens_per_sec",
+    "/seconds",
+)
 
 
 @dataclass
@@ -46,11 +52,18 @@ def summarise(run_id: str, client: Any = None) -> RunSummary:
         run = client.get_run(run_id)
     except MlflowException as err:
         raise LmopsError(f"MLflow run {run_id}: not found ({err.error_code})") from None
-    out = RunSummary(run_id, run.info.run_name or run_id, dict(run.data.params),
-                     dict(run.data.metrics), dict(run.data.tags))
+    out = RunSummary(
+        run_id,
+        run.info.run_name or run_id,
+        dict(run.data.params),
+        dict(run.data.metrics),
+        dict(run.data.tags),
+    )
     children = client.search_runs(
-        [run.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{run_id}'",
-        order_by=["attributes.start_time ASC"])
+        [run.info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{run_id}'",
+        order_by=["attributes.start_time ASC"],
+    )
     # the pipeline run holds the whole params file, whichever stages ran; runs logged
     # before it did have only their stages' params
     own_params = bool(out.params)
@@ -60,9 +73,13 @@ def summarise(run_id: str, client: Any = None) -> RunSummary:
             out.params.update(child.data.params)
         out.metrics.update(child.data.metrics)
         stage = child.data.tags.get(tag.STAGE)
-        out.hardware.update({f"{stage}.hardware.{k.removeprefix(tracking.HARDWARE_TAG)}": v
-                             for k, v in child.data.tags.items()
-                             if stage and k.startswith(tracking.HARDWARE_TAG)})
+        out.hardware.update(
+            {
+                f"{stage}.hardware.{k.removeprefix(tracking.HARDWARE_TAG)}": v
+                for k, v in child.data.tags.items()
+                if stage and k.startswith(tracking.HARDWARE_TAG)
+            }
+        )
         if stage and stage not in out.stages:
             out.stages.append(stage)
     return out
@@ -77,8 +94,12 @@ def recent_runs(n: int, experiment: str | None = None, client: Any = None) -> li
         if exp is None:
             raise LmopsError(f"MLflow experiment {experiment!r}: not found")
         exp_id = exp.experiment_id
-    runs = client.search_runs([exp_id], filter_string=f"tags.`{tag.KIND}` = '{tag.KIND_PIPELINE}'",
-                              order_by=["attributes.start_time DESC"], max_results=n)
+    runs = client.search_runs(
+        [exp_id],
+        filter_string=f"tags.`{tag.KIND}` = '{tag.KIND_PIPELINE}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=n,
+    )
     return [r.info.run_id for r in runs]
 
 
@@ -93,8 +114,9 @@ def _same(values: Sequence[Any]) -> bool:
     return True
 
 
-def table(runs: Sequence[RunSummary], all_rows: bool = False,
-          volatile: bool = False) -> list[tuple[str, str, list[Any]]]:
+def table(
+    runs: Sequence[RunSummary], all_rows: bool = False, volatile: bool = False
+) -> list[tuple[str, str, list[Any]]]:
     """Rows ``(kind, key, values per run)``: params, hardware, then metrics, sorted by key.
 
     A key a run lacks (its stage did not run) is ``None`` there and counts as differing.
@@ -130,21 +152,30 @@ def render(runs: Sequence[RunSummary], rows: Sequence[tuple[str, str, list[Any]]
     commits = ["git.commit", *[r.tags.get("git.commit", "-")[:10] for r in runs]]
     lines = [header, commits, stages, *body]
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    text = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip()
-            for line in lines]
+    text = [
+        "  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip()
+        for line in lines
+    ]
     text.insert(1, "  ".join("-" * w for w in widths))
     if not rows:
         text.append("(no differing params or metrics; --all shows every row)")
     return "\n".join(text)
 
 
-def compare(run_ids: Sequence[str] = (), last: int = 2, experiment: str | None = None,
-            all_rows: bool = False, volatile: bool = False) -> str:
+def compare(
+    run_ids: Sequence[str] = (),
+    last: int = 2,
+    experiment: str | None = None,
+    all_rows: bool = False,
+    volatile: bool = False,
+) -> str:
     """The comparison table of the given runs, or of the last ``last`` pipeline runs."""
     client = tracking.client()
     ids = list(run_ids) or recent_runs(last, experiment, client)
     if not ids:
-        raise LmopsError(f"no pipeline runs in MLflow at {tracking.tracking_uri()} "
-                         f"(experiment {experiment or tracking.experiment_name()!r})")
+        raise LmopsError(
+            f"no pipeline runs in MLflow at {tracking.tracking_uri()} "
+            f"(experiment {experiment or tracking.experiment_name()!r})"
+        )
     runs = [summarise(i, client) for i in ids]
     return render(runs, table(runs, all_rows, volatile))

@@ -44,8 +44,11 @@ def cmd_args(dvc_yaml: Mapping[str, Any], stage: str) -> dict[str, str]:
     if spec is None:
         raise LmopsError(f"dvc.yaml has no stage {stage!r}")
     words = shlex.split(" ".join(spec["cmd"]) if isinstance(spec["cmd"], list) else spec["cmd"])
-    return {w[2:]: v for w, v in zip(words, words[1:], strict=False)
-            if w.startswith("--") and not v.startswith("--")}
+    return {
+        w[2:]: v
+        for w, v in zip(words, words[1:], strict=False)
+        if w.startswith("--") and not v.startswith("--")
+    }
 
 
 def candidate(root: str | Path, dvc_yaml: Mapping[str, Any]) -> Candidate:
@@ -55,8 +58,9 @@ def candidate(root: str | Path, dvc_yaml: Mapping[str, Any]) -> Candidate:
     paths = {k: root / args[k] for k in ("model", "vocab", "metrics")}
     for key, path in paths.items():
         if not path.exists():
-            raise LmopsError(f"{args[key]}: not found (run the pipeline up to "
-                             f"{EVALUATE_STAGE} first)")
+            raise LmopsError(
+                f"{args[key]}: not found (run the pipeline up to {EVALUATE_STAGE} first)"
+            )
     metrics = json.loads(paths["metrics"].read_text(encoding="utf-8"))
     return Candidate(paths["model"], paths["vocab"], metrics)
 
@@ -70,8 +74,12 @@ def version_by_alias(name: str, alias: str) -> Any | None:
     return client.get_model_version(name, found[0].aliases[alias])
 
 
-def register(cand: Candidate, run_id: str, name: str = MODEL_NAME,
-             extra_tags: Mapping[str, str] | None = None) -> Any:
+def register(
+    cand: Candidate,
+    run_id: str,
+    name: str = MODEL_NAME,
+    extra_tags: Mapping[str, str] | None = None,
+) -> Any:
     """Log the translator to ``run_id`` as a pyfunc model (see :mod:`lmops.serving`) and
     register it as a version of ``name`` with the alias ``challenger``; test metrics and
     the model's md5 become version tags. The run also gets the final params file and
@@ -84,20 +92,33 @@ def register(cand: Candidate, run_id: str, name: str = MODEL_NAME,
     client = tracking.client()
     try:
         client.create_registered_model(
-            name, description="English->French translator: a pyfunc taking a 'source' "
-                              "column, returning a 'translation' column")
+            name,
+            description="English->French translator: a pyfunc taking a 'source' "
+            "column, returning a 'translation' column",
+        )
     except MlflowException as err:
         if "RESOURCE_ALREADY_EXISTS" not in str(err.error_code):
             raise
     md5 = tracking.digest(cand.model_dir)
-    tags = {MD5_TAG: md5, **{f"metric.{k}": str(v) for k, v in cand.metrics.items()
-                             if isinstance(v, int | float) and not isinstance(v, bool)},
-            **(extra_tags or {})}
+    tags = {
+        MD5_TAG: md5,
+        **{
+            f"metric.{k}": str(v)
+            for k, v in cand.metrics.items()
+            if isinstance(v, int | float) and not isinstance(v, bool)
+        },
+        **(extra_tags or {}),
+    }
     target_lang, decode = _evaluated_settings()
     with _resumed(run_id):
-        info = serving.log_translator(cand.model_dir, cand.vocab_dir, name=TRANSLATOR,
-                                      target_lang=target_lang, decode=decode,
-                                      metadata={MD5_TAG: md5})
+        info = serving.log_translator(
+            cand.model_dir,
+            cand.vocab_dir,
+            name=TRANSLATOR,
+            target_lang=target_lang,
+            decode=decode,
+            metadata={MD5_TAG: md5},
+        )
     tracking.log_run_files(run_id, client)
     version = mlflow.register_model(info.model_uri, name, tags=tags)
     client.set_registered_model_alias(name, CHALLENGER, version.version)
@@ -147,5 +168,8 @@ def download(version: Any, dst: str | Path) -> Path:
     """A registered model version's files, downloaded into ``dst``."""
     import mlflow
 
-    return Path(mlflow.artifacts.download_artifacts(
-        f"models:/{version.name}/{version.version}", dst_path=str(dst)))
+    return Path(
+        mlflow.artifacts.download_artifacts(
+            f"models:/{version.name}/{version.version}", dst_path=str(dst)
+        )
+    )

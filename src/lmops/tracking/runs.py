@@ -128,8 +128,12 @@ def setup() -> str:
 def git_commit() -> str | None:
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=project_root(), capture_output=True,
-            text=True, timeout=10, check=True,
+            ["git", "rev-parse", "HEAD"],
+            cwd=project_root(),
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
         )
     except (OSError, subprocess.SubprocessError):
         return None
@@ -153,8 +157,11 @@ def _dvc_process_key() -> str | None:
 
 
 def base_tags() -> dict[str, str]:
-    tags = {f"dvc.{k.removeprefix('DVC_').lower()}": os.environ[k]
-            for k in DVC_ENV_TAGS if os.environ.get(k)}
+    tags = {
+        f"dvc.{k.removeprefix('DVC_').lower()}": os.environ[k]
+        for k in DVC_ENV_TAGS
+        if os.environ.get(k)
+    }
     if os.environ.get("DVC_EXP_NAME"):
         tags["DVC_EXP_NAME"] = os.environ["DVC_EXP_NAME"]
     commit = git_commit()
@@ -178,14 +185,21 @@ def client() -> Any:
     return client_and_experiment()[0]
 
 
-def create_pipeline_run(client: Any, experiment_id: str, name: str | None = None,
-                        tags: Mapping[str, Any] | None = None,
-                        params: Mapping[str, Any] | None = None) -> str:
+def create_pipeline_run(
+    client: Any,
+    experiment_id: str,
+    name: str | None = None,
+    tags: Mapping[str, Any] | None = None,
+    params: Mapping[str, Any] | None = None,
+) -> str:
     """The one place a pipeline's parent run is made (the stage runs nest under it): by a
     flow before its first stage, or by the first stage of a plain ``dvc repro``."""
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    all_tags = {**base_tags(), tag.KIND: tag.KIND_PIPELINE,
-                **{k: str(v) for k, v in (tags or {}).items() if v is not None}}
+    all_tags = {
+        **base_tags(),
+        tag.KIND: tag.KIND_PIPELINE,
+        **{k: str(v) for k, v in (tags or {}).items() if v is not None},
+    }
     run = client.create_run(experiment_id, run_name=name or f"pipeline-{stamp}", tags=all_tags)
     for key, value in (params or {}).items():
         client.log_param(run.info.run_id, key, str(value)[:6000])
@@ -202,8 +216,9 @@ def _find_or_create_parent(client: Any, experiment_id: str) -> str:
         )
         if found:
             return found[0].info.run_id
-    return create_pipeline_run(client, experiment_id, os.environ.get("DVC_EXP_NAME"),
-                               {KEY_TAG: key})
+    return create_pipeline_run(
+        client, experiment_id, os.environ.get("DVC_EXP_NAME"), {KEY_TAG: key}
+    )
 
 
 def is_worker_rank() -> bool:
@@ -226,14 +241,16 @@ def _start_stage_run(stage: str) -> tuple[Any, Any, str]:
         parent_id = _find_or_create_parent(client, experiment_id)
         client.update_run(parent_id, status="RUNNING")
         tags = {**base_tags(), tag.STAGE: stage, tag.KIND: tag.KIND_STAGE}
-        run = mlflow.start_run(experiment_id=experiment_id, run_name=stage,
-                               parent_run_id=parent_id, tags=tags)
+        run = mlflow.start_run(
+            experiment_id=experiment_id, run_name=stage, parent_run_id=parent_id, tags=tags
+        )
     except Exception as err:
         reason = unreachable_reason(err)
         if reason is None:
             raise
         raise TrackingServerError(
-            tracking_buffer.unreachable_message(tracking_uri(), reason)) from None
+            tracking_buffer.unreachable_message(tracking_uri(), reason)
+        ) from None
     return run, client, parent_id
 
 
@@ -276,8 +293,11 @@ def stage_run(stage: str, params: dict[str, Any] | None = None) -> Iterator[Any]
         finally:
             _buffer = outer
             failed = status != "FINISHED"
-            with (_secondary("the runs could not be ended in MLflow") if failed
-                  else contextlib.nullcontext()):
+            with (
+                _secondary("the runs could not be ended in MLflow")
+                if failed
+                else contextlib.nullcontext()
+            ):
                 try:
                     if not failed:
                         buffer.end_active_run(status)
@@ -407,8 +427,11 @@ def sync(files: list[str | Path] | None = None) -> list[str]:
     from mlflow.tracking import MlflowClient
 
     folder = project_root() / SPOOL_DIR
-    paths = ([Path(f) for f in files] if files
-             else sorted(folder.glob("*.jsonl"), key=lambda p: p.stat().st_mtime))
+    paths = (
+        [Path(f) for f in files]
+        if files
+        else sorted(folder.glob("*.jsonl"), key=lambda p: p.stat().st_mtime)
+    )
     if not paths:
         return [f"nothing to sync: no spool files in {folder}"]
     missing = [str(p) for p in paths if not p.is_file()]
@@ -417,9 +440,11 @@ def sync(files: list[str | Path] | None = None) -> list[str]:
     uri = tracking_uri()
     lines, failed = [], []
     if tracking_buffer.is_http(uri) and (reason := tracking_buffer.probe(uri)) is not None:
-        raise TrackingServerError(f"MLflow tracking server {redact(uri)} is not answering "
-                                  f"({reason}); the spool files stay in {folder}: run this "
-                                  "again once it answers")
+        raise TrackingServerError(
+            f"MLflow tracking server {redact(uri)} is not answering "
+            f"({reason}); the spool files stay in {folder}: run this "
+            "again once it answers"
+        )
     _no_url_printing(uri)
     with tracking_buffer.fail_fast_http():
         mlflow.set_tracking_uri(uri)
@@ -435,12 +460,14 @@ def sync(files: list[str | Path] | None = None) -> list[str]:
                 buffer.end_abandoned("the stage process ended before its run did")
             status = buffer.final_status()
             if buffer.flush(force=True):
-                lines.append(f"{path}: {count} entries sent to run {buffer.run_id}, "
-                             f"now {status}")
+                lines.append(f"{path}: {count} entries sent to run {buffer.run_id}, now {status}")
             else:
                 buffer.release()
-                why = (f"{buffer.rejected} (is MLFLOW_TRACKING_URI the server the stage "
-                       "logged to?)" if buffer.rejected else "the server stopped answering")
+                why = (
+                    f"{buffer.rejected} (is MLFLOW_TRACKING_URI the server the stage logged to?)"
+                    if buffer.rejected
+                    else "the server stopped answering"
+                )
                 failed.append(f"{path}: {why}; {len(buffer.pending)} entries kept")
     if failed:
         raise LmopsError("\n".join([*lines, *failed]))
@@ -464,8 +491,9 @@ def params_file() -> Path:
     return project_root() / DEFAULT_PARAMS
 
 
-def log_run_files(run_id: str, client: Any = None, root: str | Path | None = None,
-                  buffer: RunBuffer | None = None) -> None:
+def log_run_files(
+    run_id: str, client: Any = None, root: str | Path | None = None, buffer: RunBuffer | None = None
+) -> None:
     """The params file and ``dvc.lock``, as artifacts of ``run_id`` (through ``buffer``).
 
     A stage logs them to its parent as it starts (DVC has by then locked every stage
@@ -474,8 +502,11 @@ def log_run_files(run_id: str, client: Any = None, root: str | Path | None = Non
     from mlflow.tracking import MlflowClient
 
     client = client or MlflowClient()
-    files = [params_file(), project_root() / "dvc.lock"] if root is None else [
-        Path(root) / DEFAULT_PARAMS, Path(root) / "dvc.lock"]
+    files = (
+        [params_file(), project_root() / "dvc.lock"]
+        if root is None
+        else [Path(root) / DEFAULT_PARAMS, Path(root) / "dvc.lock"]
+    )
     for path in files:
         if not path.is_file():
             continue
@@ -487,11 +518,10 @@ def log_run_files(run_id: str, client: Any = None, root: str | Path | None = Non
 
 def _batches(client: Any, run_id: str, metrics: list, params: list) -> None:
     for lo in range(0, max(len(params), len(metrics)), 100):  # log_batch: 100 params a call
-        client.log_batch(run_id, metrics=metrics[lo:lo + 100], params=params[lo:lo + 100])
+        client.log_batch(run_id, metrics=metrics[lo : lo + 100], params=params[lo : lo + 100])
 
 
-def log_pipeline_params(run_id: str, client: Any = None,
-                        buffer: RunBuffer | None = None) -> None:
+def log_pipeline_params(run_id: str, client: Any = None, buffer: RunBuffer | None = None) -> None:
     """Every param of the params file, resolved and flattened (``finetune.lr``), on ``run_id``.
 
     The pipeline run so holds the whole configuration whichever stages DVC reran, and two
@@ -521,8 +551,11 @@ def log_pipeline_params(run_id: str, client: Any = None,
     wanted = {k: _param(v) for k, v in flat.items()}
     clashes = sorted(k for k, v in wanted.items() if k in had and had[k] != v)
     if clashes:
-        warnings.warn(f"MLflow run {run_id} already has other values for {clashes}; "
-                      "they keep their first values", stacklevel=2)
+        warnings.warn(
+            f"MLflow run {run_id} already has other values for {clashes}; "
+            "they keep their first values",
+            stacklevel=2,
+        )
     new = {k: v for k, v in wanted.items() if k not in had}
     if buffer is not None:
         buffer.log_params(new, run_id=run_id)
@@ -608,8 +641,12 @@ def log_data_input(path: str | Path, name: str, context: str = "input") -> str:
     return md5
 
 
-def log_stage_outputs(stage: str, metrics: dict[str, Any], model_dir: str | Path | None = None,
-                      files: tuple[str | Path, ...] = ()) -> None:
+def log_stage_outputs(
+    stage: str,
+    metrics: dict[str, Any],
+    model_dir: str | Path | None = None,
+    files: tuple[str | Path, ...] = (),
+) -> None:
     """Numeric metrics as ``<stage>/<name>``, string ones as tags, a model dir and files as
     artifacts, to the active stage run (nothing without one, e.g. on a torchrun worker).
 
@@ -631,12 +668,17 @@ def log_stage_outputs(stage: str, metrics: dict[str, Any], model_dir: str | Path
     else:
         logged = sys.modules["mlflow"].get_run(run_id).data.metrics
     flat = {k: v for k, v in flatten(metrics).items() if v is not None}
-    log_metrics({f"{stage}/{k}": float(v) for k, v in flat.items()
-                 if isinstance(v, int | float) and not isinstance(v, bool)
-                 and f"{stage}/{k}" not in logged})
+    log_metrics(
+        {
+            f"{stage}/{k}": float(v)
+            for k, v in flat.items()
+            if isinstance(v, int | float)
+            and not isinstance(v, bool)
+            and f"{stage}/{k}" not in logged
+        }
+    )
     set_tags({f"{stage}.{k}": v[:5000] for k, v in flat.items() if isinstance(v, str)})
     if model_dir is not None:
         log_artifacts(model_dir, artifact_path="model")
     for f in files:
         log_artifact(f)
-

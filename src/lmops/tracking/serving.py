@@ -48,10 +48,19 @@ SETTINGS_FILE = "translator.json"
 # decode settings a request may override (signature params); the rest are fixed at logging
 REQUEST_PARAMS = ("beam_size", "max_new_tokens")
 # what importing lmops.serving's Translator pulls in; pinned to the versions logging ran with
-REQUIREMENTS = ("mlflow", "torch", "numpy", "pandas", "sentencepiece", "safetensors",
-                "pydantic", "pyyaml", "tqdm")
+REQUIREMENTS = (
+    "mlflow",
+    "torch",
+    "numpy",
+    "pandas",
+    "sentencepiece",
+    "safetensors",
+    "pydantic",
+    "pyyaml",
+    "tqdm",
+)
 # the "models from code" file: executed when the model loads, so it must only build
-MODEL_CODE = '''"""lmops translator (MLflow models from code): the class lives in lmops.tracking.serving."""
+MODEL_CODE = '''"""lmops translator (MLflow models from code), from lmops.tracking.serving."""
 import mlflow
 
 from lmops.tracking.serving import TranslatorModel
@@ -63,16 +72,21 @@ mlflow.models.set_model(TranslatorModel())
 class Translator:
     """A model directory plus its vocabulary, ready to translate into ``target_lang``."""
 
-    def __init__(self, model: Any, tokenizer: Any, target_lang: str,
-                 decode: DecodeConfig | None = None):
+    def __init__(
+        self, model: Any, tokenizer: Any, target_lang: str, decode: DecodeConfig | None = None
+    ):
         self.model, self.tokenizer = model, tokenizer
         self.target_lang = target_lang
         self.decode = decode or DecodeConfig()
 
     @classmethod
-    def from_dirs(cls, model_dir: str | Path, vocab_dir: str | Path,
-                  target_lang: str | None = None,
-                  decode: DecodeConfig | Mapping[str, Any] | None = None) -> Translator:
+    def from_dirs(
+        cls,
+        model_dir: str | Path,
+        vocab_dir: str | Path,
+        target_lang: str | None = None,
+        decode: DecodeConfig | Mapping[str, Any] | None = None,
+    ) -> Translator:
         """Load a model directory (``data/models/finetune``) and a vocab dir (``data/vocab``).
 
         The target language defaults to the one the model was fine-tuned for (its
@@ -85,8 +99,10 @@ class Translator:
         check_vocab(model, tok, model_dir)
         lang = target_lang or config.get("target_lang")
         if not lang:
-            raise LmopsError(f"{Path(model_dir) / 'config.json'}: no target_lang (not a "
-                             "fine-tuned translator?); name the target language")
+            raise LmopsError(
+                f"{Path(model_dir) / 'config.json'}: no target_lang (not a "
+                "fine-tuned translator?); name the target language"
+            )
         tok.lang_id(lang)  # an unknown language fails here, with the vocabulary's languages
         if isinstance(decode, Mapping):
             decode = DecodeConfig(**decode)
@@ -98,10 +114,13 @@ class Translator:
 
         unknown = set(overrides) - set(DecodeConfig.model_fields)
         if unknown:
-            raise LmopsError(f"unknown decode setting(s) {sorted(unknown)}; "
-                             f"known: {sorted(DecodeConfig.model_fields)}")
-        cfg = DecodeConfig(**{**self.decode.model_dump(),
-                              **{k: v for k, v in overrides.items() if v is not None}})
+            raise LmopsError(
+                f"unknown decode setting(s) {sorted(unknown)}; "
+                f"known: {sorted(DecodeConfig.model_fields)}"
+            )
+        cfg = DecodeConfig(
+            **{**self.decode.model_dump(), **{k: v for k, v in overrides.items() if v is not None}}
+        )
         texts = [str(s) for s in sources]
         return translate(self.model, self.tokenizer, texts, self.target_lang, cfg) if texts else []
 
@@ -114,8 +133,9 @@ def sources_of(model_input: Any) -> list[str]:
             return [str(s) for s in model_input[INPUT_COLUMN]]
         if len(model_input.columns) == 1:
             return [str(s) for s in model_input.iloc[:, 0]]
-        raise LmopsError(f"input needs a {INPUT_COLUMN!r} column; got columns "
-                         f"{list(model_input.columns)}")
+        raise LmopsError(
+            f"input needs a {INPUT_COLUMN!r} column; got columns {list(model_input.columns)}"
+        )
     if isinstance(model_input, pd.Series):
         return [str(s) for s in model_input]
     if isinstance(model_input, str):
@@ -124,8 +144,9 @@ def sources_of(model_input: Any) -> list[str]:
         return sources_of(model_input[INPUT_COLUMN])
     if isinstance(model_input, Sequence):
         return [str(s) for s in model_input]
-    raise LmopsError(f"cannot read sentences from a {type(model_input).__name__}; send a "
-                     f"{INPUT_COLUMN!r} column")
+    raise LmopsError(
+        f"cannot read sentences from a {type(model_input).__name__}; send a {INPUT_COLUMN!r} column"
+    )
 
 
 class TranslatorModel(PythonModel):
@@ -137,18 +158,22 @@ class TranslatorModel(PythonModel):
     def load_context(self, context: Any) -> None:
         config = json.loads(Path(context.artifacts[SETTINGS_ARTIFACT]).read_text("utf-8"))
         self.translator = Translator.from_dirs(
-            context.artifacts[MODEL_ARTIFACT], context.artifacts[VOCAB_ARTIFACT],
-            target_lang=config.get("target_lang"), decode=config.get("decode"))
+            context.artifacts[MODEL_ARTIFACT],
+            context.artifacts[VOCAB_ARTIFACT],
+            target_lang=config.get("target_lang"),
+            decode=config.get("decode"),
+        )
 
     # no type hints: MLflow would read them as a schema; the signature holds the schema
     def predict(self, context, model_input, params=None):
         if self.translator is None:
-            raise LmopsError("the translator is not loaded (load it with "
-                             "mlflow.pyfunc.load_model)")
-        overrides = {k: int(v) for k, v in (params or {}).items()
-                     if k in REQUEST_PARAMS and v is not None}
-        return pd.DataFrame({OUTPUT_COLUMN: self.translator.translate(
-            sources_of(model_input), **overrides)})
+            raise LmopsError("the translator is not loaded (load it with mlflow.pyfunc.load_model)")
+        overrides = {
+            k: int(v) for k, v in (params or {}).items() if k in REQUEST_PARAMS and v is not None
+        }
+        return pd.DataFrame(
+            {OUTPUT_COLUMN: self.translator.translate(sources_of(model_input), **overrides)}
+        )
 
 
 def signature(decode: DecodeConfig) -> Any:
@@ -158,8 +183,8 @@ def signature(decode: DecodeConfig) -> Any:
     return ModelSignature(
         inputs=Schema([ColSpec("string", INPUT_COLUMN)]),
         outputs=Schema([ColSpec("string", OUTPUT_COLUMN)]),
-        params=ParamSchema([ParamSpec(k, "long", int(getattr(decode, k)))
-                            for k in REQUEST_PARAMS]))
+        params=ParamSchema([ParamSpec(k, "long", int(getattr(decode, k))) for k in REQUEST_PARAMS]),
+    )
 
 
 def requirements() -> list[str]:
@@ -177,13 +202,17 @@ def settings(target_lang: str | None, decode: DecodeConfig) -> dict[str, Any]:
     """What ``load_context`` reads besides the directories; without a target language, the
     model's config.json names the one it was fine-tuned for. (A file, not MLflow's
     ``model_config``, which MLflow would also log as params of the run.)"""
-    return {**({"target_lang": target_lang} if target_lang else {}),
-            "decode": decode.model_dump()}
+    return {**({"target_lang": target_lang} if target_lang else {}), "decode": decode.model_dump()}
 
 
-def log_translator(model_dir: str | Path, vocab_dir: str | Path, name: str = "translator",
-                   target_lang: str | None = None, decode: DecodeConfig | None = None,
-                   metadata: Mapping[str, Any] | None = None) -> Any:
+def log_translator(
+    model_dir: str | Path,
+    vocab_dir: str | Path,
+    name: str = "translator",
+    target_lang: str | None = None,
+    decode: DecodeConfig | None = None,
+    metadata: Mapping[str, Any] | None = None,
+) -> Any:
     """Log the translator as a pyfunc model to the active run; returns MLflow's ModelInfo.
 
     The model and vocab directories are copied in as artifacts, with this package as code.
@@ -201,8 +230,11 @@ def log_translator(model_dir: str | Path, vocab_dir: str | Path, name: str = "tr
         code_file = Path(tmp) / "translator.py"
         code_file.write_text(MODEL_CODE, encoding="utf-8")
         package = Path(tmp) / "code" / "lmops"
-        shutil.copytree(Path(lmops.__file__).parent, package,
-                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        shutil.copytree(
+            Path(lmops.__file__).parent,
+            package,
+            ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
+        )
         # copies named as the artifacts: the model's layout is artifacts/model, artifacts/vocab
         # (MLflow refuses symlinks that point outside the directory it copies from)
         staged = {k: Path(tmp) / "artifacts" / k for k in (MODEL_ARTIFACT, VOCAB_ARTIFACT)}
@@ -211,10 +243,14 @@ def log_translator(model_dir: str | Path, vocab_dir: str | Path, name: str = "tr
         staged[SETTINGS_ARTIFACT] = Path(tmp) / "artifacts" / SETTINGS_FILE
         staged[SETTINGS_ARTIFACT].write_text(json.dumps(config, indent=1), encoding="utf-8")
         return mlflow.pyfunc.log_model(
-            name=name, python_model=str(code_file), code_paths=[str(package)],
+            name=name,
+            python_model=str(code_file),
+            code_paths=[str(package)],
             artifacts={k: str(v) for k, v in staged.items()},
-            signature=signature(decode), pip_requirements=requirements(),
-            metadata={**(metadata or {}), tag.TRANSLATOR: config})
+            signature=signature(decode),
+            pip_requirements=requirements(),
+            metadata={**(metadata or {}), tag.TRANSLATOR: config},
+        )
 
 
 def load_translator(model_uri: str) -> Any:

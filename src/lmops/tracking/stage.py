@@ -37,20 +37,26 @@ def parser(description: str, paths: type | None = None) -> argparse.ArgumentPars
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--params", default="params.yaml", help="parameters file")
     for f in dataclasses.fields(paths) if paths is not None else ():
-        p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, required=True,
-                       help=f.metadata["help"])
+        p.add_argument(
+            f"--{f.name.replace('_', '-')}", dest=f.name, required=True, help=f.metadata["help"]
+        )
     return p
 
 
-def _redacted_traceback(exc_type: type[BaseException], exc: BaseException,
-                        tb: TracebackType | None) -> None:
+def _redacted_traceback(
+    exc_type: type[BaseException], exc: BaseException, tb: TracebackType | None
+) -> None:
     # a traceback may quote the tracking URI, user and password included, or a token
     sys.stderr.write(redact("".join(traceback.format_exception(exc_type, exc, tb))))
 
 
-def run(name: str, main: Callable[[argparse.Namespace], None],
-        argp: argparse.ArgumentParser, argv: list[str] | None = None,
-        before: Callable[[str, str, list[str]], None] | None = None) -> None:
+def run(
+    name: str,
+    main: Callable[[argparse.Namespace], None],
+    argp: argparse.ArgumentParser,
+    argv: list[str] | None = None,
+    before: Callable[[str, str, list[str]], None] | None = None,
+) -> None:
     """Parse arguments and run ``main``; a user error exits 1 with one readable message.
 
     A params file that fails the schema is recorded as a FAILED run of the stage too

@@ -31,11 +31,20 @@ def trained(steps: int = 2):
 
 def test_round_trip_restores_weights_optimizer_state_and_json(tmp_path):
     model, opt = trained()
-    path = checkpoint.save(tmp_path / "step-2", model, {"model": {"dim": 16}},
-                           state={"step": 2, "best_metric": None}, optimizer=opt)
+    path = checkpoint.save(
+        tmp_path / "step-2",
+        model,
+        {"model": {"dim": 16}},
+        state={"step": 2, "best_metric": None},
+        optimizer=opt,
+    )
     assert sorted(p.name for p in path.iterdir()) == [
-        "config.json", "manifest.json", "model.safetensors", "optimizer.safetensors",
-        "state.json"]
+        "config.json",
+        "manifest.json",
+        "model.safetensors",
+        "optimizer.safetensors",
+        "state.json",
+    ]
     model2 = TinyLM()
     opt2 = make_optimizer(model2, TrainConfig(), torch.device("cpu"))
     state = checkpoint.load(path, model2, opt2)
@@ -67,19 +76,23 @@ def test_tied_weights_are_stored_once_and_stay_tied(tmp_path):
     assert torch.equal(fresh.head.weight, model.head.weight)
 
 
-@pytest.mark.parametrize("name", ["model.safetensors", "optimizer.safetensors", "state.json",
-                                  "config.json"])
+@pytest.mark.parametrize(
+    "name", ["model.safetensors", "optimizer.safetensors", "state.json", "config.json"]
+)
 def test_a_flipped_byte_is_an_error_naming_the_file(tmp_path, name):
     model, opt = trained(1)
-    path = checkpoint.save(tmp_path / "step-1", model, {"a": 1}, state={"step": 1},
-                           optimizer=opt)
+    path = checkpoint.save(tmp_path / "step-1", model, {"a": 1}, state={"step": 1}, optimizer=opt)
     data = bytearray((path / name).read_bytes())
     data[len(data) // 2] ^= 0xFF
     (path / name).write_bytes(bytes(data))
-    with pytest.raises(CheckpointError, match=rf"{path / name}: sha256 does not match "
-                                              r"manifest.json \(corrupted or truncated file\)"):
-        checkpoint.load(path, TinyLM(), make_optimizer(TinyLM(), TrainConfig(),
-                                                       torch.device("cpu")))
+    with pytest.raises(
+        CheckpointError,
+        match=rf"{path / name}: sha256 does not match "
+        r"manifest.json \(corrupted or truncated file\)",
+    ):
+        checkpoint.load(
+            path, TinyLM(), make_optimizer(TinyLM(), TrainConfig(), torch.device("cpu"))
+        )
 
 
 def test_truncated_missing_and_unlisted_files_are_errors(tmp_path):
@@ -93,8 +106,11 @@ def test_truncated_missing_and_unlisted_files_are_errors(tmp_path):
     with pytest.raises(LmopsError, match=rf"{weights}: listed in manifest.json but missing"):
         checkpoint.verify(path)
     (path / "manifest.json").unlink()
-    with pytest.raises(LmopsError, match=rf"{path}/manifest.json: missing, so {path} is not a "
-                                         "complete checkpoint"):
+    with pytest.raises(
+        LmopsError,
+        match=rf"{path}/manifest.json: missing, so {path} is not a "
+        "complete checkpoint",
+    ):
         checkpoint.load_weights(TinyLM(), path)
     with pytest.raises(LmopsError, match=rf"{tmp_path}/nope: checkpoint directory not found"):
         checkpoint.load_weights(TinyLM(), tmp_path / "nope")
@@ -119,7 +135,9 @@ def test_saving_over_a_checkpoint_replaces_it_whole_and_leaves_no_temp_dirs(tmp_
     assert checkpoint.read_config(first) == {"v": 2}
     assert not (first / "state.json").exists()  # nothing of the old one survives
     assert json.loads((first / "manifest.json").read_text())["sha256"].keys() == {
-        "config.json", "model.safetensors"}
+        "config.json",
+        "model.safetensors",
+    }
     assert [p.name for p in tmp_path.iterdir()] == ["best"]
 
 

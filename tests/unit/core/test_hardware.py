@@ -24,8 +24,10 @@ CPU, CUDA, MPS = torch.device("cpu"), torch.device("cuda"), torch.device("mps")
 @pytest.fixture
 def cpu_bf16(monkeypatch):
     """Force the CPU's answer: ``cpu_bf16(True)`` is an AVX-512 BF16 / AMX CPU."""
+
     def force(native: bool) -> None:
         monkeypatch.setattr(hardware, "cpu_native_bf16", lambda: native)
+
     hardware._warn_emulated.cache_clear()
     yield force
     hardware._warn_emulated.cache_clear()
@@ -34,8 +36,10 @@ def cpu_bf16(monkeypatch):
 @pytest.fixture
 def cuda_bf16(monkeypatch):
     def force(native: bool) -> None:
-        monkeypatch.setattr(torch.cuda, "is_bf16_supported",
-                            lambda including_emulation=True: native)
+        monkeypatch.setattr(
+            torch.cuda, "is_bf16_supported", lambda including_emulation=True: native
+        )
+
     return force
 
 
@@ -62,7 +66,8 @@ def test_forced_bf16_on_an_emulating_cpu_warns_once_with_the_slowdown(cpu_bf16, 
     with caplog.at_level(logging.WARNING, logger="lmops.core.hardware"):
         for _ in range(3):
             assert hardware.autocast_dtype("bf16", CPU, key="pretrain.precision") is (
-                torch.bfloat16)
+                torch.bfloat16
+            )
     (record,) = caplog.records
     message = record.getMessage()
     assert message.startswith("pretrain.precision: bf16 on a CPU without bf16 instructions")
@@ -79,21 +84,30 @@ def test_forced_bf16_on_a_native_cpu_is_silent(cpu_bf16, caplog):
 def test_a_process_limited_to_avx2_resolves_auto_to_fp32():
     """The real capability queries, in a process whose kernels are limited to AVX2 (what
     an AVX2-only CPU reports): no native bf16, so `auto` is fp32 and compile stays off."""
-    code = ("import json, torch; from lmops.core import hardware as h; d = torch.device('cpu'); "
-            "t = h.autocast_dtype('auto', d); print(json.dumps([h.cpu_capability(), "
-            "h.cpu_native_bf16(), h.precision_name(t), h.compile_enabled('auto', d, t)]))")
+    code = (
+        "import json, torch; from lmops.core import hardware as h; d = torch.device('cpu'); "
+        "t = h.autocast_dtype('auto', d); print(json.dumps([h.cpu_capability(), "
+        "h.cpu_native_bf16(), h.precision_name(t), h.compile_enabled('auto', d, t)]))"
+    )
     env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
     capability, native, precision, compiled = json.loads(out.stdout)
     assert capability in ("AVX2", "DEFAULT")
     assert (native, precision, compiled) == (False, "fp32", False)
 
 
-@pytest.mark.parametrize(("device", "dtype", "expected"), [
-    (CPU, torch.bfloat16, True), (CPU, None, False), (CUDA, None, True),
-    (CUDA, torch.bfloat16, True), (MPS, None, False),
-])
+@pytest.mark.parametrize(
+    ("device", "dtype", "expected"),
+    [
+        (CPU, torch.bfloat16, True),
+        (CPU, None, False),
+        (CUDA, None, True),
+        (CUDA, torch.bfloat16, True),
+        (MPS, None, False),
+    ],
+)
 def test_compile_auto_is_on_where_it_pays(device, dtype, expected):
     assert hardware.compile_enabled("auto", device, dtype) is expected
     assert hardware.compile_enabled(True, device, dtype) is True
@@ -118,8 +132,11 @@ def test_the_global_batch_is_shared_without_changing_it():
         assert (size, count * world) == (16, 4)
     size, count = split_batch(cfg, 8)  # then rows of each micro-batch
     assert (size, count) == (2, 4) and size * count * 8 == 64
-    with pytest.raises(LmopsError, match=r"pretrain\.batch_size \(16\) x pretrain\.grad_accum "
-                                         r"\(4\) rows cannot be shared evenly by 3 processes"):
+    with pytest.raises(
+        LmopsError,
+        match=r"pretrain\.batch_size \(16\) x pretrain\.grad_accum "
+        r"\(4\) rows cannot be shared evenly by 3 processes",
+    ):
         split_batch(cfg, 3, "pretrain")
 
 

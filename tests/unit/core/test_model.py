@@ -30,8 +30,10 @@ def tiny(vocab_size: int = VOCAB, peaky: bool = False, **overrides) -> Transform
 
 def prompts(n: int, lengths=(3, 7, 1, 5, 9, 2)) -> list[list[int]]:
     g = torch.Generator().manual_seed(1)
-    return [torch.randint(2, VOCAB, (lengths[i % len(lengths)],), generator=g).tolist()
-            for i in range(n)]
+    return [
+        torch.randint(2, VOCAB, (lengths[i % len(lengths)],), generator=g).tolist()
+        for i in range(n)
+    ]
 
 
 def naive_greedy(model: Transformer, prompt: list[int], max_new: int, eos: int) -> list[int]:
@@ -44,8 +46,9 @@ def naive_greedy(model: Transformer, prompt: list[int], max_new: int, eos: int) 
     return seq[len(prompt) :]
 
 
-def log_prob(model: Transformer, prompt: list[int], new: list[int], eos: int,
-             max_new: int) -> float:
+def log_prob(
+    model: Transformer, prompt: list[int], new: list[int], eos: int, max_new: int
+) -> float:
     """Log-probability of ``new`` after ``prompt``, plus eos when it stopped early."""
     ended = new + [eos] if len(new) < max_new else new
     logits = model(torch.tensor([prompt + ended]))[0].float().log_softmax(-1)
@@ -136,8 +139,7 @@ def test_kv_cache_under_bf16_autocast_tracks_full_pass():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         full = model(idx).float()
         cache = model.new_cache(2, 12)
-        steps = [model(idx[:, :4], cache)] + [model(idx[:, t : t + 1], cache)
-                                              for t in range(4, 12)]
+        steps = [model(idx[:, :4], cache)] + [model(idx[:, t : t + 1], cache) for t in range(4, 12)]
     assert cache.keys[0].dtype == torch.bfloat16
     torch.testing.assert_close(torch.cat(steps, 1).float(), full, rtol=0, atol=0.05)
 
@@ -194,8 +196,7 @@ def test_beam_size_one_equals_greedy():
     model = tiny(peaky=True)
     batch = prompts(6)
     greedy = model.generate_greedy(batch, 12, eos_id=EOS, pad_id=PAD)
-    beam = model.generate_beam(batch, 12, eos_id=EOS, pad_id=PAD, beam_size=1,
-                               length_penalty=0.0)
+    beam = model.generate_beam(batch, 12, eos_id=EOS, pad_id=PAD, beam_size=1, length_penalty=0.0)
     assert beam == greedy
 
 
@@ -203,8 +204,7 @@ def test_beam_search_log_prob_at_least_greedy():
     model = tiny(peaky=True)
     batch = prompts(6)
     greedy = model.generate_greedy(batch, 10, eos_id=EOS, pad_id=PAD)
-    beam = model.generate_beam(batch, 10, eos_id=EOS, pad_id=PAD, beam_size=4,
-                               length_penalty=0.0)
+    beam = model.generate_beam(batch, 10, eos_id=EOS, pad_id=PAD, beam_size=4, length_penalty=0.0)
     g = [log_prob(model, p, s, EOS, 10) for p, s in zip(batch, greedy, strict=True)]
     b = [log_prob(model, p, s, EOS, 10) for p, s in zip(batch, beam, strict=True)]
     assert all(bs >= gs - 1e-4 for bs, gs in zip(b, g, strict=True)), (b, g)

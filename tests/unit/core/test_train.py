@@ -139,8 +139,11 @@ def test_a_corrupted_checkpoint_stops_the_rerun_naming_the_file(tmp_path):
     data = bytearray(weights_file.read_bytes())
     data[-10] ^= 0x01
     weights_file.write_bytes(bytes(data))
-    with pytest.raises(LmopsError, match=rf"{weights_file}: sha256 does not match .*; "
-                                         rf"delete {result.checkpoint} to start train afresh"):
+    with pytest.raises(
+        LmopsError,
+        match=rf"{weights_file}: sha256 does not match .*; "
+        rf"delete {result.checkpoint} to start train afresh",
+    ):
         run(tmp_path, config(max_steps=6))
     assert checkpoint.latest(tmp_path / "ckpt") == result.checkpoint  # left for the user
 
@@ -192,12 +195,20 @@ def test_evaluation_keeps_the_best_weights_and_writes_the_curve(tmp_path):
         return {"val_loss": lm_loss(model, (x, y)).item() - (5.0 if step == 4 else 0.0)}
 
     curve = tmp_path / "curve.csv"
-    _, result = run(tmp_path, config(eval_interval=2), evaluate=evaluate,
-                    select_metric="val_loss", select_mode="min", curve_path=curve)
+    _, result = run(
+        tmp_path,
+        config(eval_interval=2),
+        evaluate=evaluate,
+        select_metric="val_loss",
+        select_mode="min",
+        curve_path=curve,
+    )
     assert seen == [2, 4, 6]
     assert result.best_step == 4 and result.best_checkpoint.name == "best-00000004"
     assert [p.name for p in sorted((tmp_path / "ckpt").iterdir())] == [
-        "best-00000004", "step-00000006"]
+        "best-00000004",
+        "step-00000006",
+    ]
     best = TinyLM()
     checkpoint.load_weights(best, result.best_checkpoint)
     assert lm_loss(best, (x, y)).item() - 5.0 == pytest.approx(result.best_metric, abs=1e-6)
@@ -209,8 +220,12 @@ def test_evaluation_keeps_the_best_weights_and_writes_the_curve(tmp_path):
 
 def test_a_missing_selected_metric_is_an_error(tmp_path):
     with pytest.raises(LmopsError, match=r"evaluate\(\) returned no 'bleu' \(got \['chrf'\]\)"):
-        run(tmp_path, config(max_steps=3, warmup_steps=1), evaluate=lambda m, s: {"chrf": 1.0},
-            select_metric="bleu")
+        run(
+            tmp_path,
+            config(max_steps=3, warmup_steps=1),
+            evaluate=lambda m, s: {"chrf": 1.0},
+            select_metric="bleu",
+        )
 
 
 def test_metrics_and_the_curve_plot_go_to_the_active_mlflow_run(tmp_path, mlflow_store):
@@ -221,8 +236,12 @@ def test_metrics_and_the_curve_plot_go_to_the_active_mlflow_run(tmp_path, mlflow
     from lmops.tracking.runs import StageLog
 
     with mlflow.start_run() as active:
-        run(tmp_path, config(max_steps=4, warmup_steps=1, eval_interval=2),
-            evaluate=lambda m, s: {"val_loss": 3.0 - s / 10}, log=StageLog())
+        run(
+            tmp_path,
+            config(max_steps=4, warmup_steps=1, eval_interval=2),
+            evaluate=lambda m, s: {"val_loss": 3.0 - s / 10},
+            log=StageLog(),
+        )
     client = MlflowClient()
     train_loss = client.get_metric_history(active.info.run_id, "train/train_loss")
     assert [m.step for m in train_loss] == [1, 2, 3, 4]
@@ -272,9 +291,22 @@ def test_two_ddp_processes_match_one_process(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     worker = REPO / "tests/support/ddp_worker.py"
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(worker), str(tmp_path / "ddp"), "4", "4"],
-        env=env, timeout=300, capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(worker),
+            str(tmp_path / "ddp"),
+            "4",
+            "4",
+        ],
+        env=env,
+        timeout=300,
+        capture_output=True,
+        text=True,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     last = checkpoint.latest(tmp_path / "ddp" / "ckpt")
@@ -282,7 +314,8 @@ def test_two_ddp_processes_match_one_process(tmp_path):
     ddp = TinyLM()
     state = checkpoint.load(last, ddp)
     assert [row["train_loss"] for row in state["history"]] == pytest.approx(
-        losses(r_single), abs=1e-5)
+        losses(r_single), abs=1e-5
+    )
     assert state["history"][-1]["step"] == 6
     # no process count in the resume key: a run of 2 processes resumes under 1 and back
     # (the worker's one thread per process aside)

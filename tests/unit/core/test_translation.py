@@ -63,8 +63,9 @@ def test_collate_pads_to_a_multiple_of_16_and_ignores_padding():
 
 
 def test_pair_batches_are_a_function_of_the_step():
-    pairs = pd.DataFrame({"src_ids": [[7 + i, 8] for i in range(20)],
-                          "tgt_ids": [[9, 10 + i] for i in range(20)]})
+    pairs = pd.DataFrame(
+        {"src_ids": [[7 + i, 8] for i in range(20)], "tgt_ids": [[9, 10 + i] for i in range(20)]}
+    )
     get = translation.pair_batches(pairs, FakeTok(), "fr", 16, seed=3)
     a, b = get(5, 8), get(5, 8)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
@@ -76,14 +77,22 @@ def test_pair_batches_are_a_function_of_the_step():
 def test_pair_batches_see_each_pair_once_per_epoch_in_batches_of_like_lengths():
     rng = np.random.default_rng(0)
     lengths = rng.integers(1, 120, size=400)
-    pairs = pd.DataFrame({"src_ids": [[7 + i % 20] * n for i, n in enumerate(lengths)],
-                          "tgt_ids": [[9, 10 + i % 20] for i in range(400)]})
+    pairs = pd.DataFrame(
+        {
+            "src_ids": [[7 + i % 20] * n for i, n in enumerate(lengths)],
+            "tgt_ids": [[9, 10 + i % 20] for i in range(400)],
+        }
+    )
     tok = FakeTok()
     get = translation.pair_batches(pairs, tok, "fr", 256, seed=3)
     epoch = [get(step, 16) for step in range(25)]  # 400 pairs / 16 = 25 batches per epoch
     seen = sorted(int(n) for x, _ in epoch for n in x.ne(tok.pad_id).sum(1))
-    sizes = np.array([len(translation.example(tok, s, t, "fr", 256)[0])
-                      for s, t in zip(pairs["src_ids"], pairs["tgt_ids"], strict=True)])
+    sizes = np.array(
+        [
+            len(translation.example(tok, s, t, "fr", 256)[0])
+            for s, t in zip(pairs["src_ids"], pairs["tgt_ids"], strict=True)
+        ]
+    )
     assert seen == sorted(sizes)  # every pair once
     padded = sum(x.numel() for x, _ in epoch)
     random_width = 16 * np.mean([max(rng.choice(sizes, 16)) for _ in range(200)])
@@ -152,7 +161,8 @@ def test_bleu_and_chrf_with_signatures():
 
 def test_mixed_batches_hold_the_share_of_text_rows_cut_to_the_pairs_width():
     pairs = lambda step, n: translation.collate(  # noqa: E731
-        [([5, 7, 6, 9], [-100, -100, 9, 3])] * n, pad_id=0)
+        [([5, 7, 6, 9], [-100, -100, 9, 3])] * n, pad_id=0
+    )
     text = lambda step, n: (torch.full((n, 24), 11), torch.full((n, 24), 12))  # noqa: E731
     get = translation.mix_batches(pairs, text, share=0.25, seed=1)
     x, y = get(3, 16)

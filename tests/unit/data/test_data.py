@@ -23,34 +23,44 @@ def clean_cfg(sources: list[dict], **overrides) -> CleanConfig:
 # ------------------------------------------------------------- clean_text
 
 
-@pytest.mark.parametrize(("raw", "expected"), [
-    # zero-width and other format characters vanish, joining what they separated
-    ("Hello\u200bWorld\u200d!\ufeff", "HelloWorld!"),
-    ("co\u00adoperate \u2060now\u200e", "cooperate now"),
-    # control characters become spaces
-    ("a\x00b\x07c\td\ne\x7ff\x85g", "a b c d e f g"),
-    # NFC, also when a removed format character sat inside the pair
-    ("Cafe\u0301", "Caf\u00e9"),
-    ("e\u200b\u0301t\u00e9", "\u00e9t\u00e9"),
-    # every Unicode space collapses to one plain space; ends are stripped
-    ("  a \u00a0 b\u2009c\n\n d\u202f:\u3000 ", "a b c d :"),
-    # HTML: block tags separate, inline tags do not, entities are unescaped once
-    ("<p>Paris is the <b>capital</b> of France.</p><p>It has 2&nbsp;million &amp; more.</p>",
-     "Paris is the capital of France. It has 2 million & more."),
-    ("H<sub>2</sub>O<br/>is water<!-- hidden -->.", "H2O is water."),
-    ("a &lt;b&gt; tag &amp;amp; AT&T;", "a <b> tag &amp; AT&T;"),
-    # wiki markup
-    ("'''Paris''' is the capital of [[France]] and of the [[Île-de-France|region]]."
-     "{{cite web|url=x}}<ref name=\"a\">Source, 2020.</ref> ''Ville''<ref name=b/>",
-     "Paris is the capital of France and of the region. Ville"),
-    ("A{{Infobox|name={{lang|fr|Paris}}}}B", "A B"),
-    ("[[File:x.jpg|thumb|A [[cat]] sits]]Cats purr.[[Category:Felines]]", "Cats purr."),
-    ("== History ==\nFounded [https://example.org in 1900] here.", "History Founded in 1900 here."),
-    ("", ""),
-    (None, ""),
-    # text without markup is left alone (brackets, apostrophes, plain '=')
-    ("l'eau [sic] a = b, it's", "l'eau [sic] a = b, it's"),
-])
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        # zero-width and other format characters vanish, joining what they separated
+        ("Hello\u200bWorld\u200d!\ufeff", "HelloWorld!"),
+        ("co\u00adoperate \u2060now\u200e", "cooperate now"),
+        # control characters become spaces
+        ("a\x00b\x07c\td\ne\x7ff\x85g", "a b c d e f g"),
+        # NFC, also when a removed format character sat inside the pair
+        ("Cafe\u0301", "Caf\u00e9"),
+        ("e\u200b\u0301t\u00e9", "\u00e9t\u00e9"),
+        # every Unicode space collapses to one plain space; ends are stripped
+        ("  a \u00a0 b\u2009c\n\n d\u202f:\u3000 ", "a b c d :"),
+        # HTML: block tags separate, inline tags do not, entities are unescaped once
+        (
+            "<p>Paris is the <b>capital</b> of France.</p><p>It has 2&nbsp;million &amp; more.</p>",
+            "Paris is the capital of France. It has 2 million & more.",
+        ),
+        ("H<sub>2</sub>O<br/>is water<!-- hidden -->.", "H2O is water."),
+        ("a &lt;b&gt; tag &amp;amp; AT&T;", "a <b> tag &amp; AT&T;"),
+        # wiki markup
+        (
+            "'''Paris''' is the capital of [[France]] and of the [[Île-de-France|region]]."
+            "{{cite web|url=x}}<ref name=\"a\">Source, 2020.</ref> ''Ville''<ref name=b/>",
+            "Paris is the capital of France and of the region. Ville",
+        ),
+        ("A{{Infobox|name={{lang|fr|Paris}}}}B", "A B"),
+        ("[[File:x.jpg|thumb|A [[cat]] sits]]Cats purr.[[Category:Felines]]", "Cats purr."),
+        (
+            "== History ==\nFounded [https://example.org in 1900] here.",
+            "History Founded in 1900 here.",
+        ),
+        ("", ""),
+        (None, ""),
+        # text without markup is left alone (brackets, apostrophes, plain '=')
+        ("l'eau [sic] a = b, it's", "l'eau [sic] a = b, it's"),
+    ],
+)
 def test_clean_text(raw, expected):
     assert text.clean_text(raw) == expected
 
@@ -59,16 +69,19 @@ def test_clean_text_removes_lone_surrogates_so_text_can_be_written():
     assert text.clean_text("ok\ud800!") == "ok!"
 
 
-@pytest.mark.parametrize(("texts", "ratio", "expected"), [
-    (["hello"], None, ""),
-    ([""], None, "empty"),
-    (["hi"], None, "too_short"),
-    (["x" * 11], None, "too_long"),
-    (["hello", ""], 3.0, "empty"),
-    (["hello", "hi"], 3.0, "too_short"),
-    (["abc", "abcdefghi"], 3.0, ""),
-    (["abc", "abcdefghij"], 3.0, "length_ratio"),
-])
+@pytest.mark.parametrize(
+    ("texts", "ratio", "expected"),
+    [
+        (["hello"], None, ""),
+        ([""], None, "empty"),
+        (["hi"], None, "too_short"),
+        (["x" * 11], None, "too_long"),
+        (["hello", ""], 3.0, "empty"),
+        (["hello", "hi"], 3.0, "too_short"),
+        (["abc", "abcdefghi"], 3.0, ""),
+        (["abc", "abcdefghij"], 3.0, "length_ratio"),
+    ],
+)
 def test_drop_reason(texts, ratio, expected):
     assert text.drop_reason(texts, min_chars=3, max_chars=10, max_ratio=ratio) == expected
 
@@ -90,22 +103,45 @@ def test_load_text_file_keeps_lines_and_max_rows(tmp_path):
 
 def test_load_jsonl_parallel_with_numbered_groups(tmp_path):
     path = tmp_path / "pairs.jsonl"
-    rows = [{"id": 1, "en": "Good morning.", "fr": "Bonjour.", "chapter": 1},
-            {"id": 2, "en": "Thank you.", "fr": "Merci.", "chapter": 2}]
+    rows = [
+        {"id": 1, "en": "Good morning.", "fr": "Bonjour.", "chapter": 1},
+        {"id": 2, "en": "Thank you.", "fr": "Merci.", "chapter": 2},
+    ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    cfg = clean_cfg([{"name": "p", "type": "json", "role": "parallel", "path": str(path),
-                      "group_column": "chapter"}])
+    cfg = clean_cfg(
+        [
+            {
+                "name": "p",
+                "type": "json",
+                "role": "parallel",
+                "path": str(path),
+                "group_column": "chapter",
+            }
+        ]
+    )
     ds = sources.load_source(cfg.sources[0], cfg)
     assert ds.column_names == ["src", "tgt", "group"]
-    assert ds.to_list() == [{"src": "Good morning.", "tgt": "Bonjour.", "group": "1"},
-                            {"src": "Thank you.", "tgt": "Merci.", "group": "2"}]
+    assert ds.to_list() == [
+        {"src": "Good morning.", "tgt": "Bonjour.", "group": "1"},
+        {"src": "Thank you.", "tgt": "Merci.", "group": "2"},
+    ]
 
 
 def test_load_csv_with_custom_text_column(tmp_path):
     path = tmp_path / "docs.csv"
     path.write_text('id,body\n1,"Un texte, avec virgule."\n2,Deuxième texte.\n', encoding="utf-8")
-    cfg = clean_cfg([{"name": "c", "type": "csv", "role": "monolingual", "lang": "fr",
-                      "path": str(path), "text_column": "body"}])
+    cfg = clean_cfg(
+        [
+            {
+                "name": "c",
+                "type": "csv",
+                "role": "monolingual",
+                "lang": "fr",
+                "path": str(path),
+                "text_column": "body",
+            }
+        ]
+    )
     ds = sources.load_source(cfg.sources[0], cfg)
     assert ds.column_names == ["text"]
     assert ds["text"] == ["Un texte, avec virgule.", "Deuxième texte."]
@@ -114,33 +150,66 @@ def test_load_csv_with_custom_text_column(tmp_path):
 def test_load_parquet_parallel_with_named_columns_and_glob(tmp_path):
     for i in range(2):
         pd.DataFrame({"english": [f"Sentence {i}."], "french": [f"Phrase {i}."]}).to_parquet(
-            tmp_path / f"part-{i}.parquet")
-    cfg = clean_cfg([{"name": "pq", "type": "parquet", "role": "parallel",
-                      "path": str(tmp_path / "part-*.parquet"),
-                      "src_column": "english", "tgt_column": "french"}])
+            tmp_path / f"part-{i}.parquet"
+        )
+    cfg = clean_cfg(
+        [
+            {
+                "name": "pq",
+                "type": "parquet",
+                "role": "parallel",
+                "path": str(tmp_path / "part-*.parquet"),
+                "src_column": "english",
+                "tgt_column": "french",
+            }
+        ]
+    )
     ds = sources.load_source(cfg.sources[0], cfg)
     assert ds.column_names == ["src", "tgt", "group"]
-    assert ds.to_list() == [{"src": "Sentence 0.", "tgt": "Phrase 0.", "group": ""},
-                            {"src": "Sentence 1.", "tgt": "Phrase 1.", "group": ""}]
+    assert ds.to_list() == [
+        {"src": "Sentence 0.", "tgt": "Phrase 0.", "group": ""},
+        {"src": "Sentence 1.", "tgt": "Phrase 1.", "group": ""},
+    ]
 
 
 def test_load_two_aligned_text_files(tmp_path):
     (tmp_path / "a.en").write_text("One.\nTwo.\nThree.\n", encoding="utf-8")
     (tmp_path / "a.fr").write_text("Un.\nDeux.\nTrois.\n", encoding="utf-8")
-    cfg = clean_cfg([{"name": "a", "type": "text", "role": "parallel",
-                      "src_path": str(tmp_path / "a.en"), "tgt_path": str(tmp_path / "a.fr")}])
+    cfg = clean_cfg(
+        [
+            {
+                "name": "a",
+                "type": "text",
+                "role": "parallel",
+                "src_path": str(tmp_path / "a.en"),
+                "tgt_path": str(tmp_path / "a.fr"),
+            }
+        ]
+    )
     ds = sources.load_source(cfg.sources[0], cfg)
     assert ds["src"] == ["One.", "Two.", "Three."]
     assert ds["tgt"] == ["Un.", "Deux.", "Trois."]
 
 
 def test_load_embedded_bible_joins_versions_and_normalises_the_web():
-    cfg = clean_cfg([{"name": "b", "type": "embedded", "role": "parallel",
-                      "dataset": "bible_en_fr", "group_column": "book", "max_rows": 40}])
+    cfg = clean_cfg(
+        [
+            {
+                "name": "b",
+                "type": "embedded",
+                "role": "parallel",
+                "dataset": "bible_en_fr",
+                "group_column": "book",
+                "max_rows": 40,
+            }
+        ]
+    )
     ds = sources.load_source(cfg.sources[0], cfg)
-    assert ds[0] == {"src": "In the beginning God created the heavens and the earth.",
-                     "tgt": "Au commencement, Dieu créa les cieux et la terre.",
-                     "group": "Genesis"}
+    assert ds[0] == {
+        "src": "In the beginning God created the heavens and the earth.",
+        "tgt": "Au commencement, Dieu créa les cieux et la terre.",
+        "group": "Genesis",
+    }
     assert "God's Spirit was hovering" in ds[1]["src"]  # the WEB writes God`s
     assert not any(c in t for t in ds["src"] for c in "`[]")
 
@@ -149,21 +218,40 @@ def test_load_embedded_bible_joins_versions_and_normalises_the_web():
 
 
 def test_clean_source_counts_drops_and_dedups_pairs_on_either_side():
-    cfg = clean_cfg([{"name": "x", "type": "embedded", "role": "monolingual",
-                      "dataset": "wiki_en"}], min_chars=3, max_chars=40, max_length_ratio=3.0)
+    cfg = clean_cfg(
+        [{"name": "x", "type": "embedded", "role": "monolingual", "dataset": "wiki_en"}],
+        min_chars=3,
+        max_chars=40,
+        max_length_ratio=3.0,
+    )
     import datasets
 
-    ds = datasets.Dataset.from_dict({
-        "src": ["Hello there.", "Hello there.", "Good night.", "Yes", "<b></b>", "Fine.",
-                "Bye."],
-        "tgt": ["Salut.", "Bonjour.", "Salut.", "Oui", "Vide", "Une phrase bien trop longue.",
-                "Au revoir."],
-        "group": [""] * 7,
-    })
+    ds = datasets.Dataset.from_dict(
+        {
+            "src": [
+                "Hello there.",
+                "Hello there.",
+                "Good night.",
+                "Yes",
+                "<b></b>",
+                "Fine.",
+                "Bye.",
+            ],
+            "tgt": [
+                "Salut.",
+                "Bonjour.",
+                "Salut.",
+                "Oui",
+                "Vide",
+                "Une phrase bien trop longue.",
+                "Au revoir.",
+            ],
+            "group": [""] * 7,
+        }
+    )
     kept, dropped = sources.clean_source(ds, "parallel", cfg, seen={})
     assert kept["src"].tolist() == ["Hello there.", "Yes", "Bye."]
-    assert dropped == {"duplicate": 2, "empty": 1, "length_ratio": 1, "too_short": 0,
-                       "too_long": 0}
+    assert dropped == {"duplicate": 2, "empty": 1, "length_ratio": 1, "too_short": 0, "too_long": 0}
 
 
 # -------------------------------------------------------------- splitting
@@ -176,8 +264,11 @@ def test_group_split_holds_out_whole_groups():
 
 
 def test_check_groups_names_unknown_and_known():
-    with pytest.raises(DataError, match=r"unknown group\(s\) 'Marc'.*known groups: "
-                                             r"Genesis, Mark, Ruth"):
+    with pytest.raises(
+        DataError,
+        match=r"unknown group\(s\) 'Marc'.*known groups: "
+        r"Genesis, Mark, Ruth",
+    ):
         splits.check_groups({"Genesis", "Ruth", "Mark"}, ["Ruth"], ["Marc"])
 
 
@@ -222,7 +313,9 @@ def test_build_clean_on_files_removes_leaks(tmp_path):
         "A document about apples and pears.\n"
         f"This document quotes it: {held_verse} And goes on.\n"
         "A document about apples and pears.\n"
-        "Another plain document here.\n", encoding="utf-8")
+        "Another plain document here.\n",
+        encoding="utf-8",
+    )
     pairs = [
         {"en": "A train sentence one.", "fr": "Une phrase d'entraînement un.", "book": "A"},
         {"en": f"Prefix. {held_verse}", "fr": "Un préfixe et la mer.", "book": "A"},
@@ -231,28 +324,50 @@ def test_build_clean_on_files_removes_leaks(tmp_path):
         {"en": "A test sentence.", "fr": "Une phrase de test.", "book": "C"},
     ]
     (tmp_path / "pairs.jsonl").write_text(
-        "".join(json.dumps(p) + "\n" for p in pairs), encoding="utf-8")
+        "".join(json.dumps(p) + "\n" for p in pairs), encoding="utf-8"
+    )
     cfg = clean_cfg(
-        [{"name": "docs", "type": "text", "role": "monolingual", "lang": "en",
-          "path": str(tmp_path / "en.txt")},
-         {"name": "pairs", "type": "json", "role": "parallel",
-          "path": str(tmp_path / "pairs.jsonl"), "group_column": "book"}],
-        split={"valid_fraction": 0, "test_fraction": 0, "valid_groups": ["B"],
-               "test_groups": ["C"]},
+        [
+            {
+                "name": "docs",
+                "type": "text",
+                "role": "monolingual",
+                "lang": "en",
+                "path": str(tmp_path / "en.txt"),
+            },
+            {
+                "name": "pairs",
+                "type": "json",
+                "role": "parallel",
+                "path": str(tmp_path / "pairs.jsonl"),
+                "group_column": "book",
+            },
+        ],
+        split={
+            "valid_fraction": 0,
+            "test_fraction": 0,
+            "valid_groups": ["B"],
+            "test_groups": ["C"],
+        },
         format="jsonl",
     )
     stats = clean_stage.build_clean(cfg, 1, tmp_path / "out", tmp_path / "stats.json")
 
-    out = {n: layout.read_split(tmp_path / "out", n) for n in
-           ("mono_train", "parallel_train", "parallel_valid", "parallel_test")}
+    out = {
+        n: layout.read_split(tmp_path / "out", n)
+        for n in ("mono_train", "parallel_train", "parallel_valid", "parallel_test")
+    }
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
-        f"{k}_{s}.jsonl" for k in ("mono", "parallel") for s in ("test", "train", "valid")]
-    assert out["parallel_train"]["src"].tolist() == ["A train sentence one.",
-                                                     "A train sentence two."]
+        f"{k}_{s}.jsonl" for k in ("mono", "parallel") for s in ("test", "train", "valid")
+    ]
+    assert out["parallel_train"]["src"].tolist() == [
+        "A train sentence one.",
+        "A train sentence two.",
+    ]
     assert out["parallel_valid"]["group"].tolist() == ["B"]
     assert out["parallel_test"].to_dict("records") == [
-        {"src": "A test sentence.", "tgt": "Une phrase de test.", "group": "C",
-         "source": "pairs"}]
+        {"src": "A test sentence.", "tgt": "Une phrase de test.", "group": "C", "source": "pairs"}
+    ]
     assert out["mono_train"].to_dict("records") == [
         {"text": "A document about apples and pears.", "lang": "en", "source": "docs"},
         {"text": "Another plain document here.", "lang": "en", "source": "docs"},
@@ -269,7 +384,8 @@ def test_build_clean_on_files_removes_leaks(tmp_path):
     assert stats["source.docs.kept"] == 3
     assert stats["mono_train.rows"] == 6 and stats["mono_train.rows_fr"] == 2
     assert stats["parallel_train.chars"] == sum(
-        len(t) for t in (*out["parallel_train"]["src"], *out["parallel_train"]["tgt"]))
+        len(t) for t in (*out["parallel_train"]["src"], *out["parallel_train"]["tgt"])
+    )
     assert all(isinstance(v, int) for v in stats.values())
 
 
@@ -278,19 +394,40 @@ def test_real_corpora_slice_has_no_held_out_text_in_training(tmp_path):
     off so that verses repeated across books ("Yahweh spoke to Moses, saying,")
     reach the leak check instead of being dropped earlier as duplicates."""
     cfg = clean_cfg(
-        [{"name": "wiki_en", "type": "embedded", "role": "monolingual", "dataset": "wiki_en",
-          "max_rows": 2000},
-         {"name": "wiki_fr", "type": "embedded", "role": "monolingual", "dataset": "wiki_fr",
-          "max_rows": 2000},
-         # the first 3000 verses: Genesis, Exodus and the start of Leviticus
-         {"name": "bible", "type": "embedded", "role": "parallel", "dataset": "bible_en_fr",
-          "group_column": "book", "max_rows": 3000}],
+        [
+            {
+                "name": "wiki_en",
+                "type": "embedded",
+                "role": "monolingual",
+                "dataset": "wiki_en",
+                "max_rows": 2000,
+            },
+            {
+                "name": "wiki_fr",
+                "type": "embedded",
+                "role": "monolingual",
+                "dataset": "wiki_fr",
+                "max_rows": 2000,
+            },
+            # the first 3000 verses: Genesis, Exodus and the start of Leviticus
+            {
+                "name": "bible",
+                "type": "embedded",
+                "role": "parallel",
+                "dataset": "bible_en_fr",
+                "group_column": "book",
+                "max_rows": 3000,
+            },
+        ],
         split={"valid_groups": ["Genesis"], "test_groups": ["Leviticus"]},
         dedup=False,
     )
     stats = clean_stage.build_clean(cfg, 1337, tmp_path / "out", tmp_path / "stats.json")
-    out = {f"{k}_{s}": layout.read_split(tmp_path / "out", f"{k}_{s}")
-           for k in ("mono", "parallel") for s in layout.SPLITS}
+    out = {
+        f"{k}_{s}": layout.read_split(tmp_path / "out", f"{k}_{s}")
+        for k in ("mono", "parallel")
+        for s in layout.SPLITS
+    }
 
     assert set(out["parallel_train"]["group"]) == {"Exodus"}
     assert set(out["parallel_valid"]["group"]) == {"Genesis"}
@@ -304,17 +441,30 @@ def test_real_corpora_slice_has_no_held_out_text_in_training(tmp_path):
         assert stats[f"mono_valid.rows_{lang}"] == round(kept * 0.02)
         assert stats[f"mono_test.rows_{lang}"] == round(kept * 0.02)
     # mono_train = wiki train + both sides of every parallel train pair
-    wiki_train = sum(stats[f"source.{n}.kept"] for n in ("wiki_en", "wiki_fr")) \
-        - stats["mono_valid.rows"] - stats["mono_test.rows"]
+    wiki_train = (
+        sum(stats[f"source.{n}.kept"] for n in ("wiki_en", "wiki_fr"))
+        - stats["mono_valid.rows"]
+        - stats["mono_test.rows"]
+    )
     assert stats["mono_train.rows"] == wiki_train + 2 * stats["parallel_train.rows"]
 
-    held = {t for s in ("valid", "test") for t in (
-        *out[f"parallel_{s}"]["src"], *out[f"parallel_{s}"]["tgt"], *out[f"mono_{s}"]["text"])}
+    held = {
+        t
+        for s in ("valid", "test")
+        for t in (
+            *out[f"parallel_{s}"]["src"],
+            *out[f"parallel_{s}"]["tgt"],
+            *out[f"mono_{s}"]["text"],
+        )
+    }
     assert len(held) > 3000
     # Brute force, independent of HeldOut: cleaned texts hold no newline, so one
     # joined string finds every occurrence of a held-out text in any training row.
-    texts = [*out["mono_train"]["text"], *out["parallel_train"]["src"],
-             *out["parallel_train"]["tgt"]]
+    texts = [
+        *out["mono_train"]["text"],
+        *out["parallel_train"]["src"],
+        *out["parallel_train"]["tgt"],
+    ]
     joined = "\n".join(texts)
     assert joined.count("\n") == len(texts) - 1
     leaked = [h for h in held if h in joined]

@@ -43,14 +43,22 @@ def workdir(tmp_path, monkeypatch, shared_mlflow):
 
 
 def run_stage(sources: list[dict], split: dict | None = None) -> None:
-    params = {"seed": 1, "clean": {"sources": sources, "format": "jsonl",
-                                   "split": {"valid_fraction": 0.25, "test_fraction": 0.25,
-                                             **(split or {})}}}
+    params = {
+        "seed": 1,
+        "clean": {
+            "sources": sources,
+            "format": "jsonl",
+            "split": {"valid_fraction": 0.25, "test_fraction": 0.25, **(split or {})},
+        },
+    }
     with open("params.yaml", "w", encoding="utf-8") as fh:
         yaml.safe_dump(params, fh)
-    stage.run("clean", clean_stage.main, clean_stage.build_parser(),
-              ["--params", "params.yaml", "--out", "data/clean",
-               "--stats", "data/metrics/clean.json"])
+    stage.run(
+        "clean",
+        clean_stage.main,
+        clean_stage.build_parser(),
+        ["--params", "params.yaml", "--out", "data/clean", "--stats", "data/metrics/clean.json"],
+    )
 
 
 def assert_fails(capsys, sources: list[dict], split: dict | None = None) -> str:
@@ -68,8 +76,7 @@ def assert_fails(capsys, sources: list[dict], split: dict | None = None) -> str:
 
 
 def mono(path: str, **kw) -> dict:
-    return {"name": "docs", "type": "text", "role": "monolingual", "lang": "en",
-            "path": path, **kw}
+    return {"name": "docs", "type": "text", "role": "monolingual", "lang": "en", "path": path, **kw}
 
 
 DOCS = "".join(f"Document number {i} is about topic {i}.\n" for i in range(12))
@@ -81,19 +88,23 @@ def test_good_input_writes_outputs_and_logs_metrics(workdir, shared_mlflow):
     stats = json.loads((workdir / "data/metrics/clean.json").read_text())
     assert stats["mono_train.rows"] == 6 and stats["mono_valid.rows"] == 3
     assert sorted(p.name for p in (workdir / "data/clean").iterdir()) == [
-        f"{k}_{s}.jsonl" for k in ("mono", "parallel") for s in ("test", "train", "valid")]
+        f"{k}_{s}.jsonl" for k in ("mono", "parallel") for s in ("test", "train", "valid")
+    ]
 
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(shared_mlflow)
     exp = client.get_experiment_by_name("lmops-test-clean")
-    run = client.search_runs([exp.experiment_id], "tags.`lmops.stage` = 'clean'",
-                             order_by=["start_time DESC"], max_results=1)[0]
+    run = client.search_runs(
+        [exp.experiment_id],
+        "tags.`lmops.stage` = 'clean'",
+        order_by=["start_time DESC"],
+        max_results=1,
+    )[0]
     assert run.info.status == "FINISHED"
     assert run.data.metrics["clean/mono_train.rows"] == 6
     assert run.data.params["clean.seed"] == "1"
-    assert [a.path for a in client.list_artifacts(run.info.run_id, "clean")] == [
-        "clean/clean.json"]
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "clean")] == ["clean/clean.json"]
 
 
 def test_failure_removes_previous_outputs(workdir, capsys):
@@ -112,8 +123,9 @@ def test_empty_file(workdir, capsys):
 
 def test_blank_file(workdir, capsys):
     (workdir / "blank.txt").write_text("\n   \n\t\n", encoding="utf-8")
-    assert assert_fails(capsys, [mono("blank.txt")]) == \
-        "blank.txt: file is empty (no non-blank lines)"
+    assert (
+        assert_fails(capsys, [mono("blank.txt")]) == "blank.txt: file is empty (no non-blank lines)"
+    )
 
 
 def test_binary_file(workdir, capsys):
@@ -127,64 +139,93 @@ def test_wrong_encoding_names_line_and_byte(workdir, capsys):
     (workdir / "latin1.txt").write_bytes(text.encode("latin-1"))
     offset = len("First line.\nSecond line.\nUn caf")
     msg = assert_fails(capsys, [mono("latin1.txt")])
-    assert msg == (f"latin1.txt: line 3: not valid UTF-8 (byte 0xe9 at byte offset {offset}); "
-                   "re-encode the file as UTF-8")
+    assert msg == (
+        f"latin1.txt: line 3: not valid UTF-8 (byte 0xe9 at byte offset {offset}); "
+        "re-encode the file as UTF-8"
+    )
 
 
 def test_misaligned_parallel_files(workdir, capsys):
     (workdir / "a.en").write_text("One.\nTwo.\nThree.\n", encoding="utf-8")
     (workdir / "a.fr").write_text("Un.\nDeux.\n", encoding="utf-8")
-    msg = assert_fails(capsys, [{"name": "a", "type": "text", "role": "parallel",
-                                 "src_path": "a.en", "tgt_path": "a.fr"}])
+    msg = assert_fails(
+        capsys,
+        [{"name": "a", "type": "text", "role": "parallel", "src_path": "a.en", "tgt_path": "a.fr"}],
+    )
     assert msg == "a.en has 3 lines but a.fr has 2: parallel files must be aligned line by line"
 
 
 def test_missing_column(workdir, capsys):
     (workdir / "pairs.jsonl").write_text('{"english": "Hi.", "french": "Salut."}\n')
-    msg = assert_fails(capsys, [{"name": "p", "type": "json", "role": "parallel",
-                                 "path": "pairs.jsonl"}])
-    assert msg == ("pairs.jsonl: missing column(s) 'en', 'fr' (clean.sources[p]); "
-                   "columns present: english, french")
+    msg = assert_fails(
+        capsys, [{"name": "p", "type": "json", "role": "parallel", "path": "pairs.jsonl"}]
+    )
+    assert msg == (
+        "pairs.jsonl: missing column(s) 'en', 'fr' (clean.sources[p]); "
+        "columns present: english, french"
+    )
 
 
 def test_missing_text_column_in_csv(workdir, capsys):
     (workdir / "docs.csv").write_text("id,body\n1,Hello there.\n", encoding="utf-8")
-    msg = assert_fails(capsys, [{"name": "c", "type": "csv", "role": "monolingual",
-                                 "lang": "en", "path": "docs.csv"}])
-    assert msg == ("docs.csv: missing column(s) 'text' (clean.sources[c]); "
-                   "columns present: id, body")
+    msg = assert_fails(
+        capsys,
+        [{"name": "c", "type": "csv", "role": "monolingual", "lang": "en", "path": "docs.csv"}],
+    )
+    assert msg == (
+        "docs.csv: missing column(s) 'text' (clean.sources[c]); columns present: id, body"
+    )
 
 
 def test_malformed_jsonl(workdir, capsys):
     (workdir / "docs.jsonl").write_text('{"text": "ok"}\n{"text": \n', encoding="utf-8")
-    msg = assert_fails(capsys, [{"name": "j", "type": "json", "role": "monolingual",
-                                 "lang": "en", "path": "docs.jsonl"}])
+    msg = assert_fails(
+        capsys,
+        [{"name": "j", "type": "json", "role": "monolingual", "lang": "en", "path": "docs.jsonl"}],
+    )
     assert msg.startswith("docs.jsonl: cannot be read as json: ArrowInvalid: JSON parse error")
 
 
 def test_unknown_embedded_dataset(workdir, capsys):
-    msg = assert_fails(capsys, [{"name": "w", "type": "embedded", "role": "monolingual",
-                                 "dataset": "wiki_de"}])
-    assert msg == ("clean.sources[w]: unknown embedded dataset 'wiki_de'; "
-                   "known: wiki_en, wiki_fr, bible_en_fr")
+    msg = assert_fails(
+        capsys, [{"name": "w", "type": "embedded", "role": "monolingual", "dataset": "wiki_de"}]
+    )
+    assert msg == (
+        "clean.sources[w]: unknown embedded dataset 'wiki_de'; known: wiki_en, wiki_fr, bible_en_fr"
+    )
 
 
 def test_language_outside_the_pair(workdir, capsys):
     (workdir / "docs.txt").write_text(DOCS, encoding="utf-8")
     msg = assert_fails(capsys, [mono("docs.txt", lang="de")])
-    assert msg == ("clean.sources[docs]: lang 'de' is neither clean.source_lang nor "
-                   "clean.target_lang (en, fr)")
+    assert msg == (
+        "clean.sources[docs]: lang 'de' is neither clean.source_lang nor clean.target_lang (en, fr)"
+    )
 
 
 def test_unknown_group(workdir, capsys):
-    rows = [{"en": f"Sentence {i}.", "fr": f"Phrase {i}.", "book": b}
-            for i, b in enumerate(["Genesis", "Exodus", "Ruth", "Ruth"])]
+    rows = [
+        {"en": f"Sentence {i}.", "fr": f"Phrase {i}.", "book": b}
+        for i, b in enumerate(["Genesis", "Exodus", "Ruth", "Ruth"])
+    ]
     (workdir / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    msg = assert_fails(capsys, [{"name": "p", "type": "json", "role": "parallel",
-                                 "path": "pairs.jsonl", "group_column": "book"}],
-                       split={"valid_groups": ["Ruth"], "test_groups": ["Marc"]})
-    assert msg == ("clean.split: unknown group(s) 'Marc' in valid_groups/test_groups; "
-                   "known groups: Exodus, Genesis, Ruth")
+    msg = assert_fails(
+        capsys,
+        [
+            {
+                "name": "p",
+                "type": "json",
+                "role": "parallel",
+                "path": "pairs.jsonl",
+                "group_column": "book",
+            }
+        ],
+        split={"valid_groups": ["Ruth"], "test_groups": ["Marc"]},
+    )
+    assert msg == (
+        "clean.split: unknown group(s) 'Marc' in valid_groups/test_groups; "
+        "known groups: Exodus, Genesis, Ruth"
+    )
 
 
 def test_unreachable_hub_dataset(workdir, capsys, monkeypatch):
@@ -194,7 +235,19 @@ def test_unreachable_hub_dataset(workdir, capsys, monkeypatch):
     # The library's own offline mode: fails at once instead of retrying for ~20 s.
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    msg = assert_fails(capsys, [{"name": "h", "type": "hub", "role": "monolingual",
-                                 "lang": "en", "dataset": "someone/nothing"}])
-    assert msg.startswith("clean.sources[h]: hub dataset 'someone/nothing' (config None, "
-                          "split 'train') could not be loaded: ConnectionError")
+    msg = assert_fails(
+        capsys,
+        [
+            {
+                "name": "h",
+                "type": "hub",
+                "role": "monolingual",
+                "lang": "en",
+                "dataset": "someone/nothing",
+            }
+        ],
+    )
+    assert msg.startswith(
+        "clean.sources[h]: hub dataset 'someone/nothing' (config None, "
+        "split 'train') could not be loaded: ConnectionError"
+    )

@@ -18,8 +18,7 @@ from lmops.pipeline import distil, evaluate
 
 def tiny(n_layer: int = 4, n_embd: int = 16, seed: int = 0, vocab: int = 40) -> Transformer:
     torch.manual_seed(seed)
-    return Transformer(ModelConfig(n_layer=n_layer, n_embd=n_embd, n_head=2, block_size=16),
-                       vocab)
+    return Transformer(ModelConfig(n_layer=n_layer, n_embd=n_embd, n_head=2, block_size=16), vocab)
 
 
 def batch(seed: int = 1, vocab: int = 40) -> tuple[torch.Tensor, torch.Tensor]:
@@ -127,8 +126,9 @@ def half_used_teacher() -> Transformer:
 
 def test_pruning_keeps_what_the_teacher_uses_and_then_computes_what_it_computes():
     teacher = half_used_teacher()
-    calibration = [torch.randint(1, 40, (4, 16), generator=torch.Generator().manual_seed(s))
-                   for s in range(3)]
+    calibration = [
+        torch.randint(1, 40, (4, 16), generator=torch.Generator().manual_seed(s)) for s in range(3)
+    ]
     scores = distil.Importance(teacher, calibration, pad_id=0)
     cfg = ModelConfig(n_layer=2, n_embd=16, n_head=2, block_size=16)
     student = distil.pruned_student(teacher, cfg, importance=scores)
@@ -143,28 +143,35 @@ def test_pruning_keeps_what_the_teacher_uses_and_then_computes_what_it_computes(
 
 def test_default_layers_are_evenly_spaced():
     assert distil.default_keep_layers(4, 2) == [0, 3]
-    assert distil.default_keep_layers(6, 3) == [0, 2, 5] or distil.default_keep_layers(
-        6, 3) == [0, 3, 5]
+    assert distil.default_keep_layers(6, 3) == [0, 2, 5] or distil.default_keep_layers(6, 3) == [
+        0,
+        3,
+        5,
+    ]
     assert distil.default_keep_layers(4, 1) == [0]
     assert distil.default_keep_layers(4, 4) == [0, 1, 2, 3]
 
 
 def test_pruning_needs_whole_heads_no_larger_shapes_and_valid_layers():
     teacher = tiny(n_layer=4)
-    with pytest.raises(distil.DistilError, match=r"distil.model.n_embd is 32, more than the "
-                       r"teacher's 16"):
-        distil.pruned_student(teacher, ModelConfig(n_layer=2, n_embd=32, n_head=4,
-                                                   block_size=16))
-    with pytest.raises(distil.DistilError, match=r"head width n_embd / n_head is 4, the "
-                       r"teacher's is 8"):
-        distil.pruned_student(teacher, ModelConfig(n_layer=2, n_embd=16, n_head=4,
-                                                   block_size=16))
+    with pytest.raises(
+        distil.DistilError,
+        match=r"distil.model.n_embd is 32, more than the "
+        r"teacher's 16",
+    ):
+        distil.pruned_student(teacher, ModelConfig(n_layer=2, n_embd=32, n_head=4, block_size=16))
+    with pytest.raises(
+        distil.DistilError,
+        match=r"head width n_embd / n_head is 4, the "
+        r"teacher's is 8",
+    ):
+        distil.pruned_student(teacher, ModelConfig(n_layer=2, n_embd=16, n_head=4, block_size=16))
     with pytest.raises(distil.DistilError, match=r"\[7\] out of range, the teacher has 4"):
-        distil.pruned_student(teacher, ModelConfig(n_layer=2, n_embd=16, n_head=2,
-                                                   block_size=16), [0, 7])
+        distil.pruned_student(
+            teacher, ModelConfig(n_layer=2, n_embd=16, n_head=2, block_size=16), [0, 7]
+        )
     with pytest.raises(distil.DistilError, match="needs importance scores"):
-        distil.pruned_student(teacher, ModelConfig(n_layer=2, n_embd=8, n_head=1,
-                                                   block_size=16))
+        distil.pruned_student(teacher, ModelConfig(n_layer=2, n_embd=8, n_head=1, block_size=16))
 
 
 def test_a_missing_or_corrupted_teacher_is_named(tmp_path):
@@ -191,9 +198,14 @@ class FakeTok:
 
 
 def test_teacher_translations_are_generated_once_and_cached(tmp_path, monkeypatch):
-    pairs = pd.DataFrame({"src": [f"s{i}" for i in range(5)],
-                          "src_ids": [[7 + i, 8] for i in range(5)],
-                          "tgt": ["x"] * 5, "tgt_ids": [[9]] * 5})
+    pairs = pd.DataFrame(
+        {
+            "src": [f"s{i}" for i in range(5)],
+            "src_ids": [[7 + i, 8] for i in range(5)],
+            "tgt": ["x"] * 5,
+            "tgt_ids": [[9]] * 5,
+        }
+    )
     calls = []
 
     def fake_translate(model, tok, sources, tgt_lang, cfg, **kw):
@@ -202,18 +214,17 @@ def test_teacher_translations_are_generated_once_and_cached(tmp_path, monkeypatc
 
     monkeypatch.setattr(distil, "translate_ids", fake_translate)
     key = {"teacher": "abc", "decode": DecodeConfig().model_dump()}
-    first = distil.teacher_translations(None, FakeTok(), pairs, "fr", DecodeConfig(),
-                                        tmp_path, key)
-    again = distil.teacher_translations(None, FakeTok(), pairs, "fr", DecodeConfig(),
-                                        tmp_path, key)
+    first = distil.teacher_translations(None, FakeTok(), pairs, "fr", DecodeConfig(), tmp_path, key)
+    again = distil.teacher_translations(None, FakeTok(), pairs, "fr", DecodeConfig(), tmp_path, key)
     assert calls == [5]  # the second call read the cache
     pd.testing.assert_frame_equal(first, again)
     assert len(first) == 4 and list(first["tgt"]) == ["0 1", "1 2", "3 4", "4 5"]
     assert [list(x) for x in first["tgt_ids"]] == [[7, 8], [8, 9], [10, 11], [11, 12]]
     assert list(first["src"]) == ["s0", "s1", "s3", "s4"]
     # another teacher: new translations, the stale cache is removed
-    distil.teacher_translations(None, FakeTok(), pairs, "fr", DecodeConfig(), tmp_path,
-                                {**key, "teacher": "def"})
+    distil.teacher_translations(
+        None, FakeTok(), pairs, "fr", DecodeConfig(), tmp_path, {**key, "teacher": "def"}
+    )
     assert calls == [5, 5]
     assert len(list(tmp_path.glob("seqkd-*.parquet"))) == 1
 
@@ -241,9 +252,13 @@ def test_compare_needs_the_same_test_pairs_and_scorer():
 
 
 def test_teacher_scores_come_from_its_translations(tmp_path):
-    table = pd.DataFrame({"source": ["a", "b", "c"],
-                          "reference": ["le chat dort .", "NA", "il pleut ."],
-                          "hypothesis": ["le chat dort .", "NA", ""]})
+    table = pd.DataFrame(
+        {
+            "source": ["a", "b", "c"],
+            "reference": ["le chat dort .", "NA", "il pleut ."],
+            "hypothesis": ["le chat dort .", "NA", ""],
+        }
+    )
     path = tmp_path / "translations.tsv"
     table.to_csv(path, sep="\t", index=False)
     got = evaluate.score_translations(path)

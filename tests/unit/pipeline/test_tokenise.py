@@ -44,8 +44,14 @@ def test_stream_is_tag_ids_eos_per_row_and_round_trips(clean_dir, vocab_dir, tok
     out, stats = tokens
     tok = Tokenizer.load(vocab_dir)
     assert sorted(p.name for p in out.iterdir()) == [
-        "parallel_test.parquet", "parallel_train.parquet", "parallel_valid.parquet",
-        "pretrain_train.bin", "pretrain_train.json", "pretrain_valid.bin", "pretrain_valid.json"]
+        "parallel_test.parquet",
+        "parallel_train.parquet",
+        "parallel_valid.parquet",
+        "pretrain_train.bin",
+        "pretrain_train.json",
+        "pretrain_valid.bin",
+        "pretrain_valid.json",
+    ]
     for split, stem in (("mono_train", "pretrain_train"), ("mono_valid", "pretrain_valid")):
         mono = layout.read_split(clean_dir, split)
         texts = mono["text"].tolist()
@@ -53,8 +59,13 @@ def test_stream_is_tag_ids_eos_per_row_and_round_trips(clean_dir, vocab_dir, tok
         stream = load_stream(out / stem)
         side = json.loads((out / f"{stem}.json").read_text())
         n_bytes = sum(len(t.encode("utf-8")) for t in texts)
-        assert side == {"dtype": "uint16", "length": sum(map(len, encoded)) + 2 * len(texts),
-                        "documents": len(texts), "bytes": n_bytes, "vocab_size": 400}
+        assert side == {
+            "dtype": "uint16",
+            "length": sum(map(len, encoded)) + 2 * len(texts),
+            "documents": len(texts),
+            "bytes": n_bytes,
+            "vocab_size": 400,
+        }
         assert isinstance(stream, np.memmap) and stream.dtype == np.uint16
         assert len(stream) == side["length"]
 
@@ -64,9 +75,12 @@ def test_stream_is_tag_ids_eos_per_row_and_round_trips(clean_dir, vocab_dir, tok
         assert all(int(d[-1]) == tok.eos_id for d in docs)
         assert [d[1:-1].tolist() for d in docs] == encoded
         assert tok.decode([d.tolist() for d in docs]) == texts
-        assert stats[stem] == {"tokens": side["length"], "documents": len(texts),
-                               "bytes": n_bytes,
-                               "bytes_per_token": round(n_bytes / side["length"], 4)}
+        assert stats[stem] == {
+            "tokens": side["length"],
+            "documents": len(texts),
+            "bytes": n_bytes,
+            "bytes_per_token": round(n_bytes / side["length"], 4),
+        }
     assert not (out / "mono_test.bin").exists()  # evaluate reads mono_test as text
 
 
@@ -83,12 +97,17 @@ def test_parallel_ids_are_int32_lists_next_to_the_text(clean_dir, vocab_dir, tok
         assert got["src"] == pairs["src"].tolist() and got["tgt"] == pairs["tgt"].tolist()
         assert got["src_ids"] == tok.encode(got["src"])
         assert got["tgt_ids"] == tok.encode(got["tgt"])
-        assert stats[split] == {"pairs": len(pairs),
-                                "src_tokens": sum(map(len, got["src_ids"])),
-                                "tgt_tokens": sum(map(len, got["tgt_ids"]))}
+        assert stats[split] == {
+            "pairs": len(pairs),
+            "src_tokens": sum(map(len, got["src_ids"])),
+            "tgt_tokens": sum(map(len, got["tgt_ids"])),
+        }
     assert stats["tokens"] == stats["pretrain_train"]["tokens"] + stats["pretrain_valid"][
-        "tokens"] + sum(stats[s]["src_tokens"] + stats[s]["tgt_tokens"]
-                        for s in ("parallel_train", "parallel_valid", "parallel_test"))
+        "tokens"
+    ] + sum(
+        stats[s]["src_tokens"] + stats[s]["tgt_tokens"]
+        for s in ("parallel_train", "parallel_valid", "parallel_test")
+    )
     assert stats["tokens_per_second"] > 0 and stats["mb_per_second"] > 0
 
 
@@ -99,11 +118,14 @@ def test_two_processes_write_the_same_bytes(clean_dir, vocab_dir, tokens, tmp_pa
     for name in ("pretrain_train.bin", "pretrain_valid.bin", "pretrain_train.json"):
         assert (two / name).read_bytes() == (one / name).read_bytes()
     assert pq.read_table(two / "parallel_train.parquet").equals(
-        pq.read_table(one / "parallel_train.parquet"))
+        pq.read_table(one / "parallel_train.parquet")
+    )
 
 
-@pytest.mark.parametrize("vocab_size, dtype", [
-    (8000, np.uint16), (65535, np.uint16), (65536, np.uint32), (250_000, np.uint32)])
+@pytest.mark.parametrize(
+    "vocab_size, dtype",
+    [(8000, np.uint16), (65535, np.uint16), (65536, np.uint32), (250_000, np.uint32)],
+)
 def test_dtype_follows_vocab_size(vocab_size, dtype):
     assert stream_dtype(vocab_size) == dtype
 
@@ -112,8 +134,13 @@ def test_large_vocab_stream_is_uint32(tmp_path):
     ids = [[70_000, 5, 69_999], [65_536, 3]]
     path = tmp_path / "big.bin"
     side = write_stream(datasets.Dataset.from_dict({"ids": ids}), path, 70_001, text_bytes=9)
-    assert side == {"dtype": "uint32", "length": 5, "documents": 2, "bytes": 9,
-                    "vocab_size": 70_001}
+    assert side == {
+        "dtype": "uint32",
+        "length": 5,
+        "documents": 2,
+        "bytes": 9,
+        "vocab_size": 70_001,
+    }
     assert path.stat().st_size == 5 * 4
     assert load_stream(path).tolist() == [70_000, 5, 69_999, 65_536, 3]
 
@@ -127,8 +154,9 @@ def test_truncated_stream_names_file_and_lengths(tokens, tmp_path):
         fh.truncate(2 * length - 6)
     with pytest.raises(LmopsError) as err:
         load_stream(tmp_path / "pretrain_valid.bin")
-    assert str(err.value).startswith(f"{tmp_path / 'pretrain_valid.bin'}: expected {length} "
-                                     f"uint16 tokens ({2 * length} bytes")
+    assert str(err.value).startswith(
+        f"{tmp_path / 'pretrain_valid.bin'}: expected {length} uint16 tokens ({2 * length} bytes"
+    )
     assert f"the file has {2 * length - 6} bytes" in str(err.value)
 
 
@@ -158,8 +186,11 @@ def test_unknown_language_fails_without_output(vocab_dir, tmp_path):
     mono.loc[3, "lang"] = "de"
     layout.write_split(mono, clean, "mono_valid", "parquet")
     (tmp_path / "tokens").mkdir()  # an older, complete output must not survive either
-    with pytest.raises(DataError, match=r"mono_valid.parquet: row 3: language 'de' has no tag "
-                                        r"in the vocabulary \(languages: \['en', 'fr'\]\)"):
+    with pytest.raises(
+        DataError,
+        match=r"mono_valid.parquet: row 3: language 'de' has no tag "
+        r"in the vocabulary \(languages: \['en', 'fr'\]\)",
+    ):
         tokenise.tokenise(clean, vocab_dir, tmp_path / "tokens", CFG)
     _no_leftovers(tmp_path)
 
@@ -177,17 +208,28 @@ def test_missing_column_and_missing_split(vocab_dir, tmp_path):
     _no_leftovers(tmp_path)
 
 
-def test_stage_without_vocab_fails_then_runs(mlflow_store, clean_dir, vocab_dir, tmp_path,
-                                             capsys):
+def test_stage_without_vocab_fails_then_runs(mlflow_store, clean_dir, vocab_dir, tmp_path, capsys):
     """One MLflow store for both runs: creating a store costs seconds."""
     params = write_params(tmp_path / "params.yaml", tokenise={"num_proc": 1, "batch_size": 64})
-    argv = ["--params", str(params), "--data", str(clean_dir), "--vocab", "data/vocab",
-            "--out", "data/tokens", "--stats", "data/metrics/tokenise.json"]
+    argv = [
+        "--params",
+        str(params),
+        "--data",
+        str(clean_dir),
+        "--vocab",
+        "data/vocab",
+        "--out",
+        "data/tokens",
+        "--stats",
+        "data/metrics/tokenise.json",
+    ]
     with pytest.raises(SystemExit) as exit_:
         run_stage("tokenise", argv)
     assert exit_.value.code == 1
-    assert ("lmops tokenise: error: data/vocab/meta.json: not found (run the vocab stage first)"
-            in capsys.readouterr().err)
+    assert (
+        "lmops tokenise: error: data/vocab/meta.json: not found (run the vocab stage first)"
+        in capsys.readouterr().err
+    )
     assert not (tmp_path / "data" / "tokens").exists()
     assert not (tmp_path / "data" / "metrics" / "tokenise.json").exists()
     (failed,) = stage_runs("tokenise")
@@ -199,7 +241,8 @@ def test_stage_without_vocab_fails_then_runs(mlflow_store, clean_dir, vocab_dir,
     assert stats["pretrain_train"]["documents"] == 1200
     assert stats["parallel_train"]["pairs"] == 300
     assert load_stream(tmp_path / "data/tokens/pretrain_train").shape == (
-        stats["pretrain_train"]["tokens"],)
+        stats["pretrain_train"]["tokens"],
+    )
     (run,) = [r for r in stage_runs("tokenise") if r.info.run_id != failed.info.run_id]
     assert run.info.status == "FINISHED"
     assert run.data.params == {"tokenise.num_proc": "1", "tokenise.batch_size": "64"}
@@ -215,8 +258,12 @@ def test_empty_splits_give_empty_outputs(vocab_dir, tmp_path):
     for name in ("mono_valid", "parallel_valid"):
         layout.write_split(layout.read_split(clean, name).iloc[:0], clean, name, "parquet")
     stats = tokenise.tokenise(clean, vocab_dir, tmp_path / "tokens", CFG)
-    assert stats["pretrain_valid"] == {"tokens": 0, "documents": 0, "bytes": 0,
-                                       "bytes_per_token": 0.0}
+    assert stats["pretrain_valid"] == {
+        "tokens": 0,
+        "documents": 0,
+        "bytes": 0,
+        "bytes_per_token": 0.0,
+    }
     assert stats["parallel_valid"] == {"pairs": 0, "src_tokens": 0, "tgt_tokens": 0}
     assert load_stream(tmp_path / "tokens" / "pretrain_valid").size == 0
     assert pq.read_table(tmp_path / "tokens" / "parallel_valid.parquet").num_rows == 0

@@ -21,9 +21,15 @@ from lmops.tracking import stage
 
 REPO = Path(__file__).resolve().parents[3]
 LANGS = ["en", "fr"]
-CFG = ValidateConfig(min_rows=10, min_chars=1, max_chars=200, max_duplicate_rate=0.01,
-                     min_script_fraction=0.98, max_length_ratio=3.0,
-                     min_length_ratio_fraction=0.98)
+CFG = ValidateConfig(
+    min_rows=10,
+    min_chars=1,
+    max_chars=200,
+    max_duplicate_rate=0.01,
+    min_script_fraction=0.98,
+    max_length_ratio=3.0,
+    min_length_ratio_fraction=0.98,
+)
 SPLIT_NAMES = [f"{k}_{s}" for k in ("mono", "parallel") for s in layout.SPLITS]
 # Expectations per suite: mono 10 (train 9: no leakage), parallel 16 (train 12).
 N_EXPECTATIONS = 9 + 10 + 10 + 12 + 16 + 16
@@ -39,22 +45,33 @@ def _fr(i: int) -> str:
 
 def _mono(start: int, n: int) -> pd.DataFrame:
     rows = [(_en(i), "en") if i % 2 else (_fr(i), "fr") for i in range(start, start + n)]
-    return pd.DataFrame({"text": [r[0] for r in rows], "lang": [r[1] for r in rows],
-                         "source": "wiki"})
+    return pd.DataFrame(
+        {"text": [r[0] for r in rows], "lang": [r[1] for r in rows], "source": "wiki"}
+    )
 
 
 def _parallel(start: int, n: int) -> pd.DataFrame:
     idx = range(start, start + n)
-    return pd.DataFrame({"src": [f"Verse {i}: the king went home." for i in idx],
-                         "tgt": [f"Verset {i} : le roi rentra chez lui." for i in idx],
-                         "group": "Ruth", "source": "bible"})
+    return pd.DataFrame(
+        {
+            "src": [f"Verse {i}: the king went home." for i in idx],
+            "tgt": [f"Verset {i} : le roi rentra chez lui." for i in idx],
+            "group": "Ruth",
+            "source": "bible",
+        }
+    )
 
 
 def good_splits() -> dict[str, pd.DataFrame]:
     """40 train and 20 held-out rows per kind, all distinct, all within every rule."""
-    return {"mono_train": _mono(0, 40), "mono_valid": _mono(100, 20),
-            "mono_test": _mono(200, 20), "parallel_train": _parallel(0, 40),
-            "parallel_valid": _parallel(100, 20), "parallel_test": _parallel(200, 20)}
+    return {
+        "mono_train": _mono(0, 40),
+        "mono_valid": _mono(100, 20),
+        "mono_test": _mono(200, 20),
+        "parallel_train": _parallel(0, 40),
+        "parallel_valid": _parallel(100, 20),
+        "parallel_test": _parallel(200, 20),
+    }
 
 
 def write(frames: dict[str, pd.DataFrame], root: Path, fmt: str = "parquet") -> Path:
@@ -66,8 +83,13 @@ def write(frames: dict[str, pd.DataFrame], root: Path, fmt: str = "parquet") -> 
 
 
 def run(tmp_path: Path, frames: dict[str, pd.DataFrame], fmt: str = "parquet") -> dict:
-    return quality.validate_clean(write(frames, tmp_path, fmt), tmp_path / "report",
-                                  tmp_path / "metrics" / "validate.json", CFG, LANGS)
+    return quality.validate_clean(
+        write(frames, tmp_path, fmt),
+        tmp_path / "report",
+        tmp_path / "metrics" / "validate.json",
+        CFG,
+        LANGS,
+    )
 
 
 def leftovers(tmp_path: Path) -> list[str]:
@@ -94,12 +116,14 @@ def test_good_data_passes_and_writes_report(tmp_path):
 def _set(frame: str, col: str, row: int, value):
     def mutate(frames):
         frames[frame].loc[row, col] = value
+
     return mutate
 
 
 def _copy(src: tuple[str, str, int], dst: tuple[str, str, int]):
     def mutate(frames):
         frames[dst[0]].loc[dst[2], dst[1]] = frames[src[0]].loc[src[2], src[1]]
+
     return mutate
 
 
@@ -107,12 +131,14 @@ def _many(*mutations):
     def mutate(frames):
         for m in mutations:
             m(frames)
+
     return mutate
 
 
 def _truncate(frame: str, n: int):
     def mutate(frames):
         frames[frame] = frames[frame].head(n)
+
     return mutate
 
 
@@ -121,52 +147,99 @@ CJK = "東京は日本の首都です。人口は約千四百万人で、世界�
 
 # (id, change to good data, the one failure line expected: split file, then text)
 FAILURES = [
-    ("nulls", _set("parallel_train", "tgt", 3, None), "parallel_train.parquet",
-     "nulls: expect_column_values_to_not_be_null(column='tgt'): 1 of 40 rows unexpected"),
-    ("too long", _set("mono_valid", "text", 0, "word " * 50), "mono_valid.parquet",
-     "length: expect_column_value_lengths_to_be_between(column='text'): "
-     "1 of 20 rows unexpected, e.g. 'word word"),
-    ("duplicates", _many(*(_copy(("parallel_valid", "src", 0), ("parallel_valid", "src", i))
-                           for i in (1, 2, 3))), "parallel_valid.parquet",
-     "duplicates: expect_column_proportion_of_unique_values_to_be_between(column='src'): "
-     "observed 0.85, expected at least 0.99; 3 of 20 rows duplicate an earlier row, "
-     "e.g. 'Verse 100: the king went home.'"),
-    ("cyrillic in en", _many(_set("mono_train", "text", 1, CYRILLIC),
-                             _set("mono_train", "text", 3, CYRILLIC + "!")),
-     "mono_train.parquet",
-     "script (en): expect_column_values_to_match_regex(column='text'): 2 of 20 rows "
-     "unexpected (at most 2.00% allowed), e.g. 'Привет, как дела"),
-    ("cjk in src", _set("parallel_test", "src", 5, CJK), "parallel_test.parquet",
-     "script (en): expect_column_values_to_match_regex(column='src'): 1 of 20 rows "
-     "unexpected (at most 2.00% allowed), e.g. '東京は"),
-    ("mis-decoded", _set("mono_test", "text", 2, "Caf\ufffd au lait."), "mono_test.parquet",
-     "bad characters: expect_column_values_to_not_match_regex(column='text'): "
-     "1 of 20 rows unexpected (at most 2.00% allowed), e.g. 'Caf\ufffd au lait.'"),
-    ("length ratio", _set("parallel_train", "tgt", 7, "Un verset bien trop long. " * 4),
-     "parallel_train.parquet",
-     "length ratio: expect_column_values_to_be_between(column='length_ratio'): "
-     "1 of 40 rows unexpected (at most 2.00% allowed), e.g. '0.269'"),
-    ("leak valid->train", _copy(("parallel_train", "src", 5), ("parallel_valid", "src", 2)),
-     "parallel_valid.parquet",
-     "leakage into parallel_train: expect_column_values_to_be_null("
-     "column='src_in_parallel_train'): 1 of 20 rows unexpected, "
-     "e.g. 'Verse 5: the king went home.'"),
-    ("leak test->mono_train", _copy(("mono_train", "text", 4), ("mono_test", "text", 4)),
-     "mono_test.parquet",
-     "leakage into mono_train: expect_column_values_to_be_null(column='text_in_mono_train'): "
-     "1 of 20 rows unexpected, e.g. \"La phrase 4 du corpus"),
-    ("unknown language", _set("mono_valid", "lang", 6, "de"), "mono_valid.parquet",
-     "language: expect_column_values_to_be_in_set(column='lang'): 1 of 20 rows unexpected, "
-     "e.g. 'de'"),
-    ("no language", _set("mono_train", "lang", 6, None), "mono_train.parquet",
-     "language: expect_column_values_to_not_be_null(column='lang'): 1 of 40 rows unexpected"),
-    ("too few rows", _truncate("parallel_test", 5), "parallel_test.parquet",
-     "row count: expect_table_row_count_to_be_between: 5 rows, expected at least 10"),
+    (
+        "nulls",
+        _set("parallel_train", "tgt", 3, None),
+        "parallel_train.parquet",
+        "nulls: expect_column_values_to_not_be_null(column='tgt'): 1 of 40 rows unexpected",
+    ),
+    (
+        "too long",
+        _set("mono_valid", "text", 0, "word " * 50),
+        "mono_valid.parquet",
+        "length: expect_column_value_lengths_to_be_between(column='text'): "
+        "1 of 20 rows unexpected, e.g. 'word word",
+    ),
+    (
+        "duplicates",
+        _many(
+            *(_copy(("parallel_valid", "src", 0), ("parallel_valid", "src", i)) for i in (1, 2, 3))
+        ),
+        "parallel_valid.parquet",
+        "duplicates: expect_column_proportion_of_unique_values_to_be_between(column='src'): "
+        "observed 0.85, expected at least 0.99; 3 of 20 rows duplicate an earlier row, "
+        "e.g. 'Verse 100: the king went home.'",
+    ),
+    (
+        "cyrillic in en",
+        _many(
+            _set("mono_train", "text", 1, CYRILLIC), _set("mono_train", "text", 3, CYRILLIC + "!")
+        ),
+        "mono_train.parquet",
+        "script (en): expect_column_values_to_match_regex(column='text'): 2 of 20 rows "
+        "unexpected (at most 2.00% allowed), e.g. 'Привет, как дела",
+    ),
+    (
+        "cjk in src",
+        _set("parallel_test", "src", 5, CJK),
+        "parallel_test.parquet",
+        "script (en): expect_column_values_to_match_regex(column='src'): 1 of 20 rows "
+        "unexpected (at most 2.00% allowed), e.g. '東京は",
+    ),
+    (
+        "mis-decoded",
+        _set("mono_test", "text", 2, "Caf\ufffd au lait."),
+        "mono_test.parquet",
+        "bad characters: expect_column_values_to_not_match_regex(column='text'): "
+        "1 of 20 rows unexpected (at most 2.00% allowed), e.g. 'Caf\ufffd au lait.'",
+    ),
+    (
+        "length ratio",
+        _set("parallel_train", "tgt", 7, "Un verset bien trop long. " * 4),
+        "parallel_train.parquet",
+        "length ratio: expect_column_values_to_be_between(column='length_ratio'): "
+        "1 of 40 rows unexpected (at most 2.00% allowed), e.g. '0.269'",
+    ),
+    (
+        "leak valid->train",
+        _copy(("parallel_train", "src", 5), ("parallel_valid", "src", 2)),
+        "parallel_valid.parquet",
+        "leakage into parallel_train: expect_column_values_to_be_null("
+        "column='src_in_parallel_train'): 1 of 20 rows unexpected, "
+        "e.g. 'Verse 5: the king went home.'",
+    ),
+    (
+        "leak test->mono_train",
+        _copy(("mono_train", "text", 4), ("mono_test", "text", 4)),
+        "mono_test.parquet",
+        "leakage into mono_train: expect_column_values_to_be_null(column='text_in_mono_train'): "
+        '1 of 20 rows unexpected, e.g. "La phrase 4 du corpus',
+    ),
+    (
+        "unknown language",
+        _set("mono_valid", "lang", 6, "de"),
+        "mono_valid.parquet",
+        "language: expect_column_values_to_be_in_set(column='lang'): 1 of 20 rows unexpected, "
+        "e.g. 'de'",
+    ),
+    (
+        "no language",
+        _set("mono_train", "lang", 6, None),
+        "mono_train.parquet",
+        "language: expect_column_values_to_not_be_null(column='lang'): 1 of 40 rows unexpected",
+    ),
+    (
+        "too few rows",
+        _truncate("parallel_test", 5),
+        "parallel_test.parquet",
+        "row count: expect_table_row_count_to_be_between: 5 rows, expected at least 10",
+    ),
 ]
 
 
-@pytest.mark.parametrize(("mutate", "split_file", "expected"),
-                         [f[1:] for f in FAILURES], ids=[f[0] for f in FAILURES])
+@pytest.mark.parametrize(
+    ("mutate", "split_file", "expected"), [f[1:] for f in FAILURES], ids=[f[0] for f in FAILURES]
+)
 def test_each_rule_fails_with_a_readable_message(tmp_path, mutate, split_file, expected):
     summary_file = tmp_path / "metrics" / "validate.json"
     summary_file.parent.mkdir()
@@ -177,8 +250,11 @@ def test_each_rule_fails_with_a_readable_message(tmp_path, mutate, split_file, e
         run(tmp_path, frames)
     message = str(err.value)
     first, *lines = message.splitlines()
-    assert re.fullmatch(r".*/clean: 1 of \d+ data quality expectations failed "
-                        r"\(report: .*/report/index\.html\):", first), first
+    assert re.fullmatch(
+        r".*/clean: 1 of \d+ data quality expectations failed "
+        r"\(report: .*/report/index\.html\):",
+        first,
+    ), first
     assert len(lines) == 1, message
     assert lines[0].strip().startswith(f"{tmp_path}/clean/{split_file}: {expected}"), message
     assert not summary_file.exists()
@@ -202,8 +278,11 @@ def test_failures_are_listed_one_per_line_and_jsonl_is_read(tmp_path):
 def test_missing_column_is_a_data_error_and_leaves_no_output(tmp_path):
     frames = good_splits()
     frames["parallel_valid"] = frames["parallel_valid"].drop(columns=["tgt"])
-    with pytest.raises(DataError, match=r"clean/parallel_valid\.parquet: missing column\(s\) "
-                                        r"\['tgt'\]"):
+    with pytest.raises(
+        DataError,
+        match=r"clean/parallel_valid\.parquet: missing column\(s\) "
+        r"\['tgt'\]",
+    ):
         run(tmp_path, frames)
     assert not (tmp_path / "report").exists()
     assert not (tmp_path / "metrics" / "validate.json").exists()
@@ -216,10 +295,15 @@ def test_expectation_that_cannot_run_is_reported(tmp_path):
     layout.write_split(frames["mono_valid"], tmp_path, "mono_valid", "parquet")
     results = quality.run_checks(frames, CFG, LANGS, tmp_path / "site")
     lines = quality.failures(results, frames, tmp_path)
-    assert f"{tmp_path}/mono_valid.parquet: leakage into mono_train: expect_column_values_to_be_" \
-           "null(column='text_in_mono_train'): could not be evaluated: " in "\n".join(lines)
-    assert any(line.startswith(f"{tmp_path}/mono_valid.parquet: language: ") and
-               "could not be evaluated" in line for line in lines)
+    assert (
+        f"{tmp_path}/mono_valid.parquet: leakage into mono_train: expect_column_values_to_be_"
+        "null(column='text_in_mono_train'): could not be evaluated: " in "\n".join(lines)
+    )
+    assert any(
+        line.startswith(f"{tmp_path}/mono_valid.parquet: language: ")
+        and "could not be evaluated" in line
+        for line in lines
+    )
     assert (tmp_path / "site" / "index.html").is_file()
 
 
@@ -229,18 +313,26 @@ def _matches(regex: str, texts: list[str]) -> list[bool]:
 
 
 def test_script_table_and_fallback():
-    texts = ["Œuvre d'art « ici » à 3½ °C – 5 €.", "Setsuko Hara (原 節子) est une actrice.",
-             "Привет мир", "你好世界", "hello\x00world", "ˈæpəl and α-decay"]
-    assert _matches(quality.script_regex("en"), texts) == [True, True, False, False, False,
-                                                          True]
+    texts = [
+        "Œuvre d'art « ici » à 3½ °C – 5 €.",
+        "Setsuko Hara (原 節子) est une actrice.",
+        "Привет мир",
+        "你好世界",
+        "hello\x00world",
+        "ˈæpəl and α-decay",
+    ]
+    assert _matches(quality.script_regex("en"), texts) == [True, True, False, False, False, True]
     assert _matches(quality.script_regex("FR-ca"), texts) == _matches(
-        quality.script_regex("en"), texts)
+        quality.script_regex("en"), texts
+    )
     assert _matches(quality.script_regex("ru"), texts)[2] is True
     # Unknown language: any script, but still no control characters.
-    assert _matches(quality.script_regex("xx"), texts) == [True, True, True, True, False,
-                                                          True]
+    assert _matches(quality.script_regex("xx"), texts) == [True, True, True, True, False, True]
     assert _matches(quality.BAD_CHARS, ["ok", "bad\ufffd", "tab\tnewline\n"]) == [
-        False, True, False]
+        False,
+        True,
+        False,
+    ]
 
 
 def _stage(args: list[str]) -> None:
@@ -263,12 +355,24 @@ def test_stage_logs_report_and_metrics_to_mlflow(tmp_path, mlflow_store):
     import mlflow
 
     clean = write(good_splits(), tmp_path)
-    _stage(["--params", str(_params(tmp_path)), "--data", str(clean),
-            "--report", "report", "--summary", "metrics/validate.json"])
+    _stage(
+        [
+            "--params",
+            str(_params(tmp_path)),
+            "--data",
+            str(clean),
+            "--report",
+            "report",
+            "--summary",
+            "metrics/validate.json",
+        ]
+    )
     assert read_json(tmp_path / "metrics" / "validate.json")["success"] is True
-    (run,) = mlflow.search_runs(experiment_names=["lmops-test"],
-                                filter_string="tags.`lmops.stage` = 'validate'",
-                                output_format="list")
+    (run,) = mlflow.search_runs(
+        experiment_names=["lmops-test"],
+        filter_string="tags.`lmops.stage` = 'validate'",
+        output_format="list",
+    )
     assert run.info.status == "FINISHED"
     assert run.data.metrics["validate/success"] == 1.0
     assert run.data.metrics["validate/evaluated"] == N_EXPECTATIONS
@@ -287,18 +391,31 @@ def test_stage_failure_exits_1_and_keeps_the_report(tmp_path, mlflow_store, caps
     _copy(("mono_train", "text", 9), ("mono_valid", "text", 0))(frames)
     clean = write(frames, tmp_path)
     with pytest.raises(SystemExit) as exit_info:
-        _stage(["--params", str(_params(tmp_path)), "--data", str(clean),
-                "--report", "report", "--summary", "metrics/validate.json"])
+        _stage(
+            [
+                "--params",
+                str(_params(tmp_path)),
+                "--data",
+                str(clean),
+                "--report",
+                "report",
+                "--summary",
+                "metrics/validate.json",
+            ]
+        )
     assert exit_info.value.code == 1
     err = capsys.readouterr().err
     assert f"lmops validate: error: {clean}: 1 of {N_EXPECTATIONS} data quality" in err
-    assert (f"{clean}/mono_valid.parquet: leakage into mono_train: expect_column_values_to_be_"
-            "null(column='text_in_mono_train'): 1 of 20 rows unexpected, e.g. 'Sentence 9 of"
-            ) in err
+    assert (
+        f"{clean}/mono_valid.parquet: leakage into mono_train: expect_column_values_to_be_"
+        "null(column='text_in_mono_train'): 1 of 20 rows unexpected, e.g. 'Sentence 9 of"
+    ) in err
     assert not (tmp_path / "metrics" / "validate.json").exists()
-    (run,) = mlflow.search_runs(experiment_names=["lmops-test"],
-                                filter_string="tags.`lmops.stage` = 'validate'",
-                                output_format="list")
+    (run,) = mlflow.search_runs(
+        experiment_names=["lmops-test"],
+        filter_string="tags.`lmops.stage` = 'validate'",
+        output_format="list",
+    )
     assert run.info.status == "FAILED"
     assert "leakage into mono_train" in run.data.tags["lmops.error"]
     names = [a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "gx_report")]

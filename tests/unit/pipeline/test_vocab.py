@@ -23,6 +23,8 @@ from tests.support.helpers import (
 )
 
 REPO = Path(__file__).resolve().parents[3]
+
+
 def write_quality(path: Path, success: bool = True) -> Path:
     path.write_text(json.dumps({"success": success}))
     return path
@@ -42,32 +44,61 @@ def test_special_ids_meta_and_round_trip(clean_dir, tmp_path, model_type):
     meta = vocab.build_vocab(clean_dir, tmp_path / "vocab", cfg, LANGS, seed=7)
 
     assert sorted(p.name for p in (tmp_path / "vocab").iterdir()) == [
-        "meta.json", "spm.model", "spm.vocab"]
+        "meta.json",
+        "spm.model",
+        "spm.vocab",
+    ]
     assert json.loads((tmp_path / "vocab" / "meta.json").read_text()) == meta
     n_train = len(layout.read_split(clean_dir, "mono_train"))
     assert meta == {
-        "vocab_size": 400, "pad_id": 0, "unk_id": 1, "bos_id": 2, "eos_id": 3, "sep_id": 6,
-        "lang_ids": {"en": 4, "fr": 5}, "languages": ["en", "fr"], "model_type": model_type,
-        "byte_fallback": True, "character_coverage": 0.9995, "train_sentences": n_train,
-        "sampled_sentences": n_train, "seed": 7,
+        "vocab_size": 400,
+        "pad_id": 0,
+        "unk_id": 1,
+        "bos_id": 2,
+        "eos_id": 3,
+        "sep_id": 6,
+        "lang_ids": {"en": 4, "fr": 5},
+        "languages": ["en", "fr"],
+        "model_type": model_type,
+        "byte_fallback": True,
+        "character_coverage": 0.9995,
+        "train_sentences": n_train,
+        "sampled_sentences": n_train,
+        "seed": 7,
     }
     sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "vocab" / "spm.model"))
     assert [sp.id_to_piece(i) for i in range(7)] == [
-        "<pad>", "<unk>", "<s>", "</s>", "<2en>", "<2fr>", "<sep>"]
+        "<pad>",
+        "<unk>",
+        "<s>",
+        "</s>",
+        "<2en>",
+        "<2fr>",
+        "<sep>",
+    ]
     assert sp.id_to_piece(7) == "<0x00>"  # byte fallback pieces follow the specials
 
     tok = Tokenizer.load(tmp_path / "vocab")
     assert (tok.vocab_size, tok.pad_id, tok.unk_id, tok.bos_id, tok.eos_id, tok.sep_id) == (
-        400, 0, 1, 2, 3, 6)
+        400,
+        0,
+        1,
+        2,
+        3,
+        6,
+    )
     assert (tok.lang_id("en"), tok.lang_id("fr"), tok.languages) == (4, 5, ["en", "fr"])
-    texts = ["The quiet horse hears a song behind 42 windows.",
-             "Le cheval fatigué traverse le fleuve à côté de l'été.",
-             "Ünseen wörds and 日本 survive through byte pieces."]
+    texts = [
+        "The quiet horse hears a song behind 42 windows.",
+        "Le cheval fatigué traverse le fleuve à côté de l'été.",
+        "Ünseen wörds and 日本 survive through byte pieces.",
+    ]
     ids = tok.encode(texts)
     assert all(len(row) > 0 and min(row) > 6 for row in ids)  # plain pieces only
     assert tok.decode(ids) == texts
-    framed = [[tok.lang_id("fr"), tok.bos_id, *row, tok.sep_id, tok.eos_id, tok.pad_id, 0]
-              for row in ids]
+    framed = [
+        [tok.lang_id("fr"), tok.bos_id, *row, tok.sep_id, tok.eos_id, tok.pad_id, 0] for row in ids
+    ]
     assert tok.decode(framed) == texts
     assert (tok.encode([]), tok.decode([]), tok.decode([[tok.eos_id]])) == ([], [], [""])
 
@@ -112,8 +143,11 @@ def test_vocab_too_large_names_the_key_and_leaves_nothing(clean_dir, tmp_path):
 
 
 def test_vocab_too_small_for_the_characters(clean_dir, tmp_path):
-    with pytest.raises(LmopsError, match=r"vocab.vocab_size=200 is too small.*256 byte pieces"
-                                         r".*need at least \d+; raise"):
+    with pytest.raises(
+        LmopsError,
+        match=r"vocab.vocab_size=200 is too small.*256 byte pieces"
+        r".*need at least \d+; raise",
+    ):
         vocab.build_vocab(clean_dir, tmp_path / "v", VocabConfig(vocab_size=200), LANGS, seed=7)
     assert not (tmp_path / "v").exists()
 
@@ -133,12 +167,15 @@ def test_tokenizer_load_missing_dir(tmp_path):
         Tokenizer.load(tmp_path / "nope")
 
 
-@pytest.mark.parametrize("summary, problem", [
-    (None, "data quality summary not found"),
-    ('{"success": false, "failed": 3}', "data validation failed"),
-    ('{"results": []}', "has no 'success' key"),
-    ("{not json", "not valid JSON"),
-])
+@pytest.mark.parametrize(
+    "summary, problem",
+    [
+        (None, "data quality summary not found"),
+        ('{"success": false, "failed": 3}', "data validation failed"),
+        ('{"results": []}', "has no 'success' key"),
+        ("{not json", "not valid JSON"),
+    ],
+)
 def test_quality_summary_must_say_success(tmp_path, summary, problem):
     path = tmp_path / "validate.json"
     if summary is not None:
@@ -148,18 +185,26 @@ def test_quality_summary_must_say_success(tmp_path, summary, problem):
     assert str(err.value).startswith(str(path))
 
 
-def test_stage_refuses_failed_validation_then_logs_to_mlflow(mlflow_store, clean_dir, tmp_path,
-                                                             capsys):
+def test_stage_refuses_failed_validation_then_logs_to_mlflow(
+    mlflow_store, clean_dir, tmp_path, capsys
+):
     """One MLflow store for both runs: creating a store costs seconds."""
     params = write_params(tmp_path / "params.yaml", vocab=SMALL)
-    argv = ["--params", str(params), "--data", str(clean_dir),
-            "--quality", "validate.json", "--out", "data/vocab"]
+    argv = [
+        "--params",
+        str(params),
+        "--data",
+        str(clean_dir),
+        "--quality",
+        "validate.json",
+        "--out",
+        "data/vocab",
+    ]
     write_quality(tmp_path / "validate.json", success=False)
     with pytest.raises(SystemExit) as exit_:
         run_stage("vocab", argv)
     assert exit_.value.code == 1
-    assert ("lmops vocab: error: validate.json: data validation failed"
-            in capsys.readouterr().err)
+    assert "lmops vocab: error: validate.json: data validation failed" in capsys.readouterr().err
     assert not (tmp_path / "data" / "vocab").exists()
     (failed,) = stage_runs("vocab")
     assert failed.info.status == "FAILED"

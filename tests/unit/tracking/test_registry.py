@@ -66,8 +66,11 @@ def test_register_and_promote(mlflow_store, tmp_path):
 
     # the champion downloads by alias: a pyfunc model holding the model directory and
     # its vocabulary
-    got = Path(mlflow.artifacts.download_artifacts(f"models:/{name}@champion",
-                                                   dst_path=str(tmp_path / "dl")))
+    got = Path(
+        mlflow.artifacts.download_artifacts(
+            f"models:/{name}@champion", dst_path=str(tmp_path / "dl")
+        )
+    )
     assert (got / "artifacts/model/model.safetensors").read_bytes() == b"v2"
     assert (got / "artifacts/vocab/meta.json").is_file()
     assert "python_function" in (got / "MLmodel").read_text()

@@ -19,14 +19,22 @@ from lmops.errors import LmopsError
 from lmops.pipeline.vocab import train_vocab
 from lmops.tracking import serving
 
-PAIRS = [("Good morning, my friend.", "Bonjour, mon ami."),
-         ("Thank you very much.", "Merci beaucoup.")]
+PAIRS = [
+    ("Good morning, my friend.", "Bonjour, mon ami."),
+    ("Thank you very much.", "Merci beaucoup."),
+]
 TEXT = [s for pair in PAIRS for s in pair] * 20 + [
-    "The house is small and the garden is quiet.", "La maison est petite et le jardin calme.",
-    "We eat bread, cheese and grapes every evening.", "Nous mangeons du pain et du fromage.",
-    "Yesterday the children walked by the river.", "Hier les enfants marchaient au bord.",
-    "Which way goes to the old bridge?", "Quel chemin mene au vieux pont?",
-    "Jump quickly over the lazy brown fox!", "Voyez le brick geant que j'examine pres du wharf."]
+    "The house is small and the garden is quiet.",
+    "La maison est petite et le jardin calme.",
+    "We eat bread, cheese and grapes every evening.",
+    "Nous mangeons du pain et du fromage.",
+    "Yesterday the children walked by the river.",
+    "Hier les enfants marchaient au bord.",
+    "Which way goes to the old bridge?",
+    "Quel chemin mene au vieux pont?",
+    "Jump quickly over the lazy brown fox!",
+    "Voyez le brick geant que j'examine pres du wharf.",
+]
 
 
 @pytest.fixture(scope="module")
@@ -35,19 +43,30 @@ def dirs(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("translator")
     vocab_dir = root / "vocab"
     vocab_dir.mkdir()
-    train_vocab(TEXT, vocab_dir, VocabConfig(vocab_size=64, byte_fallback=False, num_threads=1),
-                ["en", "fr"], seed=1)
+    train_vocab(
+        TEXT,
+        vocab_dir,
+        VocabConfig(vocab_size=64, byte_fallback=False, num_threads=1),
+        ["en", "fr"],
+        seed=1,
+    )
     tok = Tokenizer.load(vocab_dir)
     torch.manual_seed(0)
-    model = Transformer(ModelConfig(n_layer=1, n_embd=32, n_head=2, block_size=32),
-                        tok.vocab_size)
-    x, y = collate([example(tok, s, t, "fr", 32) for s, t in zip(
-        tok.encode([p[0] for p in PAIRS]), tok.encode([p[1] for p in PAIRS]), strict=True)],
-        tok.pad_id)
+    model = Transformer(ModelConfig(n_layer=1, n_embd=32, n_head=2, block_size=32), tok.vocab_size)
+    x, y = collate(
+        [
+            example(tok, s, t, "fr", 32)
+            for s, t in zip(
+                tok.encode([p[0] for p in PAIRS]), tok.encode([p[1] for p in PAIRS]), strict=True
+            )
+        ],
+        tok.pad_id,
+    )
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     for _ in range(80):
-        loss = torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten(),
-                                                 ignore_index=-100)
+        loss = torch.nn.functional.cross_entropy(
+            model(x).flatten(0, 1), y.flatten(), ignore_index=-100
+        )
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -72,8 +91,9 @@ def test_the_logged_pyfunc_loads_and_translates(dirs, mlflow_store, tmp_path):
     local = Path(mlflow.artifacts.download_artifacts(info.model_uri, dst_path=str(tmp_path)))
     assert (local / "artifacts/model/model.safetensors").is_file()
     assert (local / "artifacts/vocab/spm.model").is_file()
-    assert json.loads((local / "artifacts/translator.json").read_text())["decode"][
-        "beam_size"] == 4  # the defaults; the target language comes from the model
+    assert (
+        json.loads((local / "artifacts/translator.json").read_text())["decode"]["beam_size"] == 4
+    )  # the defaults; the target language comes from the model
     assert (local / "code/lmops/tracking/serving.py").is_file()
     assert not list(local.rglob("*.pkl"))  # nothing pickled: models from code
 
@@ -82,8 +102,9 @@ def test_the_logged_pyfunc_loads_and_translates(dirs, mlflow_store, tmp_path):
     out = model.predict(pd.DataFrame({"source": sources}), params={"beam_size": 1})
     assert list(out.columns) == ["translation"]
     assert list(out["translation"]) == [p[1] for p in PAIRS]
-    assert serving.translate_with(model, sources) == serving.Translator.from_dirs(
-        *dirs).translate(sources)
+    assert serving.translate_with(model, sources) == serving.Translator.from_dirs(*dirs).translate(
+        sources
+    )
 
 
 def test_inputs_are_read_or_named(dirs):

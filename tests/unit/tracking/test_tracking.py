@@ -102,7 +102,8 @@ def test_the_pipeline_run_holds_the_params_files_and_stage_metrics(mlflow_store,
     # the whole params file, resolved: defaults included, sections as prefixes
     assert parent.data.params["finetune.lr"] == "0.002"
     assert parent.data.params["vocab.vocab_size"] == str(
-        yaml.safe_load((REPO / "params.yaml").read_text())["vocab"]["vocab_size"])
+        yaml.safe_load((REPO / "params.yaml").read_text())["vocab"]["vocab_size"]
+    )
     assert parent.data.params["tokenise.num_proc"]
     assert "first.a" not in parent.data.params  # stage params stay on the stage run
     assert parent.data.metrics["first/x"] == 3.0 and "first/wall_seconds" in parent.data.metrics
@@ -110,16 +111,17 @@ def test_the_pipeline_run_holds_the_params_files_and_stage_metrics(mlflow_store,
     assert {"params.yaml", "dvc.lock"} <= names
 
 
-def test_a_reused_parent_keeps_its_first_params_with_a_warning(mlflow_store, tmp_path,
-                                                               monkeypatch):
+def test_a_reused_parent_keeps_its_first_params_with_a_warning(mlflow_store, tmp_path, monkeypatch):
     _project(tmp_path, 0.002)
     with tracking.stage_run("first"):
         pass
     (parent,) = _runs("pipeline")
     monkeypatch.setenv(tracking.PARENT_ENV, parent.info.run_id)
     _project(tmp_path, 0.004)
-    with pytest.warns(UserWarning, match=r"other values for \['finetune.lr'\]"), \
-            tracking.stage_run("second"):
+    with (
+        pytest.warns(UserWarning, match=r"other values for \['finetune.lr'\]"),
+        tracking.stage_run("second"),
+    ):
         pass
     assert MlflowClient().get_run(parent.info.run_id).data.params["finetune.lr"] == "0.002"
 
@@ -138,10 +140,14 @@ def test_compare_shows_the_one_param_that_differs(mlflow_store, tmp_path, capsys
     assert runs[0].stages == runs[1].stages == ["finetune"]
     rows = compare.table(runs)
     assert [(kind, key) for kind, key, _ in rows] == [
-        ("param", "finetune.lr"), ("metric", "finetune/train_loss")]
+        ("param", "finetune.lr"),
+        ("metric", "finetune/train_loss"),
+    ]
     assert rows[0][2] == ["0.002", "0.004"]
     assert {key for _, key, _ in compare.table(runs, all_rows=True)} >= {
-        "finetune/steps", "vocab.vocab_size"}
+        "finetune/steps",
+        "vocab.vocab_size",
+    }
 
     cli.main(["compare", "--last", "2"])
     out = capsys.readouterr().out
