@@ -42,8 +42,8 @@ NAME = "estimate"
 def predict(root: Path, env: dict[str, str]) -> dict[str, dict[str, object]]:
     """`lmops estimate` in its own process (the class's environment), as JSON."""
     code = (
-        "import json; from lmops.estimate import estimate; "
-        "from lmops.orchestrate import stages_to_run; "
+        "import json; from lmops.orchestrate.estimate import estimate; "
+        "from lmops.orchestrate.dag import stages_to_run; "
         "est = estimate(stages_to_run('.')); "
         "print(json.dumps({e.stage: {'seconds': e.seconds, 'detail': e.detail} "
         "for e in est}))"
@@ -83,7 +83,7 @@ def render(runs: dict[str, dict]) -> str:
         "per stage, timed from outside. Goal: every stage and the total within 30%.",
         "",
         "Training and decoding are measured on the machine itself; the data stages and "
-        "each stage's fixed cost come from constants in `src/lmops/estimate.py`, "
+        "each stage's fixed cost come from constants in `src/lmops/orchestrate/estimate.py`, "
         "measured on a 2-core AVX2 EPYC (Zen 3) with this profile and scaled by a "
         "scalar probe elsewhere, so on that class those rows are not an independent "
         "check.",

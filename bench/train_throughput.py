@@ -5,9 +5,9 @@ Run with: make bench   (or: python bench/train_throughput.py [--quick])
 The peer is a ``transformers`` ``LlamaForCausalLM`` of the same shape (layers, width,
 heads, SwiGLU width, vocab, context, tied embeddings, no biases, RMSNorm eps 1e-6),
 trained by a plain AdamW loop with HF's own loss on the same batches. Both sides clip the
-gradient norm at 1.0, as ``lmops.train`` and the HF Trainer do by default. Precision
+gradient norm at 1.0, as ``lmops.core.train`` and the HF Trainer do by default. Precision
 policies: fp32 eager and bf16 autocast on both sides, plus lmops with bf16 + torch.compile.
-Utilisation = tokens/s x ``lmops.model.flops_per_token`` / the matmul peak this script
+Utilisation = tokens/s x ``lmops.core.model.flops_per_token`` / the matmul peak this script
 measures with ``torch.matmul`` on large square matrices.
 """
 
@@ -124,7 +124,7 @@ def lmops_case(
     dtype = autocast_dtype(precision, device)
     fwd = torch.compile(model) if compile_ else model
 
-    def step(batch: tuple) -> None:  # what lmops.train._Trainer.train_step does per step
+    def step(batch: tuple) -> None:  # what lmops.core.train._Trainer.train_step does per step
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             loss = lm_loss(fwd, batch)
         loss.backward()
@@ -336,7 +336,7 @@ def main() -> None:
             ),
             "spread = (max - min) / median over the rounds; best = the fastest round",
             "x hf ... = median over rounds of the paired per-round ratio",
-            "FLOPs per token from lmops.model.flops_per_token (6N + attention), "
+            "FLOPs per token from lmops.core.model.flops_per_token (6N + attention), "
             "the same for both models",
         ],
     )

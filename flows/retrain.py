@@ -10,7 +10,7 @@ DVC experiment, the evaluated translator becomes a `challenger` version of the r
 model, and it takes the `champion` alias only if data validation passed, test BLEU rose
 by `retrain.min_bleu_gain` and no perplexity rose by more than `retrain.max_ppl_increase`
 (params.yaml), the champion evaluated again on the same test set. The logic lives in
-lmops.retrain.
+lmops.orchestrate.retrain.
 """
 
 from __future__ import annotations

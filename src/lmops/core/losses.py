@@ -1,6 +1,6 @@
 """Word-level distillation losses: the student learns the teacher's softened
-distribution on the target tokens (see :mod:`lmops.distil`). Apart from the stage so
-that ``lmops.estimate`` can time a distillation step without importing the stage."""
+distribution on the target tokens (see :mod:`lmops.pipeline.distil`). Apart from the stage so
+that ``lmops.orchestrate.estimate`` can time a distillation step without importing the stage."""
 
 from __future__ import annotations
 
@@ -71,7 +71,7 @@ def _without_head(model: nn.Module) -> Iterator[Tensor]:
 
 
 def word_loss(teacher: Transformer, alpha: float, temperature: float) -> LossFn:
-    """``loss_fn`` for :func:`lmops.train.fit`: the teacher scores each batch, frozen."""
+    """``loss_fn`` for :func:`lmops.core.train.fit`: the teacher scores each batch, frozen."""
     teacher.eval().requires_grad_(False)
 
     def loss_fn(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:

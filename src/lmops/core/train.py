@@ -27,7 +27,7 @@ carrying generator states in the checkpoint. The learning rate is a pure functio
 the step (:func:`lr_at`), so the optimiser moments and the step are all a resume needs.
 
 Checkpoints go to ``out_dir/ckpt/step-<N>`` (the last one only) and, when a metric is
-selected, ``out_dir/ckpt/best-<N>`` (weights only); see :mod:`lmops.checkpoint`. A rerun
+selected, ``out_dir/ckpt/best-<N>`` (weights only); see :mod:`lmops.core.checkpoint`. A rerun
 whose resolved config equals the stored one continues from the last checkpoint; any
 other config starts afresh, and the log says which keys changed.
 """
@@ -346,7 +346,7 @@ class TrainResult:
     checkpoint: Path | None  # the last training checkpoint
     best_checkpoint: Path | None  # weights with the best selected metric
     resumed_from: int  # 0 for a fresh start
-    hardware: dict[str, Any] = field(default_factory=dict)  # lmops.hardware.facts
+    hardware: dict[str, Any] = field(default_factory=dict)  # lmops.core.hardware.facts
 
 
 @dataclass

@@ -5,7 +5,7 @@ which way to translate, ``<sep>`` ends the source. Fine-tuning scores only the t
 tokens and ``</s>``; decoding feeds ``<2tgt> source <sep>`` and reads up to ``</s>``.
 
 A trained model travels as a *model directory* (:func:`save_model`): a checkpoint (see
-:mod:`lmops.checkpoint`: safetensors, JSON, sha256 manifest) whose ``config.json`` holds the
+:mod:`lmops.core.checkpoint`: safetensors, JSON, sha256 manifest) whose ``config.json`` holds the
 model shape and vocabulary size, so :func:`load_model` rebuilds it without unpickling.
 """
 

@@ -562,7 +562,7 @@ def log_stage_estimate(stage: str, params_path: str | Path) -> None:
 def training_stage_start(stage: str, params_path: str, argv: list[str]) -> None:
     """The training stages' ``before`` hook of :func:`lmops.stage.run`: the stage's
     estimate, printed once, then the relaunch under torchrun where ``nproc`` asks for it
-    (:func:`lmops.hardware.relaunch_data_parallel`)."""
+    (:func:`lmops.core.hardware.relaunch_data_parallel`)."""
     if "WORLD_SIZE" in os.environ:  # one of torchrun's processes: the parent printed it
         return
     try:

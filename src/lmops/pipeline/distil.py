@@ -17,10 +17,10 @@ Two methods (``distil.method``):
 The student starts from random weights or as a copy of the teacher pruned to its shape
 (``distil.init``): some of its layers and, in those, the residual channels, heads and MLP
 neurons the teacher uses most (Minitron-style activation importance). Training goes
-through the shared loop (:func:`lmops.train.fit`: resume, checkpoints, divergence guard,
+through the shared loop (:func:`lmops.core.train.fit`: resume, checkpoints, divergence guard,
 curves); as in finetune, each evaluation scores the validation BLEU of greedy
 translations and the best-BLEU weights are the stage's output.
-The student is then scored by the same :func:`lmops.evaluate.evaluate_model` as the
+The student is then scored by the same :func:`lmops.pipeline.evaluate.evaluate_model` as the
 teacher, on the same test pairs, and compared with the teacher's figures.
 """
 

@@ -1,7 +1,7 @@
 """The ``finetune`` stage: the pretrained model learns to translate source -> target.
 
 Each pair is ``<2tgt> source <sep> target </s>`` with the loss on the target side only
-(:mod:`lmops.translation`). At every evaluation the stage measures the teacher-forced
+(:mod:`lmops.core.translation`). At every evaluation the stage measures the teacher-forced
 validation loss and the BLEU of greedy translations of the first ``bleu_samples``
 validation pairs; the weights with the best validation BLEU are the stage's output.
 

@@ -2,7 +2,7 @@
 
 Training windows are random ``block_size`` slices of ``pretrain_train.bin``; validation
 loss is measured at intervals on fixed, evenly spaced windows of ``pretrain_valid.bin``.
-The final weights go to a model directory (:func:`lmops.translation.save_model`); the
+The final weights go to a model directory (:func:`lmops.core.translation.save_model`); the
 checkpoints that let a killed run resume live in the stage's work directory.
 """
 

@@ -1,9 +1,9 @@
 """The MLflow model registry entry of the translator: champion and challenger.
 
-A retraining run (lmops.retrain) registers the fine-tuned model it evaluated (the model
+A retraining run (lmops.orchestrate.retrain) registers the fine-tuned model it evaluated (the model
 directory and its vocabulary, as artifacts of the pipeline's parent run) as a new version
 of ``lmops-translator`` with the alias ``challenger``, and promotes it to ``champion``
-when it beats the current one. A version is a pyfunc model (:mod:`lmops.serving`):
+when it beats the current one. A version is a pyfunc model (:mod:`lmops.tracking.serving`):
 ``mlflow models serve -m models:/lmops-translator@champion`` answers translation
 requests, ``mlflow.pyfunc.load_model`` translates in Python.
 """
@@ -80,7 +80,7 @@ def register(
     name: str = MODEL_NAME,
     extra_tags: Mapping[str, str] | None = None,
 ) -> Any:
-    """Log the translator to ``run_id`` as a pyfunc model (see :mod:`lmops.serving`) and
+    """Log the translator to ``run_id`` as a pyfunc model (see :mod:`lmops.tracking.serving`) and
     register it as a version of ``name`` with the alias ``challenger``; test metrics and
     the model's md5 become version tags. The run also gets the final params file and
     ``dvc.lock``."""

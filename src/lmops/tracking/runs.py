@@ -14,7 +14,7 @@ reopens it.
 
 A tracking server that does not answer when a stage starts stops the stage at once, before
 it reads or writes anything (:func:`setup`). One that goes away while a stage runs does
-not stop it: everything the stage logs goes through :mod:`lmops.tracking_buffer`, which
+not stop it: everything the stage logs goes through :mod:`lmops.tracking.buffer`, which
 keeps what the server does not take and sends it when the server answers again, or leaves
 it in ``mlruns/spool/`` for ``lmops tracking sync`` (:func:`sync`).
 """
@@ -261,7 +261,7 @@ def stage_run(stage: str, params: dict[str, Any] | None = None) -> Iterator[Any]
     ``params`` are logged flattened with the stage name as prefix (``vocab.vocab_size``).
     Under torchrun only rank 0 opens a run; the other ranks get ``None``. Everything logged
     through this module (and the training loop) while the run is active goes through a
-    :class:`~lmops.tracking_buffer.RunBuffer`: a server lost mid-run costs no metric.
+    :class:`~lmops.tracking.buffer.RunBuffer`: a server lost mid-run costs no metric.
     """
     global _buffer
 
@@ -650,7 +650,7 @@ def log_stage_outputs(
     """Numeric metrics as ``<stage>/<name>``, string ones as tags, a model dir and files as
     artifacts, to the active stage run (nothing without one, e.g. on a torchrun worker).
 
-    The ``hardware`` block (:func:`lmops.hardware.facts`) becomes params
+    The ``hardware`` block (:func:`lmops.core.hardware.facts`) becomes params
     ``<stage>.hardware.<key>`` and tags ``lmops.hardware.<key>``.
     """
     run_id = mlflow_active_run_id()

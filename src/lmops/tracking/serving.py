@@ -47,7 +47,7 @@ SETTINGS_ARTIFACT = "settings"
 SETTINGS_FILE = "translator.json"
 # decode settings a request may override (signature params); the rest are fixed at logging
 REQUEST_PARAMS = ("beam_size", "max_new_tokens")
-# what importing lmops.serving's Translator pulls in; pinned to the versions logging ran with
+# what importing the Translator pulls in; pinned to the versions logging ran with
 REQUIREMENTS = (
     "mlflow",
     "torch",

@@ -62,7 +62,7 @@ def run(
     A params file that fails the schema is recorded as a FAILED run of the stage too
     (``main`` reads it before it opens its run); a full disk is a user error like any other.
     ``before(name, params_path, argv)`` runs first and may replace the process (training
-    stages: :func:`lmops.estimate.training_stage_start`).
+    stages: :func:`lmops.orchestrate.estimate.training_stage_start`).
     """
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
     sys.excepthook = _redacted_traceback
