@@ -12,7 +12,7 @@ returns the metrics for the tracking run. The package imports :mod:`lmops.core` 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,4 @@ class Result:
 
 def as_paths(cls: type, values: dict[str, Any]) -> Any:
     """``cls`` (a stage's ``Paths``) from a mapping that holds at least its fields."""
-    from dataclasses import fields
-
     return cls(**{f.name: Path(values[f.name]) for f in fields(cls)})

@@ -464,7 +464,8 @@ def distil(
         student,
         result,
         out_model,
-        {"stage": "distil", "method": cfg.method, "init": cfg.init, "target_lang": tgt_lang},
+        {"stage": "distil", "method": cfg.method, "init": cfg.init},
+        tgt_lang,
     )
     if out is None:
         return None, pd.DataFrame()

@@ -93,7 +93,7 @@ def finetune(
         curve_path=curve_path,
         log=log,
     )
-    return keep_best(model, result, out_model, {"stage": "finetune", "target_lang": tgt_lang})
+    return keep_best(model, result, out_model, {"stage": "finetune"}, tgt_lang)
 
 
 @dataclass(frozen=True)

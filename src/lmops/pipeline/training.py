@@ -79,17 +79,20 @@ def summary(result: TrainResult, model: Transformer) -> dict[str, Any]:
 
 
 def keep_best(
-    model: Transformer, result: TrainResult, out_model: str | Path, meta: dict[str, Any]
+    model: Transformer,
+    result: TrainResult,
+    out_model: str | Path,
+    meta: dict[str, Any],
+    target_lang: str,
 ) -> dict[str, Any] | None:
     """The tail of a BLEU-selected stage: the best checkpoint's weights go into ``model``,
-    rank 0 writes them to ``out_model`` (``meta`` first in its config) and gets the
-    summary; another rank gets None."""
+    rank 0 writes them to ``out_model`` (``meta`` first in its config, ``target_lang``
+    last) and gets the summary; another rank gets None."""
     model.cpu()
     if result.best_checkpoint is not None:
         load_weights(model, result.best_checkpoint)
     if not DistEnv.from_env().is_main:
         return None
-    target_lang = meta.pop("target_lang", None)
     save_model(
         model,
         out_model,
@@ -98,7 +101,7 @@ def keep_best(
             "steps": result.step,
             "best_step": result.best_step,
             SELECT_METRIC: result.best_metric,
-            **({"target_lang": target_lang} if target_lang else {}),
+            "target_lang": target_lang,
         },
     )
     out = summary(result, model)
