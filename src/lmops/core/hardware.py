@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from lmops.config import ConfigError, TrainConfig, load_params
-from lmops.errors import LmopsError
+from lmops.errors import LmopsError, OutOfMemoryError
 
 log = logging.getLogger(__name__)
 
@@ -203,4 +203,24 @@ def relaunch_data_parallel(name: str, params_path: str, argv: list[str]) -> None
             sys.argv[0],
             *argv,
         ],
+    )
+
+
+# torch's CPU allocator raises a plain RuntimeError; CUDA's, torch.OutOfMemoryError
+_CPU_OOM = "can't allocate memory"
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """True for a failed allocation: Python's MemoryError, or torch's on a CPU or a GPU."""
+    if isinstance(err, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    return isinstance(err, RuntimeError) and _CPU_OOM in str(err)
+
+
+def out_of_memory(where: str, err: BaseException, lower: str, device: torch.device) -> LmopsError:
+    """The one-line error of a stage that ran out of memory: where, on which device, what
+    to lower. The stage's last checkpoint stays: a rerun with a smaller setting resumes."""
+    kind = "GPU" if device.type == "cuda" else "host"
+    return OutOfMemoryError(
+        f"{where}: out of {kind} memory on {device} ({type(err).__name__}); lower {lower}"
     )

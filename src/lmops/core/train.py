@@ -57,7 +57,14 @@ from tqdm import tqdm
 
 from lmops.config import TrainConfig, flatten
 from lmops.core import checkpoint
-from lmops.core.hardware import autocast_dtype, compile_enabled, facts, resolve_device
+from lmops.core.hardware import (
+    autocast_dtype,
+    compile_enabled,
+    facts,
+    is_out_of_memory,
+    out_of_memory,
+    resolve_device,
+)
 from lmops.errors import DataError, LmopsError
 from lmops.io import atomic_output
 
@@ -628,6 +635,31 @@ class _Trainer:
         if self.curve_path is not None:
             write_curve(list(self.state.history.values()), self.curve_path)
 
+    @contextlib.contextmanager
+    def _memory_guard(self, step: int, what: str) -> Iterator[None]:
+        """An allocation that fails in ``what`` becomes one line: stage, step, batch size,
+        what to lower, and the checkpoint a rerun resumes from."""
+        try:
+            yield
+        except Exception as err:
+            if not is_out_of_memory(err):
+                raise
+            cfg, stage = self.cfg, self.stage
+            micro = (
+                f" in micro-batches of {self.micro_size}"
+                if self.micro_size != cfg.batch_size
+                else ""
+            )
+            resume = self.last_ckpt or "none written yet"
+            raise out_of_memory(
+                f"{stage}: {what} {step} with batch_size {cfg.batch_size}{micro}",
+                err,
+                f"{stage}.batch_size and raise {stage}.grad_accum by the same factor (the "
+                f"effective batch stays {self.global_batch}), or model.block_size; "
+                f"the last checkpoint ({resume}) is kept",
+                self.device,
+            ) from None
+
     # ------------------------------------------------------------------- run
 
     def run(self) -> TrainResult:
@@ -649,7 +681,8 @@ class _Trainer:
         )
         with bar:
             for step in range(start + 1, cfg.max_steps + 1):
-                loss, grad_norm, tokens = self.train_step(step)
+                with self._memory_guard(step, "training step"):
+                    loss, grad_norm, tokens = self.train_step(step)
                 state.step, state.tokens_seen = step, state.tokens_seen + tokens
                 run_tokens += tokens
                 window_tokens += tokens
@@ -677,7 +710,8 @@ class _Trainer:
                     and env.is_main
                     and (step % cfg.eval_interval == 0 or final)
                 ):
-                    self.evaluate(step)
+                    with self._memory_guard(step, "the evaluation at step"):
+                        self.evaluate(step)
                 if env.is_main and (step % cfg.checkpoint_interval == 0 or final):
                     self.save(step)
                 elapsed = time.perf_counter() - started

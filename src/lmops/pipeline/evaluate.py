@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -28,7 +29,13 @@ import torch
 import torch.nn.functional as F
 
 from lmops.config import EvaluateConfig, Params
-from lmops.core.hardware import autocast_dtype, facts, resolve_device
+from lmops.core.hardware import (
+    autocast_dtype,
+    facts,
+    is_out_of_memory,
+    out_of_memory,
+    resolve_device,
+)
 from lmops.core.model import Transformer
 from lmops.core.translation import check_vocab, load_model, read_pairs, translate_ids
 from lmops.core.vocab import Tokenizer
@@ -134,6 +141,19 @@ def score_translations(path: str | Path) -> dict[str, Any]:
     }
 
 
+@contextlib.contextmanager
+def _memory_guard(what: str, lower: str, batch_size: int, device: torch.device) -> Iterator[None]:
+    """A failed allocation in ``what`` becomes one line naming the batch size to lower."""
+    try:
+        yield
+    except Exception as err:
+        if not is_out_of_memory(err):
+            raise
+        raise out_of_memory(
+            f"evaluate: {what} with batch_size {batch_size}", err, lower, device
+        ) from None
+
+
 def evaluate_model(
     model: Transformer,
     tok: Tokenizer,
@@ -156,9 +176,16 @@ def evaluate_model(
     if cfg.max_test_pairs is not None:
         pairs = pairs.iloc[: cfg.max_test_pairs]
 
-    metrics: dict[str, Any] = perplexity(model, tok, texts, cfg)
+    with _memory_guard("perplexity", "evaluate.ppl_batch_size", cfg.ppl_batch_size, device):
+        metrics: dict[str, Any] = perplexity(model, tok, texts, cfg)
     started = time.perf_counter()
-    with _autocast(model, cfg.precision):
+    decoding = _memory_guard(
+        f"decoding (beam_size {cfg.decode.beam_size}, max_new_tokens {cfg.decode.max_new_tokens})",
+        "evaluate.decode.batch_size, evaluate.decode.beam_size or evaluate.decode.max_new_tokens",
+        cfg.decode.batch_size,
+        device,
+    )
+    with decoding, _autocast(model, cfg.precision):
         # encoded with the model's own vocabulary: a registered champion may carry another
         hyps = translate_ids(
             model,

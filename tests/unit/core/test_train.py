@@ -24,7 +24,7 @@ from lmops.core.train import (
     window_batches,
     write_curve,
 )
-from lmops.errors import DataError, LmopsError
+from lmops.errors import DataError, LmopsError, OutOfMemoryError
 from tests.conftest import REPO
 from tests.support.ddp_worker import BLOCK, SEED, VOCAB, TinyLM, config, run, tokens
 
@@ -182,6 +182,42 @@ def test_divergence_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_p
     state = checkpoint.load(last, model, make_optimizer(model, config(), torch.device("cpu")))
     assert state["step"] == 4 and len(state["history"]) == 4
     assert all(math.isfinite(p.sum().item()) for p in model.parameters())
+
+
+def _allocates_too_much_at(step: int):
+    """A loss that, on ``step``, asks torch's allocator for 4 EiB: a real allocation failure."""
+    calls = {"n": 0}
+
+    def loss_fn(model, batch):
+        calls["n"] += 1
+        if calls["n"] == step:
+            torch.empty(1 << 62, dtype=torch.uint8)
+        return lm_loss(model, batch)
+
+    return loss_fn
+
+
+def test_out_of_memory_names_the_step_the_batch_and_what_to_lower(tmp_path):
+    cfg = config(checkpoint_interval=2, batch_size=8, grad_accum=2)
+    with pytest.raises(OutOfMemoryError) as caught:
+        run(tmp_path, cfg, loss_fn=_allocates_too_much_at(9))  # step 5, first micro-batch
+    last = tmp_path / "ckpt" / "step-00000004"
+    assert str(caught.value) == (
+        "train: training step 5 with batch_size 8: out of host memory on cpu (RuntimeError); "
+        "lower train.batch_size and raise train.grad_accum by the same factor (the effective "
+        f"batch stays 16), or model.block_size; the last checkpoint ({last}) is kept"
+    )
+    assert checkpoint.latest(tmp_path / "ckpt") == last
+    assert checkpoint.load(last, TinyLM())["step"] == 4
+
+
+def test_out_of_memory_in_an_evaluation_says_so(tmp_path):
+    def evaluate(model, step):
+        torch.empty(1 << 62, dtype=torch.uint8)
+        return {}
+
+    with pytest.raises(OutOfMemoryError, match=r"^train: the evaluation at step 3 with batch"):
+        run(tmp_path, config(), evaluate=evaluate)
 
 
 def test_evaluation_keeps_the_best_weights_and_writes_the_curve(tmp_path):
