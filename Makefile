@@ -2,7 +2,7 @@
 # make test  set up .venv (first time only) and run the test suite
 # make lint  ruff check, ruff format --check and mypy: what CI enforces before the tests
 # make bench install the bench extra and run the benchmarks (bench/README.md), ~20 min
-# make chaos kill -9 the training stages at 20 random moments; prints survived/total
+# make chaos stop the training stages (kill -9 or SIGTERM) at 20 random moments; survived/total
 
 PYTHON ?= python3
 VENV   := .venv

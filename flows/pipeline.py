@@ -111,7 +111,7 @@ def pipeline(
         "that ran is a nested run under it.",
     )
     results: list[repro.StageResult] = []
-    ok = False
+    status, error = "FAILED", None
     try:
         if as_experiment:
             tags = sorted(
@@ -130,15 +130,18 @@ def pipeline(
                 results[-1] = run_stage.with_options(
                     tags=repro.stage_tags(stage), task_run_name=f"dvc repro {stage}"
                 )(str(root), stage, parent_id)
-        ok = True
+        status = "FINISHED"
+    except BaseException as err:  # a cancellation's SIGTERM, Ctrl-C or a failed stage
+        status, error = repro.end_status(err), repro.describe_stop(err)
+        raise
     finally:
         done = {r.stage for r in results}
         results += [repro.StageResult(s, "not reached") for s in stages if s not in done]
-        repro.end_parent_run(root, parent_id, ok, results)
+        repro.end_parent_run(root, parent_id, status, results, error)
         create_markdown_artifact(
             key="lmops-pipeline-metrics",
             markdown=(
-                f"## lmops pipeline {'finished' if ok else 'FAILED'}\n\n"
+                f"## lmops pipeline {status}\n\n"
                 f"MLflow parent run: [{parent_id}]({url})\n\n"
                 f"{repro.results_table(results)}\n"
                 f"{repro.metrics_table(root, spec, stages, results)}"

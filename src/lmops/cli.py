@@ -10,6 +10,8 @@ lmops estimate [--target STAGE]         how long `dvc repro` will take on this m
 lmops compare [RUN_ID ...] [--last N]   pipeline runs side by side (params, metrics)
 lmops tracking sync [SPOOL_FILE ...]    upload what stages kept in mlruns/spool/ while
                                         the tracking server was away
+lmops runs reconcile                    end the RUNNING runs whose process is gone
+    --other-hosts-after HOURS           ... and those of other hosts older than that
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import sys
 import yaml
 
 from lmops import config
-from lmops.errors import LmopsError
+from lmops.errors import LmopsError, Stopped, exit_like, stop_on_signals
 from lmops.tracking.redact import redact
 
 
@@ -98,6 +100,20 @@ def _tracking_sync(args: argparse.Namespace) -> None:
         print(line)
 
 
+def _runs_reconcile(args: argparse.Namespace) -> None:
+    import os
+
+    from lmops.tracking import runs as tracking
+
+    if args.experiment:
+        os.environ[tracking.EXPERIMENT_ENV] = args.experiment
+    # one line per run ended, not MLflow's "View run ... at" line for each as well
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    lines = tracking.reconcile(other_hosts_after=args.other_hosts_after, dry_run=args.dry_run)
+    for line in lines or [f"no vanished runs in experiment {tracking.experiment_name()!r}"]:
+        print(line)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lmops", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -151,13 +167,35 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sync.add_argument("files", nargs="*", help="spool files (default: every mlruns/spool/*.jsonl)")
     sync.set_defaults(func=_tracking_sync)
+
+    runs = sub.add_parser("runs", help="MLflow runs of the pipeline")
+    rsub = runs.add_subparsers(dest="action", required=True)
+    rec = rsub.add_parser(
+        "reconcile",
+        help="end as FAILED the RUNNING runs whose process is gone (SIGKILL, out of memory)",
+    )
+    rec.add_argument(
+        "--other-hosts-after",
+        type=float,
+        metavar="HOURS",
+        help="also end runs of other hosts (or of unknown ones) started longer ago than this",
+    )
+    rec.add_argument("--dry-run", action="store_true", help="only say which runs would end")
+    rec.add_argument(
+        "--experiment", help="MLflow experiment (default: $MLFLOW_EXPERIMENT_NAME or lmops)"
+    )
+    rec.set_defaults(func=_runs_reconcile)
     return p
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    stop_on_signals()
     try:
         args.func(args)
     except LmopsError as err:
         print(f"lmops: error: {redact(str(err))}", file=sys.stderr)
         sys.exit(1)
+    except Stopped as err:
+        print(f"lmops: {err}", file=sys.stderr)
+        exit_like(err)

@@ -431,6 +431,108 @@ def test_a_deployment_runs_the_pipeline_on_a_process_worker(flow_repo, prefect_s
     assert "| clean | ran |" in metrics and "mono_train.rows" in metrics
 
 
+def _worker(env: dict[str, str], log_path: Path) -> subprocess.Popen:
+    """`prefect worker start` on the lmops-gpu process pool, as a user runs it."""
+    log = open(log_path, "w")  # noqa: SIM115 - the child holds it; closed with the test
+    return subprocess.Popen(
+        [str(Path(sys.executable).parent / "prefect"), "worker", "start", "--pool", "lmops-gpu"],
+        cwd=log_path.parent,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+def _submit(env: dict[str, str], repo: Path, *params: str) -> str:
+    out = _prefect(env, repo, "deployment", "run", "lmops-pipeline/pipeline", *params)
+    return re.search(r"UUID:\s*([0-9a-f-]{36})", out).group(1)
+
+
+def _wait_state(env: dict[str, str], run_id: str, states: tuple[str, ...], log: Path) -> dict:
+    def done():
+        run = _flow_runs(env, [run_id])[run_id]
+        return run if run["state"] in states else None
+
+    try:
+        return workspace.wait_for(done, f"flow run {run_id} {'/'.join(states)}", 600)
+    except AssertionError as err:
+        raise AssertionError(f"{err}\n{log.read_text()[-6000:]}") from None
+
+
+@pytest.mark.slow
+def test_a_cancelled_flow_run_stops_its_stage_and_the_next_run_resumes(
+    flow_repo, prefect_server, tmp_path
+):
+    """Cancel the pipeline deployment's flow run while `pretrain` trains, on a real server
+    and process worker: the flow run is CANCELLED, its MLflow runs KILLED, no process and
+    no DVC lock is left, and the next flow run resumes to the weights of an uninterrupted
+    run."""
+    from mlflow.tracking import MlflowClient
+
+    from tests.support import chaos
+
+    params = yaml.safe_load((flow_repo / "params.yaml").read_text())
+    params["pretrain"].update(max_steps=600, checkpoint_interval=20, eval_interval=200)
+    (flow_repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = prefect_server
+    _prefect(env, flow_repo, "work-pool", "create", "lmops-gpu", "--type", "process")
+    _prefect(env, flow_repo, "deploy", "--name", "pipeline")
+    log = tmp_path / "worker.log"
+    worker = _worker(env, log)
+    try:
+        first = _submit(env, flow_repo, "--param", "target=pretrain")
+        workspace.wait_for(
+            lambda: workspace.newest_checkpoint(flow_repo, "pretrain"),
+            "a pretrain checkpoint",
+            600,
+            worker,
+        )
+        cancelled_at = time.monotonic()
+        _prefect(env, flow_repo, "flow-run", "cancel", first)
+        run = _wait_state(env, first, ("CANCELLED", "COMPLETED", "FAILED", "CRASHED"), log)
+        cancel_seconds = time.monotonic() - cancelled_at
+        assert run["state"] == "CANCELLED", f"{run}\n{log.read_text()[-6000:]}"
+        stopped_at = workspace.newest_checkpoint(flow_repo, "pretrain")
+        assert 0 < stopped_at < 600
+        assert workspace.processes_in(flow_repo) == []
+        rwlock = json.loads((flow_repo / ".dvc/tmp/rwlock").read_text() or "{}")
+        assert rwlock.get("write", {}) == {}, rwlock  # dvc released its lock
+
+        client = MlflowClient(f"sqlite:///{flow_repo}/mlruns/mlflow.db")
+        exp = client.get_experiment_by_name("lmops")
+        (parent,) = client.search_runs([exp.experiment_id], "tags.`lmops.kind` = 'pipeline'")
+        (stage,) = client.search_runs([exp.experiment_id], "tags.`lmops.stage` = 'pretrain'")
+        assert (parent.info.status, stage.info.status) == ("KILLED", "KILLED")
+        assert stage.data.tags["lmops.error"] == "stopped by SIGTERM"
+        assert parent.data.tags["prefect.flow_run_id"] == first
+        assert "SIGTERM" in parent.data.tags["lmops.error"]
+        assert parent.data.tags["lmops.stage_status.pretrain"] == "failed"
+
+        second = _submit(env, flow_repo, "--param", "target=pretrain")
+        run = _wait_state(env, second, ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"), log)
+        assert run["state"] == "COMPLETED", f"{run}\n{log.read_text()[-6000:]}"
+    finally:
+        workspace.stop(worker)
+    metrics = json.loads((flow_repo / "data/metrics/pretrain.json").read_text())
+    assert metrics["resumed_from"] >= stopped_at
+    resumed = chaos.fingerprint(flow_repo, "pretrain")
+    running = client.search_runs([exp.experiment_id], "attributes.status = 'RUNNING'")
+    assert running == []
+
+    shutil.rmtree(flow_repo / "data/train/pretrain")
+    out = subprocess.run(
+        ["dvc", "repro", "--force", "--single-item", "pretrain"],
+        cwd=flow_repo,
+        env=_clean_env(),
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stderr
+    assert chaos.fingerprint(flow_repo, "pretrain") == resumed  # as if never stopped
+    print(f"cancelled in {cancel_seconds:.1f} s, at checkpoint step {stopped_at}")
+
+
 @pytest.mark.slow
 def test_a_one_off_run_needs_no_server_and_runs_an_experiment(flow_repo, tmp_path):
     """`python flows/pipeline.py` on Prefect's temporary server; overrides make it an

@@ -360,3 +360,71 @@ def test_two_runs_one_param_apart_differ_in_that_param_only(
     rows = {line.split()[0] for line in out.stdout.splitlines()[2:] if line.strip()}
     assert "finetune.lr" in rows and "finetune/train_loss" in rows
     assert not any(r.startswith(("clean.", "model.", "evaluate.")) for r in rows), out.stdout
+
+
+def test_stopped_stages_leave_no_running_run_on_the_server(env, client, workspace, first_run):
+    """A `kill` (SIGTERM) of a training stage ends its runs on the server as KILLED at once;
+    after a `kill -9`, `lmops runs reconcile` ends them as FAILED, and only them."""
+    from tests.support import workspace as ws
+
+    params = yaml.safe_load((workspace / "params.yaml").read_text())
+    params["pretrain"].update(max_steps=100000, checkpoint_interval=5)
+    (workspace / "params.long.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    exp = client.get_experiment_by_name(EXPERIMENT)
+
+    def stopped_stage(sig: int, work: str):
+        proc = subprocess.Popen(
+            [sys.executable, "stages/pretrain.py", "--params", "params.long.yaml"]
+            + ["--tokens", "data/tokens", "--vocab", "data/vocab", "--work", work]
+            + ["--out", "scratch/model", "--metrics", "scratch/m.json", "--curve", "scratch/c.csv"],
+            cwd=workspace,
+            env=dvc_env(env),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        ckpt = workspace / work / "ckpt"
+        ws.wait_for(lambda: list(ckpt.glob("step-*")), "a checkpoint", 300, proc)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+        (run,) = client.search_runs(
+            [exp.experiment_id],
+            f"tags.`lmops.stage` = 'pretrain' and tags.`lmops.pid` = '{proc.pid}'",
+        )
+        return proc.returncode, err, run, client.get_run(run.data.tags["mlflow.parentRunId"])
+
+    code, err, run, parent = stopped_stage(signal.SIGTERM, "scratch/term")
+    assert code == -signal.SIGTERM and err.rstrip().endswith("lmops pretrain: stopped by SIGTERM")
+    assert (run.info.status, parent.info.status) == ("KILLED", "KILLED")
+    assert run.data.tags["lmops.error"] == "stopped by SIGTERM"
+    assert run.data.metrics["pretrain/train_loss"] > 0  # what it logged reached the server
+
+    code, _, run, parent = stopped_stage(signal.SIGKILL, "scratch/kill")
+    assert code == -signal.SIGKILL
+    assert (run.info.status, parent.info.status) == ("RUNNING", "RUNNING")
+
+    def reconcile(*args: str) -> list[str]:
+        out = subprocess.run(
+            [sys.executable, "-m", "lmops", "runs", "reconcile", *args],
+            cwd=workspace,
+            env=dvc_env(env),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert out.returncode == 0, out.stderr
+        return out.stdout.splitlines()
+
+    assert sorted(line.split()[1] for line in reconcile("--dry-run")) == sorted(
+        [run.info.run_id, parent.info.run_id]
+    )
+    assert client.get_run(run.info.run_id).info.status == "RUNNING"
+    lines = reconcile()
+    assert len(lines) == 2 and all(
+        "process vanished (SIGKILL or out of memory?)" in line for line in lines
+    ), lines
+    for ghost in (run, parent):
+        ended = client.get_run(ghost.info.run_id)
+        assert ended.info.status == "FAILED" and ended.info.end_time is not None
+    assert client.search_runs([exp.experiment_id], "attributes.status = 'RUNNING'") == []
+    assert reconcile() == [f"no vanished runs in experiment '{EXPERIMENT}'"]

@@ -15,12 +15,13 @@ from pathlib import Path
 
 import mlflow
 import pandas as pd
+import psutil
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
 from tests.conftest import dvc, dvc_env, make_tiny_repo
-from tests.support import chaos
+from tests.support import chaos, workspace
 
 DATA_STAGES = ["clean", "validate", "vocab", "tokenise"]
 MODEL_STAGES = ["pretrain", "finetune", "evaluate", "distil", "quantise"]
@@ -317,42 +318,76 @@ def test_distil_and_quantise_compare_smaller_faster_models(repo, first_run):
     }
 
 
-@pytest.mark.parametrize("stage", ["pretrain", "distil"])
-def test_a_killed_training_stage_resumes_to_the_same_weights(repo, first_run, stage):
-    """kill -9 mid-run, then `dvc repro`: it resumes from the checkpoint, bit for bit, with
-    the same metrics (timings aside). finetune shares the loop; `make chaos` kills all three
-    at random moments."""
+def _runs_of(repo: Path, stage: str) -> tuple:
+    """The newest ``stage`` run and its pipeline run."""
+    run = _last_run(repo, stage)
+    client = MlflowClient(f"sqlite:///{repo}/mlruns/mlflow.db")
+    return run, client.get_run(run.data.tags["mlflow.parentRunId"])
+
+
+@pytest.mark.parametrize(
+    "stage, how", [("pretrain", "kill the stage"), ("distil", "kill -9 the group")]
+)
+def test_a_killed_training_stage_resumes_to_the_same_weights(repo, first_run, stage, how, tmp_path):
+    """Stopped mid-run, then `dvc repro`: it resumes from the checkpoint, bit for bit, with
+    the same metrics (timings aside). A plain `kill` (SIGTERM) of the stage ends its runs
+    as KILLED and dvc fails at once, its lock released; after a `kill -9` of dvc and the
+    stage, the next `dvc repro` ends their runs as FAILED. finetune shares the loop;
+    `make chaos` stops all three at random moments, with either signal."""
     weights = repo / "data/models" / stage / "model.safetensors"
     uninterrupted = chaos.fingerprint(repo, stage)
     ckpt = repo / "data/train" / stage / "ckpt"
     shutil.rmtree(ckpt.parent)
-    proc = subprocess.Popen(
-        ["dvc", "repro", "--force", "--single-item", stage],
-        cwd=repo,
-        env=_env(repo),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    log = tmp_path / "dvc.log"
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(
+            ["dvc", "repro", "--force", "--single-item", stage],
+            cwd=repo,
+            env=_env(repo),
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
-        deadline = time.monotonic() + 300
-        while not list(ckpt.glob("step-*")) and proc.poll() is None:
-            assert time.monotonic() < deadline, "no checkpoint within 300 s"
-            time.sleep(0.02)
+        workspace.wait_for(lambda: list(ckpt.glob("step-*")), "a checkpoint", 300, proc)
+        if how == "kill the stage":
+            (script,) = [
+                p
+                for p in psutil.Process(proc.pid).children()
+                if f"stages/{stage}.py" in p.cmdline()
+            ]
+            script.send_signal(signal.SIGTERM)
+            proc.wait(timeout=60)  # dvc sees the stage fail and stops by itself
+        else:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        workspace.stop(proc, signal.SIGKILL)
     first = sorted(ckpt.glob("step-*"))
-    assert first, f"{stage} finished before it could be killed"
     killed_at = int(first[-1].name.split("-")[1])
     assert killed_at < params_of(repo)[stage]["max_steps"]
     assert not weights.exists()  # dvc removed the old output; none was half-written
+    run, parent = _runs_of(repo, stage)
+    if how == "kill the stage":
+        assert proc.returncode != 0 and "exited with -15" in log.read_text()
+        assert (run.info.status, parent.info.status) == ("KILLED", "KILLED")
+        assert run.data.tags["lmops.error"] == "stopped by SIGTERM"
+        assert workspace.processes_in(repo) == []
+    else:
+        assert (run.info.status, parent.info.status) == ("RUNNING", "RUNNING")  # ghosts
 
     out = dvc(repo, "repro", stage)
     assert stage in ran(out)
     metrics = json.loads((repo / "data/metrics" / f"{stage}.json").read_text())
     assert metrics["resumed_from"] >= killed_at > 0
     assert chaos.fingerprint(repo, stage) == uninterrupted
+    if how == "kill -9 the group":  # the next pipeline run ended the ghosts
+        for ghost in (run, parent):
+            ended = MlflowClient(f"sqlite:///{repo}/mlruns/mlflow.db").get_run(ghost.info.run_id)
+            assert ended.info.status == "FAILED"
+            assert ended.data.tags["lmops.error"].startswith(
+                "process vanished (SIGKILL or out of memory?): pid "
+            )
 
 
 def test_a_second_repro_in_the_workspace_fails_fast_naming_the_lock(repo, first_run):
@@ -493,6 +528,41 @@ def test_a_diverging_loss_stops_pretrain_with_the_step(repo, first_run):
     run = _last_run(repo, "pretrain")
     assert run.info.status == "FAILED"
     assert "loss diverged at step 1" in run.data.tags["lmops.error"]
+
+
+def test_out_of_memory_stops_pretrain_with_the_step_and_the_batch_size(repo, first_run):
+    """A batch far too big for a 5 GB address-space limit: the allocation fails for real."""
+    import resource
+
+    params = params_of(repo)
+    params["pretrain"]["batch_size"] = 65536
+    (repo / "params.bad.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    limit = 5 << 30
+    args = ["--tokens", "data/tokens", "--vocab", "data/vocab", "--work", "scratch/work"]
+    args += ["--out", "scratch/model", "--metrics", "scratch/m.json", "--curve", "scratch/c.csv"]
+    out = subprocess.run(
+        [sys.executable, "stages/pretrain.py", "--params", "params.bad.yaml", *args],
+        cwd=repo,
+        env=_env(repo),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit)),
+    )
+    assert out.returncode == 1, out.stderr
+    (line,) = [x for x in out.stderr.splitlines() if x.startswith("lmops pretrain: error:")]
+    assert line == (
+        "lmops pretrain: error: pretrain: training step 1 with batch_size 65536: out of host "
+        "memory on cpu (RuntimeError); lower pretrain.batch_size and raise pretrain.grad_accum "
+        "by the same factor (the effective batch stays 65536), or model.block_size; the last "
+        "checkpoint (none written yet) is kept"
+    )
+    assert "Traceback" not in out.stderr
+    assert not (repo / "scratch/model").exists() and not (repo / "scratch/m.json").exists()
+    run = _last_run(repo, "pretrain")
+    assert run.info.status == "FAILED"
+    message = line.removeprefix("lmops pretrain: error: ")
+    assert run.data.tags["lmops.error"] == f"OutOfMemoryError: {message}"
 
 
 def test_a_missing_pretrained_model_is_named(repo, first_run):

@@ -1,24 +1,30 @@
-"""Crash loop: ``kill -9`` the training stages at random moments, rerun ``dvc repro``, and
-check that every rerun ends with the weights of an uninterrupted run, bit for bit.
+"""Crash loop: stop the training stages at random moments, ``kill -9`` or SIGTERM, rerun
+``dvc repro``, and check that every rerun ends with the weights of an uninterrupted run, bit
+for bit, and leaves no MLflow run RUNNING.
 
-    make chaos                                   # 20 kills on the chaos profile
-    python -m tests.support.chaos --kills 40 --seed 7    # more, or another sequence of kill times
+    make chaos                                   # 20 stops on the chaos profile
+    python -m tests.support.chaos --kills 40 --seed 7    # more, or another sequence of stops
 
 It builds a throwaway git + DVC workspace from this checkout (the tiny profile with longer
-training, so a kill lands mid-training more often than in start-up), runs the pipeline
+training, so a stop lands mid-training more often than in start-up), runs the pipeline
 once to ``distil`` uninterrupted as the reference, then repeats: pick a training stage,
-discard its checkpoints, start ``dvc repro --force`` of it, ``SIGKILL`` the whole process
-group (dvc and the stage) at a random moment (mostly a random time after a randomly chosen
-checkpoint, so in a step, an evaluation or a checkpoint write; sometimes in start-up),
-sometimes kill the rerun too, and finally let ``dvc repro`` finish. A kill survived when
-the rerun's weights (``model.safetensors``) and metrics, timings aside, equal the
-reference's. Prints ``survived/total``; exits 1 if any kill was not survived.
+discard its checkpoints, start ``dvc repro --force`` of it, and stop it at a random moment
+(mostly a random time after a randomly chosen checkpoint, so in a step, an evaluation or a
+checkpoint write; sometimes in start-up) in one of three ways: ``SIGKILL`` to the whole
+process group (dvc and the stage), SIGTERM to the group (a container or systemd stop), or
+SIGTERM to the stage process alone (a plain ``kill``). A SIGTERMed stage must exit within
+a minute with its MLflow run KILLED. Sometimes the rerun is killed too; finally
+``dvc repro`` finishes. A stop survived when the rerun's weights (``model.safetensors``)
+and metrics, timings aside, equal the reference's and no run of the store is left RUNNING
+(the rerun ends the ghosts of a ``kill -9``). Prints ``survived/total``; exits 1 if any
+stop was not survived.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import shutil
 import signal
@@ -30,9 +36,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
 import yaml
 
 from lmops.core.checkpoint import sha256
+from lmops.orchestrate.repro import group_alive
 from tests.support import workspace
 
 STAGES = ("pretrain", "finetune", "distil")
@@ -56,6 +64,7 @@ VOLATILE = (
 @dataclass
 class Kill:
     stage: str
+    how: str  # one of HOW
     after: int  # the checkpoint step the kill waited for (0: none, in start-up)
     delay: float  # seconds after that (or after the start) the group was killed
     checkpoint: int  # the newest checkpoint step on disk after the kill (0: none)
@@ -87,10 +96,43 @@ def _dvc(root: Path, *args: str, timeout: float = 900) -> subprocess.CompletedPr
     )
 
 
-def _killed_run(root: Path, stage: str, force: bool, after_step: int, delay: float) -> bool:
+# how a run is stopped: kill -9 of dvc and the stage, SIGTERM of both (systemd, a
+# container's stop), or a plain `kill` of the stage process alone
+HOW = ("SIGKILL", "SIGTERM", "SIGTERM to the stage")
+STOP_WITHIN = 60.0  # seconds a SIGTERMed stage may take to end its runs and exit
+
+
+def _stop(proc: subprocess.Popen, stage: str, how: str) -> str:
+    """Stop the run; returns how it really was stopped ('' when it stopped as it should).
+    A stage not started yet (dvc is still starting) gets its SIGTERM with dvc."""
+    if how == "SIGKILL":
+        workspace.stop(proc, signal.SIGKILL)
+        return ""
+    script = [
+        p
+        for p in psutil.Process(proc.pid).children(recursive=True)
+        if f"stages/{stage}.py" in p.cmdline()
+    ]
+    if how == "SIGTERM to the stage" and script:
+        for p in script:
+            p.send_signal(signal.SIGTERM)
+    else:
+        os.killpg(proc.pid, signal.SIGTERM)
+    deadline = time.monotonic() + STOP_WITHIN
+    while group_alive(proc) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if group_alive(proc):
+        workspace.stop(proc, signal.SIGKILL)
+        return f"still running {STOP_WITHIN:.0f} s after {how}"
+    return ""
+
+
+def _killed_run(
+    root: Path, stage: str, force: bool, after_step: int, delay: float, how: str = "SIGKILL"
+) -> tuple[bool, str]:
     """Start `dvc repro` of ``stage``; once its checkpoint for ``after_step`` is on disk (at
-    once for 0), wait ``delay`` seconds and SIGKILL the whole process group.
-    Returns False if the run ended before the kill."""
+    once for 0), wait ``delay`` seconds and stop it (:data:`HOW`). Returns whether it was
+    stopped (False: the run ended first) and what went wrong in the stop ('' if nothing)."""
     cmd = ["dvc", "repro", "--single-item", stage] + (["--force"] if force else [])
     proc = subprocess.Popen(
         cmd,
@@ -104,19 +146,36 @@ def _killed_run(root: Path, stage: str, force: bool, after_step: int, delay: flo
         time.sleep(0.01)
     try:
         proc.wait(timeout=delay)
-        return False
+        return False, ""
     except subprocess.TimeoutExpired:
-        workspace.stop(proc, signal.SIGKILL)
-        return True
+        return True, _stop(proc, stage, how)
 
 
-def newest_checkpoint(root: Path, stage: str) -> int:
-    steps = [
-        int(p.name.split("-")[1])
-        for p in (root / "data/train" / stage).glob("*/step-*")
-        if p.name.split("-")[1].isdigit()
-    ]
-    return max(steps, default=0)
+def running_runs(root: Path) -> list[str]:
+    """The runs of the workspace's MLflow store still RUNNING: ghosts, once dvc is done."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{root}/mlruns/mlflow.db")
+    exp = client.get_experiment_by_name("lmops")
+    runs = client.search_runs([exp.experiment_id], "attributes.status = 'RUNNING'")
+    return [f"{r.info.run_name} ({r.info.run_id})" for r in runs]
+
+
+def _killed_status(root: Path, stage: str) -> str:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{root}/mlruns/mlflow.db")
+    exp = client.get_experiment_by_name("lmops")
+    runs = client.search_runs(
+        [exp.experiment_id],
+        f"tags.`lmops.stage` = '{stage}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return runs[0].info.status if runs else "none"
+
+
+newest_checkpoint = workspace.newest_checkpoint
 
 
 def build(root: Path) -> dict[str, tuple[float, float]]:
@@ -180,27 +239,47 @@ def chaos(root: Path, kills: int, seed: int, log=print) -> list[Kill]:
         stage = rng.choice(STAGES)
         shutil.rmtree(root / "data/train" / stage, ignore_errors=True)
         after, delay = draw(stage)
-        if not _killed_run(root, stage, True, after, delay):
+        how = rng.choice(HOW)
+        stopped, trouble = _killed_run(root, stage, True, after, delay, how)
+        if not stopped:
             continue  # it finished first: no kill, draw again
+        if (
+            how != "SIGKILL"
+            and not trouble
+            and (status := _killed_status(root, stage))
+            not in (
+                "KILLED",
+                "none",  # stopped before its run started
+            )
+        ):
+            trouble = f"its run is {status} after {how}, not KILLED"
         count = 1
         checkpoint = newest_checkpoint(root, stage)
-        # sometimes kill the resumed run as well
+        # sometimes kill the resumed run as well (kill -9)
         if (
-            done + 1 < kills
+            not trouble
+            and done + 1 < kills
             and rng.random() < 0.3
-            and _killed_run(root, stage, False, *draw(stage))
+            and _killed_run(root, stage, False, *draw(stage))[0]
         ):
             count += 1
         out = _dvc(root, "repro", "--single-item", stage)
-        if out.returncode != 0:
+        if trouble:
+            kill = Kill(stage, how, after, delay, checkpoint, count, False, trouble)
+        elif out.returncode != 0:
             kill = Kill(
                 stage,
+                how,
                 after,
                 delay,
                 checkpoint,
                 count,
                 False,
                 f"the rerun failed: {out.stderr.strip()[-500:]}",
+            )
+        elif ghosts := running_runs(root):
+            kill = Kill(
+                stage, how, after, delay, checkpoint, count, False, f"runs left RUNNING: {ghosts}"
             )
         else:
             now = fingerprint(root, stage)
@@ -214,12 +293,12 @@ def chaos(root: Path, kills: int, seed: int, log=print) -> list[Kill]:
                 detail += (" - weights differ" if now[0] != reference[stage][0] else "") + (
                     f" - metrics differ: {', '.join(changed)}" if changed else ""
                 )
-            kill = Kill(stage, after, delay, checkpoint, count, same, detail)
+            kill = Kill(stage, how, after, delay, checkpoint, count, same, detail)
         results.append(kill)
         done += count
         when = f"{delay:.2f} s after checkpoint {after}" if after else f"at {delay:.1f} s"
         log(
-            f"[{done:>3}/{kills}] {stage:<8} killed {when} (newest checkpoint on disk: "
+            f"[{done:>3}/{kills}] {stage:<8} {how} {when} (newest checkpoint on disk: "
             f"step {checkpoint}){' and its rerun' if count > 1 else ''}: "
             f"{'survived' if kill.survived else 'NOT SURVIVED'}, {kill.detail}"
         )
@@ -230,7 +309,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(
         prog="python -m tests.support.chaos", description=__doc__.splitlines()[0]
     )
-    p.add_argument("--kills", type=int, default=20, help="number of kill -9s (default 20)")
+    p.add_argument("--kills", type=int, default=20, help="number of stops (default 20)")
     p.add_argument("--seed", type=int, default=0, help="seed of the stage and delay draws")
     p.add_argument("--keep", type=Path, help="build the workspace here and keep it")
     args = p.parse_args(argv)
@@ -241,9 +320,12 @@ def main(argv: list[str] | None = None) -> None:
     kills = sum(r.kills for r in results)
     survived = sum(r.kills for r in results if r.survived)
     by_stage = {s: sum(r.kills for r in results if r.stage == s) for s in STAGES}
+    by_how = {h: sum(1 for r in results if r.how == h) for h in HOW}
     print(
-        f"\nsurvived {survived}/{kills} kill -9s ("
+        f"\nsurvived {survived}/{kills} stops ("
         + ", ".join(f"{s} {n}" for s, n in by_stage.items())
+        + "; first stops: "
+        + ", ".join(f"{h} {n}" for h, n in by_how.items())
         + f") in {time.perf_counter() - started:.0f} s"
     )
     sys.exit(0 if survived == kills else 1)

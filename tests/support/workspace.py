@@ -158,3 +158,44 @@ def prefect_server(home: str | Path, log: str | Path | None = None) -> Iterator[
         stop(proc)
         if log:
             out.close()
+
+
+def processes_in(root: str | Path) -> list[str]:
+    """Processes running inside ``root`` (their working directory is it or under it): a
+    stopped pipeline must leave none. One line each: pid and command."""
+    import psutil
+
+    root = Path(root).resolve()
+    found = []
+    for proc in psutil.process_iter(["pid", "cwd", "cmdline", "status"]):
+        cwd = proc.info["cwd"]
+        if not cwd or proc.info["status"] == psutil.STATUS_ZOMBIE:
+            continue
+        if Path(cwd) == root or root in Path(cwd).parents:
+            found.append(f"{proc.info['pid']}: {' '.join(proc.info['cmdline'] or [])}")
+    return found
+
+
+def wait_for(check, what: str, timeout: float, proc: subprocess.Popen | None = None):
+    """Poll ``check()`` until it returns something truthy (returned), failing with ``what``
+    after ``timeout`` s, or at once if ``proc`` exits first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = check()
+        if found:
+            return found
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"{what}: the process exited ({proc.returncode}) first")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {timeout:.0f} s")
+        time.sleep(0.05)
+
+
+def newest_checkpoint(root: Path, stage: str) -> int:
+    """The step of the newest ``step-*`` checkpoint of a training stage (0: none yet)."""
+    steps = [
+        int(p.name.split("-")[1])
+        for p in (root / "data/train" / stage).glob("*/step-*")
+        if p.name.split("-")[1].isdigit()
+    ]
+    return max(steps, default=0)

@@ -16,6 +16,7 @@ import contextlib
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -24,15 +25,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from lmops.config import dvc_set_args, flatten
-from lmops.errors import LmopsError
+from lmops.errors import LmopsError, stop_reason
 from lmops.orchestrate.dag import ACCELERATOR_STAGES, metrics_files
 from lmops.tracking import runs as tracking
 from lmops.tracking import tags as tag
 from lmops.tracking.compare import format_value
-from lmops.tracking.redact import public_url
+from lmops.tracking.redact import public_url, redact
 
 GPU_TAG = "gpu"
+# how long a stopped stage gets to end its runs before the group gets SIGTERM, then SIGKILL;
+# Prefect's runner kills a cancelled flow run's process 30 s after its SIGTERM
+STOP_GRACE_SECONDS = 12.0
 
 # Failures worth a retry: another DVC process holds the workspace lock, or the tracking
 # server / remote storage could not be reached. Checked against the stage's output.
@@ -200,15 +206,64 @@ def _run(
             log(line)
         proc.wait()
     except BaseException:
-        # cancelled or crashed: stop dvc and the stage it runs, then release the lock
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, 15)
-        proc.wait()
+        # cancelled or crashed: stop the stage, so that dvc records nothing and releases
+        # its lock, and leave no process of the group behind
+        stop_group(proc)
         raise
     output = "\n".join(lines)
     if proc.returncode != 0:
         raise StageFailed(label, proc.returncode, output)
     return output, time.perf_counter() - started
+
+
+def stop_group(proc: subprocess.Popen, grace: float = STOP_GRACE_SECONDS) -> None:
+    """Stop ``dvc`` (``proc``, a process group leader) and the stage it runs.
+
+    The stage processes get SIGTERM first: each ends its MLflow run as KILLED and dies of
+    the signal, and dvc, seeing the stage fail, writes nothing and releases its lock. What
+    is left of the group after ``grace`` seconds gets SIGTERM, then SIGKILL. Returns once
+    no process of the group is left.
+    """
+    with contextlib.suppress(psutil.Error):
+        for child in psutil.Process(proc.pid).children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                child.send_signal(signal.SIGTERM)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        deadline = time.monotonic() + grace
+        while group_alive(proc) and time.monotonic() < deadline:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=0.1)
+        if not group_alive(proc):
+            break
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+    proc.wait()
+    while group_alive(proc):  # after SIGKILL: until the kernel has reaped them
+        time.sleep(0.05)
+
+
+def group_alive(proc: subprocess.Popen) -> bool:
+    """Whether a process of ``proc``'s group (``start_new_session=True``) still runs."""
+    proc.poll()  # reap the leader, or it stays in the group as a zombie
+    try:
+        os.killpg(proc.pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # a group whose members are all zombies (orphans init has not reaped yet) is gone
+    return any(
+        p.status() != psutil.STATUS_ZOMBIE
+        for p in psutil.process_iter()
+        if _pgid(p.pid) == proc.pid
+    )
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except OSError:
+        return None
 
 
 def up_to_date(root: str | Path, target: str | None = None) -> bool:
@@ -286,15 +341,46 @@ def start_parent_run(
     return run_id, experiment_id
 
 
+def end_status(err: BaseException | None) -> str:
+    """The MLflow status a flow's pipeline run ends with: FINISHED without an error, KILLED
+    when it was stopped (Ctrl-C, SIGTERM: a cancellation), FAILED otherwise."""
+    if err is None:
+        return "FINISHED"
+    # Prefect turns the SIGTERM of a cancellation into its TerminationSignal
+    if isinstance(err, KeyboardInterrupt) or type(err).__name__ == "TerminationSignal":
+        return "KILLED"
+    return "FAILED"
+
+
+def describe_stop(err: BaseException) -> str:
+    """What ``lmops.error`` says on a flow's pipeline run that did not finish."""
+    signum = getattr(err, "signal", None)  # Prefect's TerminationSignal carries it
+    if isinstance(signum, int) and type(err).__name__ == "TerminationSignal":
+        return f"stopped by {signal.Signals(signum).name} (a cancellation?)"
+    if isinstance(err, KeyboardInterrupt):
+        return stop_reason(err)
+    return redact(f"{type(err).__name__}: {err}")
+
+
 def end_parent_run(
-    root: str | Path, run_id: str, ok: bool, results: Iterable[StageResult] = ()
+    root: str | Path,
+    run_id: str,
+    status: str,
+    results: Iterable[StageResult] = (),
+    error: str | None = None,
 ) -> None:
+    """End a flow's pipeline run with ``status`` (:func:`end_status`), the status of each
+    stage and, when it did not finish, ``error`` as ``lmops.error``."""
     with in_dir(root):
         client = tracking.client()
         for r in results:
             client.set_tag(run_id, f"{tag.STAGE_STATUS}{r.stage}", r.status)
+        if error:
+            client.set_tag(run_id, tag.ERROR, error[:5000])
+        elif tag.ERROR in client.get_run(run_id).data.tags:  # a stage's try a retry cured
+            client.delete_tag(run_id, tag.ERROR)
         tracking.log_run_files(run_id, client, root)  # the final dvc.lock, every stage in it
-        client.set_terminated(run_id, status="FINISHED" if ok else "FAILED")
+        client.set_terminated(run_id, status=status)
 
 
 def run_url(root: str | Path, experiment_id: str, run_id: str) -> str:

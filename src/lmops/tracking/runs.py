@@ -8,9 +8,11 @@ How stages of one execution find their common parent run:
    the first stage stores as a tag on a new parent run and later stages look up.
 3. A stage run on its own gets a parent run of its own.
 
-The parent is marked FINISHED (or FAILED) after every stage, so the UI never
+The parent is marked FINISHED (or FAILED, or KILLED) after every stage, so the UI never
 shows a run stuck in RUNNING once the pipeline stops, and the next stage
-reopens it.
+reopens it. A stage stopped by Ctrl-C or SIGTERM ends both runs as KILLED. One killed
+with SIGKILL cannot: every run records its host, pid and process start time, and
+:func:`reconcile` (run at each pipeline start) ends the runs whose process is gone.
 
 A tracking server that does not answer when a stage starts stops the stage at once, before
 it reads or writes anything (:func:`setup`). One that goes away while a stage runs does
@@ -25,6 +27,7 @@ import contextlib
 import datetime as dt
 import json
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -38,7 +41,7 @@ import psutil
 import yaml
 
 from lmops.config import DEFAULT_PARAMS, flatten
-from lmops.errors import DataError, LmopsError
+from lmops.errors import DataError, LmopsError, stop_reason
 from lmops.io import file_digest
 from lmops.tracking import buffer as tracking_buffer
 from lmops.tracking import tags as tag
@@ -140,8 +143,8 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
-def _dvc_process_key() -> str | None:
-    """pid and start time of the ``dvc`` process that runs this stage, if any."""
+def _dvc_process() -> psutil.Process | None:
+    """The ``dvc`` process that runs this stage, if any."""
     try:
         proc = psutil.Process().parent()
         while proc is not None:
@@ -149,11 +152,26 @@ def _dvc_process_key() -> str | None:
             if any(Path(part).name == "dvc" for part in cmd[:2]) or (
                 len(cmd) > 2 and cmd[1] == "-m" and cmd[2].startswith("dvc")
             ):
-                return f"dvc-{proc.pid}-{int(proc.create_time())}"
+                return proc
             proc = proc.parent()
     except (psutil.Error, OSError):
         return None
     return None
+
+
+def _dvc_process_key(proc: psutil.Process) -> str:
+    """The key that ties the stage runs of one ``dvc`` process: its pid and start time."""
+    return f"dvc-{proc.pid}-{int(proc.create_time())}"
+
+
+def process_tags(proc: psutil.Process | None = None) -> dict[str, str]:
+    """Where a run's process runs (this process by default): host, pid and start time."""
+    proc = proc or psutil.Process()
+    return {
+        tag.HOST: socket.gethostname(),
+        tag.PID: str(proc.pid),
+        tag.PID_START: f"{proc.create_time():.2f}",
+    }
 
 
 def base_tags() -> dict[str, str]:
@@ -191,12 +209,21 @@ def create_pipeline_run(
     name: str | None = None,
     tags: Mapping[str, Any] | None = None,
     params: Mapping[str, Any] | None = None,
+    owner: psutil.Process | None = None,
 ) -> str:
     """The one place a pipeline's parent run is made (the stage runs nest under it): by a
-    flow before its first stage, or by the first stage of a plain ``dvc repro``."""
+    flow before its first stage, or by the first stage of a plain ``dvc repro``.
+
+    ``owner`` is the process the pipeline run lives as long as (this one by default; the
+    ``dvc`` process under ``dvc repro``). Runs of this experiment whose process vanished
+    are ended first (:func:`reconcile`).
+    """
+    with _secondary("runs whose process vanished could not be reconciled"):
+        reconcile(client, experiment_id)
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     all_tags = {
         **base_tags(),
+        **process_tags(owner),
         tag.KIND: tag.KIND_PIPELINE,
         **{k: str(v) for k, v in (tags or {}).items() if v is not None},
     }
@@ -209,7 +236,8 @@ def create_pipeline_run(
 def _find_or_create_parent(client: Any, experiment_id: str) -> str:
     if os.environ.get(PARENT_ENV):
         return os.environ[PARENT_ENV]
-    key = _dvc_process_key()
+    dvc = _dvc_process()
+    key = _dvc_process_key(dvc) if dvc is not None else None
     if key is not None:
         found = client.search_runs(
             [experiment_id], filter_string=f"tags.`{KEY_TAG}` = '{key}'", max_results=1
@@ -217,7 +245,7 @@ def _find_or_create_parent(client: Any, experiment_id: str) -> str:
         if found:
             return found[0].info.run_id
     return create_pipeline_run(
-        client, experiment_id, os.environ.get("DVC_EXP_NAME"), {KEY_TAG: key}
+        client, experiment_id, os.environ.get("DVC_EXP_NAME"), {KEY_TAG: key}, owner=dvc
     )
 
 
@@ -240,7 +268,7 @@ def _start_stage_run(stage: str) -> tuple[Any, Any, str]:
         client = MlflowClient()
         parent_id = _find_or_create_parent(client, experiment_id)
         client.update_run(parent_id, status="RUNNING")
-        tags = {**base_tags(), tag.STAGE: stage, tag.KIND: tag.KIND_STAGE}
+        tags = {**base_tags(), **process_tags(), tag.STAGE: stage, tag.KIND: tag.KIND_STAGE}
         run = mlflow.start_run(
             experiment_id=experiment_id, run_name=stage, parent_run_id=parent_id, tags=tags
         )
@@ -285,14 +313,19 @@ def stage_run(stage: str, params: dict[str, Any] | None = None) -> Iterator[Any]
             roll_up(client, run_id, parent_id, buffer=buffer)
             status = "FINISHED"
         except BaseException as err:
-            killed = isinstance(err, KeyboardInterrupt)
+            # Ctrl-C, or SIGTERM/SIGHUP under lmops.errors.stop_on_signals
+            if isinstance(err, KeyboardInterrupt):
+                status, error = "KILLED", stop_reason(err)
+            else:
+                error = redact(f"{type(err).__name__}: {err}")[:5000]
             with _secondary("the failure could not be recorded in MLflow"):
-                buffer.set_tags({tag.ERROR: redact(f"{type(err).__name__}: {err}")[:5000]})
-                buffer.end_active_run("KILLED" if killed else "FAILED")
+                buffer.set_tags({tag.ERROR: error})
+                buffer.set_tags({tag.ERROR: f"{stage}: {error}"[:5000]}, run_id=parent_id)
+                buffer.end_active_run(status)
             raise
         finally:
             _buffer = outer
-            failed = status != "FINISHED"
+            failed = status != "FINISHED"  # FAILED, or KILLED: the pipeline run ends so too
             with (
                 _secondary("the runs could not be ended in MLflow")
                 if failed
@@ -433,7 +466,7 @@ def sync(files: list[str | Path] | None = None) -> list[str]:
         else sorted(folder.glob("*.jsonl"), key=lambda p: p.stat().st_mtime)
     )
     if not paths:
-        return [f"nothing to sync: no spool files in {folder}"]
+        return [f"nothing to sync: no spool files in {folder}", *reconcile()]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise LmopsError(f"no such spool file: {', '.join(missing)}")
@@ -471,6 +504,83 @@ def sync(files: list[str | Path] | None = None) -> list[str]:
                 failed.append(f"{path}: {why}; {len(buffer.pending)} entries kept")
     if failed:
         raise LmopsError("\n".join([*lines, *failed]))
+    return lines + reconcile()
+
+
+VANISHED = "process vanished (SIGKILL or out of memory?)"
+
+
+def _process_state(tags: Mapping[str, str], host: str) -> bool | None:
+    """True if the process a run's tags name still runs, False if it is gone, None when
+    that cannot be told here: no such tags (a run from before they were written) or
+    another host."""
+    if tags.get(tag.HOST) != host or not tags.get(tag.PID, "").isdigit():
+        return None
+    try:
+        started = psutil.Process(int(tags[tag.PID])).create_time()
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.Error:  # exists, but not ours to look at
+        return True
+    try:  # the same pid with another start time is another process
+        return abs(started - float(tags.get(tag.PID_START, started))) < 1.0
+    except ValueError:
+        return True
+
+
+def reconcile(
+    client: Any = None,
+    experiment_id: str | None = None,
+    other_hosts_after: float | None = None,
+    dry_run: bool = False,
+) -> list[str]:
+    """End as FAILED the RUNNING runs whose process no longer exists; one line for each.
+
+    A run is judged by the host, pid and start time it records (:func:`process_tags`).
+    Its process runs on this host and is gone (SIGKILL, the OOM killer, a power cut):
+    the run ends with ``lmops.error`` = :data:`VANISHED`. A run of another host, or one
+    without those tags, is left alone unless ``other_hosts_after`` (hours) is given and it
+    started longer ago than that. A pipeline run stays while one of its stage runs lives.
+    """
+    if client is None:
+        client, found_id = client_and_experiment()
+        experiment_id = experiment_id or found_id
+    elif experiment_id is None:
+        experiment_id = setup()
+    running = client.search_runs(
+        [experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=5000
+    )
+    host, now_ms = socket.gethostname(), time.time() * 1000
+    verdict: dict[str, str | None] = {}  # run id -> why it ends (None: it stays)
+    for run in running:
+        tags = run.data.tags
+        alive = _process_state(tags, host)
+        if alive is False:
+            where = f"pid {tags[tag.PID]} on {host} is gone"
+            verdict[run.info.run_id] = f"{VANISHED}: {where}"
+        elif alive is None and other_hosts_after is not None:
+            age_h = (now_ms - run.info.start_time) / 3.6e6
+            if age_h > other_hosts_after:
+                where = tags.get(tag.HOST, "an unknown host")
+                verdict[run.info.run_id] = (
+                    f"no end after {age_h:.1f} h on {where} (limit {other_hosts_after:g} h)"
+                )
+        verdict.setdefault(run.info.run_id, None)
+    for run in running:  # a pipeline run holds on while a stage of it lives
+        parent = run.data.tags.get("mlflow.parentRunId")
+        if verdict[run.info.run_id] is None and verdict.get(parent) is not None:
+            verdict[parent] = None
+    lines = []
+    for run in running:
+        why = verdict[run.info.run_id]
+        if why is None:
+            continue
+        name = run.data.tags.get("mlflow.runName", run.info.run_name)
+        done = "would end" if dry_run else "ended"
+        lines.append(f"run {run.info.run_id} ({name}): {why}; {done} as FAILED")
+        if not dry_run:
+            client.set_tag(run.info.run_id, tag.ERROR, why)
+            client.set_terminated(run.info.run_id, status="FAILED")
     return lines
 
 

@@ -25,7 +25,14 @@ from types import TracebackType
 from typing import NoReturn
 
 from lmops.config import ConfigError, load_params
-from lmops.errors import DiskFullError, LmopsError
+from lmops.errors import (
+    DiskFullError,
+    LmopsError,
+    OutOfMemoryError,
+    Stopped,
+    exit_like,
+    stop_on_signals,
+)
 from lmops.io import disk_full_reason
 from lmops.tracking import runs as tracking
 from lmops.tracking.redact import redact
@@ -61,11 +68,14 @@ def run(
 
     A params file that fails the schema is recorded as a FAILED run of the stage too
     (``main`` reads it before it opens its run); a full disk is a user error like any other.
+    SIGTERM and SIGHUP stop the stage as Ctrl-C does (its runs end as KILLED), then the
+    process dies of that signal, so DVC records nothing and releases its lock.
     ``before(name, params_path, argv)`` runs first and may replace the process (training
     stages: :func:`lmops.orchestrate.estimate.training_stage_start`).
     """
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
     sys.excepthook = _redacted_traceback
+    stop_on_signals()
     logging.basicConfig(level=logging.INFO, format=f"[{name}] %(message)s")
     args = argp.parse_args(argv)
     params = getattr(args, "params", None)
@@ -78,11 +88,16 @@ def run(
             main(args)
     except LmopsError as err:
         fail(name, err)
+    except Stopped as err:  # SIGTERM: the runs are ended as KILLED; die of the signal
+        print(f"lmops {name}: {err}", file=sys.stderr)
+        exit_like(err)
     except OSError as err:
         reason = disk_full_reason(err)
         if reason is None:
             raise
         fail(name, DiskFullError(err.filename or "an output", reason))
+    except MemoryError as err:  # outside the loops that name the step and batch size
+        fail(name, OutOfMemoryError(f"out of memory ({err or 'MemoryError'})"))
 
 
 def fail(name: str, err: LmopsError) -> NoReturn:

@@ -20,3 +20,8 @@ RETRAIN_ACTION = "lmops.retrain.action"
 RETRAIN_REASON = "lmops.retrain.reason"
 RETRAIN_DONE = "lmops.retrain.done"  # on a pipeline run whose retraining reached a decision
 TRANSLATOR = "lmops.translator"  # logged model metadata: the decode settings it serves with
+# where a run's process runs: the next pipeline start, `lmops tracking sync` and
+# `lmops runs reconcile` end a RUNNING run whose process is gone (lmops.tracking.runs)
+HOST = "lmops.host"
+PID = "lmops.pid"
+PID_START = "lmops.pid_start"  # the process's start time (s since the epoch): pids are reused

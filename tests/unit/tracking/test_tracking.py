@@ -155,3 +155,91 @@ def test_compare_shows_the_one_param_that_differs(mlflow_store, tmp_path, capsys
     with pytest.raises(SystemExit):
         cli.main(["compare", "no-such-run"])
     assert "MLflow run no-such-run: not found" in capsys.readouterr().err
+
+
+def _gone_process_tags() -> dict[str, str]:
+    """The host, pid and start-time tags of a process that ran and is gone."""
+    import subprocess
+    import sys
+
+    import psutil
+
+    proc = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=-1)
+    tags = tracking.process_tags(psutil.Process(proc.pid))
+    proc.communicate(b"")
+    return tags
+
+
+def test_reconcile_ends_only_runs_whose_process_vanished(mlflow_store):
+    from lmops.tracking import tags as tag
+
+    client, exp = tracking.client_and_experiment()
+    gone, alive = _gone_process_tags(), tracking.process_tags()
+    other_host = {**alive, tag.HOST: "elsewhere"}
+    reused_pid = {**alive, tag.PID_START: f"{float(alive[tag.PID_START]) - 3600:.2f}"}
+
+    def make(name, tags, parent=None):
+        more = {"mlflow.parentRunId": parent} if parent else {}
+        return client.create_run(exp, run_name=name, tags={**tags, **more}).info.run_id
+
+    dead_parent = make("dead-pipeline", gone)
+    dead_stage = make("dead-stage", gone, dead_parent)
+    held_parent = make("held-pipeline", gone)  # its owner is gone, a stage of it lives
+    live_stage = make("live-stage", alive, held_parent)
+    reused = make("reused-pid", reused_pid)
+    remote = make("remote", other_host)
+    untagged = make("untagged", {})
+
+    dry = tracking.reconcile(dry_run=True)
+    assert len(dry) == 3 and all("would end as FAILED" in line for line in dry)
+    assert client.get_run(dead_stage).info.status == "RUNNING"
+
+    lines = tracking.reconcile()
+    ended = {run_id for run_id in (dead_parent, dead_stage, reused) if run_id in "".join(lines)}
+    assert ended == {dead_parent, dead_stage, reused} and len(lines) == 3
+    for run_id in (dead_parent, dead_stage, reused):
+        run = client.get_run(run_id)
+        assert run.info.status == "FAILED" and run.info.end_time is not None
+        assert run.data.tags[tag.ERROR].startswith(tracking.VANISHED)
+    pid = gone[tag.PID]
+    assert client.get_run(dead_stage).data.tags[tag.ERROR] == (
+        f"process vanished (SIGKILL or out of memory?): pid {pid} on {gone[tag.HOST]} is gone"
+    )
+    for run_id in (held_parent, live_stage, remote, untagged):
+        assert client.get_run(run_id).info.status == "RUNNING"
+    assert tracking.reconcile() == []  # nothing more to do
+
+    # another host's runs (and untagged ones) only past the user's limit
+    assert tracking.reconcile(other_hosts_after=1.0) == []
+    lines = tracking.reconcile(other_hosts_after=0.0)
+    assert len(lines) == 2
+    assert client.get_run(remote).data.tags[tag.ERROR].startswith("no end after 0.0 h on elsewhere")
+    assert client.get_run(untagged).info.status == "FAILED"
+    assert client.get_run(live_stage).info.status == "RUNNING"
+
+
+def test_a_new_pipeline_run_reconciles_and_stage_runs_say_where_they_run(mlflow_store):
+    import os
+    import socket
+
+    from lmops.tracking import tags as tag
+
+    client, exp = tracking.client_and_experiment()
+    ghost = client.create_run(exp, run_name="ghost", tags=_gone_process_tags()).info.run_id
+    with tracking.stage_run("first") as run:
+        tags = client.get_run(run.info.run_id).data.tags
+    assert (tags[tag.HOST], tags[tag.PID]) == (socket.gethostname(), str(os.getpid()))
+    assert client.get_run(ghost).info.status == "FAILED"
+
+
+def test_ctrl_c_and_sigterm_end_the_stage_and_pipeline_runs_as_killed(mlflow_store):
+    import signal
+
+    from lmops.errors import Stopped
+
+    with pytest.raises(Stopped), tracking.stage_run("first"):
+        raise Stopped(signal.SIGTERM)
+    (stage,), (parent,) = _runs("stage"), _runs("pipeline")
+    assert (stage.info.status, parent.info.status) == ("KILLED", "KILLED")
+    assert stage.data.tags["lmops.error"] == "stopped by SIGTERM"
+    assert parent.data.tags["lmops.error"] == "first: stopped by SIGTERM"
