@@ -7,6 +7,7 @@ import datetime as dt
 import json
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -449,6 +450,23 @@ def _submit(env: dict[str, str], repo: Path, *params: str) -> str:
     return re.search(r"UUID:\s*([0-9a-f-]{36})", out).group(1)
 
 
+def _stage_process(repo: Path, stage: str):
+    """The running ``stages/<stage>.py`` process of ``repo``, if any."""
+    import psutil
+
+    for proc in psutil.process_iter(["cmdline", "cwd"]):
+        if proc.info["cwd"] == str(repo) and f"stages/{stage}.py" in (proc.info["cmdline"] or []):
+            return proc
+    return None
+
+
+def _pending(pid: int, sig: int) -> bool:
+    """Whether ``sig`` was sent to process ``pid`` and waits to be handled (it is stopped)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    masks = re.findall(r"^(?:ShdPnd|SigPnd):\s*([0-9a-f]+)$", status, re.MULTILINE)
+    return any(int(mask, 16) >> (sig - 1) & 1 for mask in masks)
+
+
 def _wait_state(env: dict[str, str], run_id: str, states: tuple[str, ...], log: Path) -> dict:
     def done():
         run = _flow_runs(env, [run_id])[run_id]
@@ -472,8 +490,9 @@ def test_a_cancelled_flow_run_stops_its_stage_and_the_next_run_resumes(
 
     from tests.support import chaos
 
+    max_steps = 120
     params = yaml.safe_load((flow_repo / "params.yaml").read_text())
-    params["pretrain"].update(max_steps=600, checkpoint_interval=20, eval_interval=200)
+    params["pretrain"].update(max_steps=max_steps, checkpoint_interval=10, eval_interval=60)
     (flow_repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = prefect_server
     _prefect(env, flow_repo, "work-pool", "create", "lmops-gpu", "--type", "process")
@@ -482,19 +501,31 @@ def test_a_cancelled_flow_run_stops_its_stage_and_the_next_run_resumes(
     worker = _worker(env, log)
     try:
         first = _submit(env, flow_repo, "--param", "target=pretrain")
-        workspace.wait_for(
-            lambda: workspace.newest_checkpoint(flow_repo, "pretrain"),
+        stage = workspace.wait_for(
+            lambda: (
+                workspace.newest_checkpoint(flow_repo, "pretrain")
+                and _stage_process(flow_repo, "pretrain")
+            ),
             "a pretrain checkpoint",
             600,
             worker,
         )
+        # held mid-training, so that the cancellation lands there however fast it trains;
+        # let go once the SIGTERM the cancellation sends it is pending
+        stage.suspend()
         cancelled_at = time.monotonic()
         _prefect(env, flow_repo, "flow-run", "cancel", first)
+        workspace.wait_for(
+            lambda: _pending(stage.pid, signal.SIGTERM), "the SIGTERM of the cancellation", 120
+        )
+        term_seconds = time.monotonic() - cancelled_at
+        stage.resume()
+        resumed_at = time.monotonic()
         run = _wait_state(env, first, ("CANCELLED", "COMPLETED", "FAILED", "CRASHED"), log)
-        cancel_seconds = time.monotonic() - cancelled_at
+        stop_seconds = time.monotonic() - resumed_at
         assert run["state"] == "CANCELLED", f"{run}\n{log.read_text()[-6000:]}"
         stopped_at = workspace.newest_checkpoint(flow_repo, "pretrain")
-        assert 0 < stopped_at < 600
+        assert 0 < stopped_at < max_steps
         assert workspace.processes_in(flow_repo) == []
         rwlock = json.loads((flow_repo / ".dvc/tmp/rwlock").read_text() or "{}")
         assert rwlock.get("write", {}) == {}, rwlock  # dvc released its lock
@@ -530,7 +561,10 @@ def test_a_cancelled_flow_run_stops_its_stage_and_the_next_run_resumes(
     )
     assert out.returncode == 0, out.stderr
     assert chaos.fingerprint(flow_repo, "pretrain") == resumed  # as if never stopped
-    print(f"cancelled in {cancel_seconds:.1f} s, at checkpoint step {stopped_at}")
+    print(
+        f"cancel request to the stage's SIGTERM {term_seconds:.1f} s, then to CANCELLED "
+        f"{stop_seconds:.1f} s, at checkpoint step {stopped_at}"
+    )
 
 
 @pytest.mark.slow

@@ -161,16 +161,16 @@ def running_runs(root: Path) -> list[str]:
     return [f"{r.info.run_name} ({r.info.run_id})" for r in runs]
 
 
-def _killed_status(root: Path, stage: str) -> str:
+def _killed_status(root: Path, stage: str, since: float) -> str:
+    """The status of the ``stage`` run started after ``since`` (time.time()); 'none' if
+    the stop came before it started."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(f"sqlite:///{root}/mlruns/mlflow.db")
     exp = client.get_experiment_by_name("lmops")
     runs = client.search_runs(
         [exp.experiment_id],
-        f"tags.`lmops.stage` = '{stage}'",
-        order_by=["attributes.start_time DESC"],
-        max_results=1,
+        f"tags.`lmops.stage` = '{stage}' and attributes.start_time >= {int(since * 1000)}",
     )
     return runs[0].info.status if runs else "none"
 
@@ -240,19 +240,13 @@ def chaos(root: Path, kills: int, seed: int, log=print) -> list[Kill]:
         shutil.rmtree(root / "data/train" / stage, ignore_errors=True)
         after, delay = draw(stage)
         how = rng.choice(HOW)
+        started = time.time()
         stopped, trouble = _killed_run(root, stage, True, after, delay, how)
         if not stopped:
             continue  # it finished first: no kill, draw again
-        if (
-            how != "SIGKILL"
-            and not trouble
-            and (status := _killed_status(root, stage))
-            not in (
-                "KILLED",
-                "none",  # stopped before its run started
-            )
-        ):
-            trouble = f"its run is {status} after {how}, not KILLED"
+        status = _killed_status(root, stage, started)
+        if how != "SIGKILL" and not trouble and status not in ("KILLED", "none"):
+            trouble = f"its run is {status} after {how}, not KILLED"  # none: not started yet
         count = 1
         checkpoint = newest_checkpoint(root, stage)
         # sometimes kill the resumed run as well (kill -9)

@@ -243,3 +243,17 @@ def test_ctrl_c_and_sigterm_end_the_stage_and_pipeline_runs_as_killed(mlflow_sto
     assert (stage.info.status, parent.info.status) == ("KILLED", "KILLED")
     assert stage.data.tags["lmops.error"] == "stopped by SIGTERM"
     assert parent.data.tags["lmops.error"] == "first: stopped by SIGTERM"
+
+
+def test_tracking_sync_also_ends_runs_whose_process_vanished(mlflow_store, tmp_path):
+    from lmops.tracking import tags as tag
+
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")  # the project root: spool under it
+    client, exp = tracking.client_and_experiment()
+    ghost = client.create_run(exp, run_name="ghost", tags=_gone_process_tags()).info.run_id
+    lines = tracking.sync()
+    assert lines[0] == f"nothing to sync: no spool files in {tmp_path / 'mlruns' / 'spool'}"
+    assert lines[1:] == [
+        f"run {ghost} (ghost): {client.get_run(ghost).data.tags[tag.ERROR]}; ended as FAILED"
+    ]
+    assert client.get_run(ghost).info.status == "FAILED"
