@@ -20,6 +20,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from lmops.orchestrate import repro
 from tests.conftest import dvc, dvc_env, make_tiny_repo
 from tests.support import chaos, workspace
 
@@ -419,6 +420,8 @@ def test_a_second_repro_in_the_workspace_fails_fast_naming_the_lock(repo, first_
     # first stage that needs one, naming the process that holds it
     assert "is busy, it is being blocked by" in second.stderr, second.stderr
     assert f"(PID {first.pid}): " in second.stderr and "rwlock" in second.stderr
+    # what a flow's stage task sees then: a failure worth a retry once the lock is free
+    assert repro.should_retry(repro.StageFailed("pretrain", second.returncode, second.stderr))
     assert waited < 15
     assert first.returncode == 0  # the first one was not disturbed
     dvc(repo, "status")

@@ -43,6 +43,7 @@ STOP_GRACE_SECONDS = 12.0
 # Failures worth a retry: another DVC process holds the workspace lock, or the tracking
 # server / remote storage could not be reached. Checked against the stage's output.
 TRANSIENT_PATTERNS = (
+    r"is busy, it is being blocked by",  # DVC 3's rwlock: another dvc runs a stage here
     r"Unable to acquire lock",
     r"lock file .* is in use|is locked by",
     r"Connection ?(refused|reset|aborted|Error)",
