@@ -58,11 +58,12 @@ MODEL_STAGE_OVERHEAD_S = 10.5
 # about 0.4 of the fp32 student's time (bench/quantise.py: 2.0-2.8x as fast)
 QUANTISE_EXPORT_S = 20.0
 ONNX_INT8_SHARE = 0.4
-# compile: steps this much faster after a compile of COMPILE_SECONDS (cold cache), bf16
-# on an AVX-512 BF16 CPU (bench/train_throughput.py); on CUDA the speed-up is larger,
-# this is the conservative figure
-COMPILE_STEP_FACTOR = 0.9
-COMPILE_SECONDS = 40.0
+# compile: (step time factor, seconds of a cold-cache compile), bf16, by kind of machine.
+# "amx": a 2-core Xeon with AMX tiles, the fast profile's pretrain model (0.055 s a step
+# compiled against 0.10 s eager, 25 s to compile; bench/estimate.py put pretrain at +41%
+# with the figures of the other class). "other": an AVX-512 BF16 EPYC without AMX
+# (bench/train_throughput.py: 1.15-1.2x), also used on CUDA, where the speed-up is larger.
+COMPILE_COST = {"amx": (0.55, 25.0), "other": (0.87, 40.0)}
 # sizes of the embedded default corpora, for a first run that has no statistics yet
 DEFAULT_SIZES = {
     "corpus_mb": 23.4,
@@ -143,6 +144,12 @@ def _autocast(device: torch.device, precision: str) -> Any:
 
 
 @_memo
+def compile_cost(device: torch.device) -> tuple[float, float]:
+    """:data:`COMPILE_COST` for this machine: (step time factor, compile seconds)."""
+    amx = device.type == "cpu" and bool(torch.cpu._is_amx_tile_supported())
+    return COMPILE_COST["amx" if amx else "other"]
+
+
 def train_step_seconds(
     cfg: ModelConfig,
     vocab: int,
@@ -356,7 +363,8 @@ def _training(
     )
     fwd = forward_seconds(model, ctx.vocab, cfg.batch_size, width, precision, device)
     compiled = hardware.compile_enabled(cfg.compile, device, dtype)
-    step *= cfg.grad_accum / nproc * (COMPILE_STEP_FACTOR if compiled else 1.0)
+    factor, compile_s = compile_cost(device) if compiled else (1.0, 0.0)
+    step *= cfg.grad_accum / nproc * factor
     done = steps_done(ctx.root / "data" / "train" / stage, cfg, model)
     left = max(0, cfg.max_steps - done)
     evals = sum(
@@ -383,7 +391,7 @@ def _training(
         left * step
         + evals * eval_s
         + ctx.overhead(model_stage=True)
-        + (COMPILE_SECONDS if compiled and left else 0.0)
+        + (compile_s if left else 0.0)
     )
     resume = f", resuming at step {done}" if done else ""
     detail = (
