@@ -20,6 +20,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from lmops.core.train import curve_panels
 from lmops.orchestrate import repro
 from tests.conftest import dvc, dvc_env, make_tiny_repo
 from tests.support import chaos, workspace
@@ -238,6 +239,11 @@ def test_model_stage_runs_hold_curves_weights_and_samples(repo, first_run):
     assert pre.data.params["pretrain.model.n_layer"] == str(params_of(repo)["model"]["n_layer"])
     names = {a.path for a in client.list_artifacts(pre.info.run_id)}
     assert "pretrain_loss_curves.png" in names
+    # the PNGs plot what the stages recorded: their curves for dvc plots, read back
+    for stage, metric in (("pretrain", "valid_ppl"), ("finetune", "valid_bleu")):
+        rows = pd.read_csv(repo / f"data/plots/{stage}.csv").to_dict("records")
+        history = [{k: v for k, v in row.items() if not pd.isna(v)} for row in rows]
+        assert curve_panels(history) == {"loss": ["train_loss", "valid_loss"], metric: [metric]}
     assert {a.path for a in client.list_artifacts(pre.info.run_id, "model")} >= {
         "model/model.safetensors",
         "model/config.json",

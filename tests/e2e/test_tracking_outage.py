@@ -25,6 +25,7 @@ import yaml
 
 from lmops.config import load_profile
 from lmops.core.train import fit, lm_loss, seed_everything, window_batches
+from lmops.pipeline.training import VALID_LOSS
 from lmops.tracking import runs as tracking
 from lmops.tracking.buffer import FLUSH_WAIT_ENV, RETRY_ENV
 from tests.conftest import REPO, dvc_env
@@ -35,7 +36,7 @@ pytestmark = pytest.mark.slow
 
 EXPERIMENT = "lmops-outage-test"
 STAGE = "tiny"
-KEYS = ("train_loss", "lr", "grad_norm", "tokens_per_sec", "val_loss")
+KEYS = ("train_loss", "lr", "grad_norm", "tokens_per_sec", VALID_LOSS)
 SECRETS = {  # each must appear nowhere: no param, tag, artifact or output
     "MLFLOW_TRACKING_PASSWORD": "pw-7c1e5a9d",
     "MLFLOW_TRACKING_TOKEN": "tok-3f8b2e6a",
@@ -161,7 +162,7 @@ def train(out: Path, steps: int, on_eval) -> object:
 
     def evaluate(model, step):
         on_eval(step)
-        return {"val_loss": 3.0 - step / 100}
+        return {VALID_LOSS: 3.0 - step / 100}
 
     return fit(
         TinyLM(),
@@ -277,7 +278,7 @@ def test_a_server_lost_mid_run_loses_no_metric(live, in_project):
     )
     parent = client.get_run(got.data.tags["mlflow.parentRunId"])
     assert parent.info.status == "FINISHED"
-    assert parent.data.metrics[f"{STAGE}/val_loss"] == pytest.approx(3.0 - steps / 100)
+    assert parent.data.metrics[f"{STAGE}/{VALID_LOSS}"] == pytest.approx(3.0 - steps / 100)
 
 
 def test_a_server_still_away_at_the_end_leaves_a_spool_for_tracking_sync(
@@ -365,7 +366,7 @@ def test_a_server_still_away_at_the_end_leaves_a_spool_for_tracking_sync(
     parent = client.get_run(got.data.tags["mlflow.parentRunId"])
     assert parent.info.status == "FINISHED"
     # rolled up from what the stage logged, the server being away
-    assert parent.data.metrics[f"{STAGE}/val_loss"] == pytest.approx(3.0 - steps / 100)
+    assert parent.data.metrics[f"{STAGE}/{VALID_LOSS}"] == pytest.approx(3.0 - steps / 100)
     assert f"{STAGE}/wall_seconds" in parent.data.metrics
 
     dead = client.get_run(crashed)

@@ -259,21 +259,41 @@ def write_curve(history: list[dict[str, float]], path: str | Path) -> None:
             raise ValueError(f"{path}: loss curve must be .csv or .json")
 
 
+# what the loop records itself at each log interval; everything else in a history row
+# came from the stage's evaluate(): its validation metrics
+LOGGED_KEYS = ("train_loss", "lr", "grad_norm")
+
+
+def curve_panels(history: list[dict[str, float]]) -> dict[str, list[str]]:
+    """The panels of the loss-curve PNG and the series each plots: ``loss``, the training
+    loss and every validation loss (a key ending in ``loss``); then one panel for each
+    other validation metric recorded (perplexity, BLEU ...), each on its own scale."""
+    keys = list(dict.fromkeys(k for row in history for k in row if k != "step"))
+    losses = [k for k in keys if k.endswith("loss")]
+    panels = {"loss": losses} if losses else {}
+    panels.update({k: [k] for k in keys if k not in LOGGED_KEYS and not k.endswith("loss")})
+    return panels
+
+
 def plot_curves(history: list[dict[str, float]], png_path: str | Path) -> Path:
-    """PNG of train loss (and val loss where evaluated) against step."""
+    """PNG of the training loss and every validation metric against step
+    (:func:`curve_panels`): losses together, each other metric in a panel of its own."""
     from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
 
-    fig = Figure(figsize=(7, 4), dpi=110)
-    ax = fig.subplots()
-    for key, style in (("train_loss", "-"), ("val_loss", "o-")):
-        points = [(row["step"], row[key]) for row in history if key in row]
-        if points:
+    panels = curve_panels(history) or {"loss": []}
+    fig = Figure(figsize=(4.2 * len(panels), 3.6), dpi=110, layout="constrained")
+    for ax, (title, series) in zip(
+        fig.subplots(1, len(panels), squeeze=False)[0], panels.items(), strict=True
+    ):
+        for key in series:
+            points = [(row["step"], row[key]) for row in history if key in row]
+            style = "-" if key in LOGGED_KEYS else "o-"
             ax.plot(*zip(*points, strict=True), style, label=key.replace("_", " "))
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.grid(alpha=0.3)
-    if ax.lines:
-        ax.legend()
+        ax.set_title(title.replace("_", " "))
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if len(ax.lines) > 1:
+            ax.legend()
     with atomic_output(png_path) as tmp:
         fig.savefig(tmp)
     return Path(png_path)

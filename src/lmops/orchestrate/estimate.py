@@ -388,10 +388,7 @@ def _training(
             dec.max_new_tokens,
         )
     total = (
-        left * step
-        + evals * eval_s
-        + ctx.overhead(model_stage=True)
-        + (compile_s if left else 0.0)
+        left * step + evals * eval_s + ctx.overhead(model_stage=True) + (compile_s if left else 0.0)
     )
     resume = f", resuming at step {done}" if done else ""
     detail = (

@@ -25,7 +25,7 @@ from lmops.data.tokens import TRAIN_STREAM, VALID_STREAM, load_stream
 from lmops.errors import DataError
 from lmops.io import file_digest, write_json
 from lmops.pipeline import Result, path
-from lmops.pipeline.training import mean_loss, summary
+from lmops.pipeline.training import VALID_LOSS, VALID_PPL, mean_loss, summary
 
 
 def fixed_windows(
@@ -70,7 +70,7 @@ def pretrain(
 
     def evaluate(model: torch.nn.Module, step: int) -> dict[str, float]:
         loss = mean_loss(model, valid_batches)
-        return {"valid_loss": loss, "valid_ppl": math.exp(min(loss, 50.0))}
+        return {VALID_LOSS: loss, VALID_PPL: math.exp(min(loss, 50.0))}
 
     resolved = {
         "model": mcfg.model_dump(),

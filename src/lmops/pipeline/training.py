@@ -20,7 +20,10 @@ from lmops.core.train import DistEnv, EvalFn, TrainResult, lm_loss
 from lmops.core.translation import fixed_batches, read_pairs, save_model, translate_ids
 from lmops.core.vocab import Tokenizer
 
+# the validation metrics the training stages record (their curves, MLflow keys)
 SELECT_METRIC = "valid_bleu"
+VALID_LOSS = "valid_loss"
+VALID_PPL = "valid_ppl"
 
 
 def mean_loss(model: torch.nn.Module, batches: list) -> float:
@@ -56,7 +59,7 @@ def bleu_validation(
             cast(Transformer, model), tok, list(bleu_pairs["src_ids"]), tgt_lang, greedy
         )
         bleu = sacrebleu.corpus_bleu(hyps, [list(bleu_pairs["tgt"])]).score
-        return {"valid_loss": mean_loss(model, valid_batches), SELECT_METRIC: bleu}
+        return {VALID_LOSS: mean_loss(model, valid_batches), SELECT_METRIC: bleu}
 
     return evaluate, greedy
 

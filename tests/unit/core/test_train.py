@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -11,11 +12,13 @@ import sys
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from lmops.config import ModelConfig, TrainConfig
 from lmops.core import checkpoint
 from lmops.core.model import Transformer
 from lmops.core.train import (
+    curve_panels,
     lm_loss,
     lr_at,
     make_optimizer,
@@ -25,6 +28,7 @@ from lmops.core.train import (
     write_curve,
 )
 from lmops.errors import DataError, LmopsError, OutOfMemoryError
+from lmops.pipeline.training import SELECT_METRIC, VALID_LOSS, VALID_PPL
 from tests.conftest import REPO
 from tests.support.ddp_worker import BLOCK, SEED, VOCAB, TinyLM, config, run, tokens
 
@@ -154,14 +158,14 @@ def test_rerunning_a_finished_run_does_no_more_steps(tmp_path):
 
     def evaluate(model, step):
         evals.append(step)
-        return {"val_loss": lm_loss(model, (x, y)).item()}
+        return {VALID_LOSS: lm_loss(model, (x, y)).item()}
 
     cfg = config(max_steps=3, warmup_steps=1, eval_interval=2)
     _, first = run(tmp_path, cfg, evaluate=evaluate)
     model, again = run(tmp_path, cfg, model=TinyLM(), evaluate=evaluate)
     assert again.resumed_from == 3 and again.step == 3 and losses(again) == losses(first)
     assert evals == [2, 3]  # none on the rerun, yet it reports the last evaluation
-    assert again.metrics == first.metrics and first.metrics["val_loss"] > 0
+    assert again.metrics == first.metrics and first.metrics[VALID_LOSS] > 0
 
 
 @pytest.mark.parametrize("bad", [math.inf, math.nan, 25.0])
@@ -228,14 +232,14 @@ def test_evaluation_keeps_the_best_weights_and_writes_the_curve(tmp_path):
         assert not model.training and not torch.is_grad_enabled()
         seen.append(step)
         # step 4 is made to look best, so the best checkpoint is not simply the last one
-        return {"val_loss": lm_loss(model, (x, y)).item() - (5.0 if step == 4 else 0.0)}
+        return {VALID_LOSS: lm_loss(model, (x, y)).item() - (5.0 if step == 4 else 0.0)}
 
     curve = tmp_path / "curve.csv"
     _, result = run(
         tmp_path,
         config(eval_interval=2),
         evaluate=evaluate,
-        select_metric="val_loss",
+        select_metric=VALID_LOSS,
         select_mode="min",
         curve_path=curve,
     )
@@ -249,7 +253,7 @@ def test_evaluation_keeps_the_best_weights_and_writes_the_curve(tmp_path):
     checkpoint.load_weights(best, result.best_checkpoint)
     assert lm_loss(best, (x, y)).item() - 5.0 == pytest.approx(result.best_metric, abs=1e-6)
     lines = curve.read_text().splitlines()
-    assert lines[0] == "step,train_loss,lr,grad_norm,val_loss"
+    assert lines[0] == f"step,train_loss,lr,grad_norm,{VALID_LOSS}"
     assert len(lines) == 7 and lines[1].endswith(",") and not lines[2].endswith(",")
     assert float(lines[1].split(",")[1]) == pytest.approx(PINNED[0], abs=1e-4)
 
@@ -275,14 +279,14 @@ def test_metrics_and_the_curve_plot_go_to_the_active_mlflow_run(tmp_path, mlflow
         run(
             tmp_path,
             config(max_steps=4, warmup_steps=1, eval_interval=2),
-            evaluate=lambda m, s: {"val_loss": 3.0 - s / 10},
+            evaluate=lambda m, s: {VALID_LOSS: 3.0 - s / 10},
             log=StageLog(),
         )
     client = MlflowClient()
     train_loss = client.get_metric_history(active.info.run_id, "train/train_loss")
     assert [m.step for m in train_loss] == [1, 2, 3, 4]
     assert train_loss[0].value == pytest.approx(PINNED[0], abs=1e-4)
-    val = client.get_metric_history(active.info.run_id, "train/val_loss")
+    val = client.get_metric_history(active.info.run_id, f"train/{VALID_LOSS}")
     assert [(m.step, round(m.value, 6)) for m in val] == [(2, 2.8), (4, 2.6)]
     for key in ("train/lr", "train/grad_norm", "train/tokens_per_sec"):
         assert len(client.get_metric_history(active.info.run_id, key)) == 4
@@ -290,12 +294,27 @@ def test_metrics_and_the_curve_plot_go_to_the_active_mlflow_run(tmp_path, mlflow
     assert artifacts == ["train_loss_curves.png"]
 
 
-def test_plot_and_json_curve(tmp_path):
-    history = [{"step": 1, "train_loss": 3.0}, {"step": 2, "train_loss": 2.5, "val_loss": 2.7}]
-    png = plot_curves(history, tmp_path / "curves.png")
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+def test_the_curves_plot_every_validation_metric_the_stages_record(tmp_path):
+    """The keys the training stages' evaluate() callbacks return (lmops.pipeline.training):
+    losses share a panel, perplexity and BLEU get one each."""
+    logged = {"train_loss": 3.0, "lr": 1e-3, "grad_norm": 0.5}
+    pretrain = [{"step": 1, **logged}, {"step": 2, **logged, VALID_LOSS: 2.7, VALID_PPL: 14.9}]
+    finetune = [{"step": 1, **logged}, {"step": 2, **logged, VALID_LOSS: 2.7, SELECT_METRIC: 3.1}]
+    assert curve_panels(pretrain) == {"loss": ["train_loss", VALID_LOSS], VALID_PPL: [VALID_PPL]}
+    assert curve_panels(finetune) == {
+        "loss": ["train_loss", VALID_LOSS],
+        SELECT_METRIC: [SELECT_METRIC],
+    }
+    one = plot_curves([{"step": 1, "train_loss": 3.0}], tmp_path / "one.png")
+    three = plot_curves(finetune, tmp_path / "curves.png")
+    assert three.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert Image.open(three).width == 2 * Image.open(one).width  # two panels side by side
+
+
+def test_json_curve(tmp_path):
+    history = [{"step": 1, "train_loss": 3.0}, {"step": 2, "train_loss": 2.5, VALID_LOSS: 2.7}]
     write_curve(history, tmp_path / "curve.json")
-    assert (tmp_path / "curve.json").read_text().count('"val_loss"') == 1
+    assert json.loads((tmp_path / "curve.json").read_text()) == history
     with pytest.raises(ValueError, match="curve.txt: loss curve must be .csv or .json"):
         write_curve(history, tmp_path / "curve.txt")
     assert not (tmp_path / "curve.txt").exists()
