@@ -13,8 +13,10 @@ import contextlib
 import errno
 import json
 import os
+import resource  # RLIMIT_FSIZE: POSIX, as the whole project
 import runpy
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Callable
@@ -38,9 +40,6 @@ from lmops.tracking import runs as tracking
 from lmops.tracking import stage
 from tests.conftest import REPO, dvc_env
 from tests.support.helpers import make_clean
-
-resource = pytest.importorskip("resource")  # RLIMIT_FSIZE: POSIX only
-signal = pytest.importorskip("signal")
 
 EXPERIMENT = "lmops-test-bad-input"
 # Small enough that every stage's first real output exceeds it, large enough for the

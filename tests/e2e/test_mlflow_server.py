@@ -308,8 +308,9 @@ def test_the_pyfunc_loads_and_translates_in_a_fresh_process(env, workspace, regi
         timeout=300,
     )
     assert by_uri.returncode == 0, by_uri.stderr
-    by_dir = subprocess.run(
-        [*cli, "--model", "data/models/finetune", "--vocab", "data/vocab"],
+    by_dir = subprocess.run(  # the sentences one per line on stdin, blank lines skipped
+        [*cli[:4], "--model", "data/models/finetune", "--vocab", "data/vocab"],
+        input="\n".join(SOURCES[:1] + [""] + SOURCES[1:]) + "\n",
         cwd=workspace,
         env=dvc_env(),
         capture_output=True,
@@ -360,6 +361,23 @@ def test_two_runs_one_param_apart_differ_in_that_param_only(
     rows = {line.split()[0] for line in out.stdout.splitlines()[2:] if line.strip()}
     assert "finetune.lr" in rows and "finetune/train_loss" in rows
     assert not any(r.startswith(("clean.", "model.", "evaluate.")) for r in rows), out.stdout
+    assert "finetune/wall_seconds" not in rows  # timings differ on every run: on request
+
+    def compare_rows(*flags: str) -> set[str]:
+        out = subprocess.run(
+            [sys.executable, "-m", "lmops", "compare", b.run_id, c.run_id, *flags],
+            cwd=workspace,
+            env=dvc_env(env),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert out.returncode == 0, out.stderr
+        return {line.split()[0] for line in out.stdout.splitlines()[2:] if line.strip()}
+
+    every = compare_rows("--all")
+    assert rows < every and "model.n_layer" in every  # the equal rows too
+    assert "finetune/wall_seconds" in compare_rows("--timings") - rows
 
 
 def test_stopped_stages_leave_no_running_run_on_the_server(env, client, workspace, first_run):

@@ -17,10 +17,12 @@ import mlflow
 import pandas as pd
 import psutil
 import pytest
+import sacrebleu
 import yaml
 from mlflow.tracking import MlflowClient
 
 from lmops.core.train import curve_panels
+from lmops.io import file_digest
 from lmops.orchestrate import repro
 from tests.conftest import dvc, dvc_env, make_tiny_repo
 from tests.support import chaos, workspace
@@ -192,7 +194,14 @@ def test_model_stages_learn_and_report(repo, first_run):
 
     ev = json.loads((repo / "data/metrics/evaluate.json").read_text())
     assert ev["test_pairs"] == params["evaluate"]["max_test_pairs"]
-    assert 0 <= ev["bleu"] <= 100 and 0 <= ev["chrf"] <= 100
+    # the scores are sacreBLEU's own on the translations the stage wrote
+    written = pd.read_csv(
+        repo / "data/evaluate/translations.tsv", sep="\t", dtype=str, keep_default_na=False
+    )
+    assert len(written) == ev["test_pairs"]
+    hyps, refs = list(written["hypothesis"]), [list(written["reference"])]
+    assert ev["bleu"] == pytest.approx(sacrebleu.corpus_bleu(hyps, refs).score, abs=1e-9)
+    assert ev["chrf"] == pytest.approx(sacrebleu.corpus_chrf(hyps, refs).score, abs=1e-9)
     assert ev["bleu_signature"].startswith("nrefs:1|")
     for lang in ("en", "fr"):
         assert 1 < ev[f"ppl_{lang}"] < vocab_size
@@ -276,8 +285,9 @@ def test_distil_and_quantise_compare_smaller_faster_models(repo, first_run):
     assert dis["student_params"] == student.num_params() == dis["num_params"]
     assert dis["param_ratio"] == pytest.approx(student.num_params() / teacher.num_params())
     assert dis["param_ratio"] <= 1 / 3
-    if ev["bleu"] > 0:
-        assert dis["bleu_retained"] == pytest.approx(dis["bleu"] / ev["bleu"])
+    # a share of the teacher's BLEU; none when the teacher scored 0 (the tiny one may)
+    expected = dis["bleu"] / ev["bleu"] if ev["bleu"] else None
+    assert dis["bleu_retained"] == pytest.approx(expected)
     assert dis["best_valid_bleu"] == max(
         pd.read_csv(repo / "data/plots/distil.csv")["valid_bleu"].dropna()
     )
@@ -314,6 +324,20 @@ def test_distil_and_quantise_compare_smaller_faster_models(repo, first_run):
         DecodeConfig(beam_size=1, max_new_tokens=8),
     )
     assert len(out) == 1 and isinstance(out[0], str)
+    # what ships is the int8 student that was scored, file for file
+    scored = repo / "data/quantise/student_onnx_int8"
+    assert {p.name: file_digest(p) for p in (repo / "data/models/quantised").iterdir()} == {
+        p.name: file_digest(p) for p in scored.iterdir()
+    }
+    int8 = pd.read_csv(
+        repo / "data/quantise/eval/student_onnx_int8/translations.tsv",
+        sep="\t",
+        dtype=str,
+        keep_default_na=False,
+    )
+    assert table.loc[q["shipped"], "bleu"] == pytest.approx(
+        sacrebleu.corpus_bleu(list(int8["hypothesis"]), [list(int8["reference"])]).score
+    )
 
     client = MlflowClient(f"sqlite:///{repo}/mlruns/mlflow.db")
     run = _last_run(repo, "quantise")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import shlex
 
 import pytest
 import yaml
@@ -127,7 +128,7 @@ def test_dvc_stage_deps_exist():
 
 
 @pytest.mark.parametrize("profile", sorted(p.name for p in REPO.glob("params.*.yaml")))
-def test_every_profile_validates_and_becomes_dvc_set_args(profile):
+def test_every_profile_validates_and_becomes_dvc_set_args(profile, capsys):
     from lmops.cli import main
 
     merged = parse_params(load_profile(REPO / profile, REPO / "params.yaml"))
@@ -144,3 +145,6 @@ def test_every_profile_validates_and_becomes_dvc_set_args(profile):
         node[leaf] = yaml.safe_load(value)
     assert parse_params(applied) == merged
     main(["params", "check", str(REPO / "params.yaml")])
+    assert capsys.readouterr().out == f"{REPO / 'params.yaml'}: ok\n"
+    main(["params", "set-args", str(REPO / profile), "--base", str(REPO / "params.yaml")])
+    assert shlex.split(capsys.readouterr().out) == args  # as `dvc exp run $(...)` reads it

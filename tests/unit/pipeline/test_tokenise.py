@@ -16,6 +16,7 @@ from lmops.core.vocab import Tokenizer
 from lmops.data import layout
 from lmops.data.tokens import load_stream, stream_dtype, write_stream
 from lmops.errors import DataError, LmopsError
+from lmops.io import file_digest
 from lmops.pipeline import tokenise, vocab
 from tests.support.helpers import make_clean, run_stage, stage_runs, write_params
 
@@ -250,7 +251,7 @@ def test_stage_without_vocab_fails_then_runs(mlflow_store, clean_dir, vocab_dir,
     assert metrics["tokenise/pretrain_train.tokens"] == stats["pretrain_train"]["tokens"]
     assert metrics["tokenise/parallel_test.pairs"] == 30
     assert metrics["tokenise/tokens_per_second"] > 0
-    assert run.data.tags["data.vocab.md5"]
+    assert run.data.tags["data.vocab.md5"] == file_digest(tmp_path / "data" / "vocab")
 
 
 def test_empty_splits_give_empty_outputs(vocab_dir, tmp_path):

@@ -13,6 +13,7 @@ from lmops.config import VocabConfig
 from lmops.core.vocab import Tokenizer
 from lmops.data import layout
 from lmops.errors import LmopsError, QualityError
+from lmops.io import file_digest
 from lmops.pipeline import vocab
 from tests.support.helpers import (
     LANGS,
@@ -221,4 +222,5 @@ def test_stage_refuses_failed_validation_then_logs_to_mlflow(
     assert run.data.metrics["vocab/wall_seconds"] > 0
     files = {a.path for a in MlflowClient().list_artifacts(run.info.run_id, "vocab")}
     assert files == {"vocab/meta.json", "vocab/spm.model", "vocab/spm.vocab"}
-    assert run.data.tags["data.mono_train.md5"]
+    mono_train = layout.split_path(clean_dir, vocab.TRAIN_SPLIT)
+    assert run.data.tags["data.mono_train.md5"] == file_digest(mono_train)
