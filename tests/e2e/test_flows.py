@@ -450,16 +450,6 @@ def _submit(env: dict[str, str], repo: Path, *params: str) -> str:
     return re.search(r"UUID:\s*([0-9a-f-]{36})", out).group(1)
 
 
-def _stage_process(repo: Path, stage: str):
-    """The running ``stages/<stage>.py`` process of ``repo``, if any."""
-    import psutil
-
-    for proc in psutil.process_iter(["cmdline", "cwd"]):
-        if proc.info["cwd"] == str(repo) and f"stages/{stage}.py" in (proc.info["cmdline"] or []):
-            return proc
-    return None
-
-
 def _pending(pid: int, sig: int) -> bool:
     """Whether ``sig`` was sent to process ``pid`` and waits to be handled (it is stopped)."""
     status = Path(f"/proc/{pid}/status").read_text()
@@ -504,7 +494,7 @@ def test_a_cancelled_flow_run_stops_its_stage_and_the_next_run_resumes(
         stage = workspace.wait_for(
             lambda: (
                 workspace.newest_checkpoint(flow_repo, "pretrain")
-                and _stage_process(flow_repo, "pretrain")
+                and workspace.stage_process(flow_repo, "pretrain")
             ),
             "a pretrain checkpoint",
             600,

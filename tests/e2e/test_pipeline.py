@@ -15,7 +15,6 @@ from pathlib import Path
 
 import mlflow
 import pandas as pd
-import psutil
 import pytest
 import sacrebleu
 import yaml
@@ -380,14 +379,16 @@ def test_a_killed_training_stage_resumes_to_the_same_weights(repo, first_run, st
             start_new_session=True,
         )
     try:
-        workspace.wait_for(lambda: list(ckpt.glob("step-*")), "a checkpoint", 300, proc)
+        script = workspace.wait_for(
+            lambda: list(ckpt.glob("step-*")) and workspace.stage_process(repo, stage),
+            "a checkpoint",
+            300,
+            proc,
+        )
+        script.suspend()  # held mid-training, however fast this machine trains
         if how == "kill the stage":
-            (script,) = [
-                p
-                for p in psutil.Process(proc.pid).children()
-                if f"stages/{stage}.py" in p.cmdline()
-            ]
             script.send_signal(signal.SIGTERM)
+            script.resume()
             proc.wait(timeout=60)  # dvc sees the stage fail and stops by itself
         else:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -433,16 +434,20 @@ def test_a_second_repro_in_the_workspace_fails_fast_naming_the_lock(repo, first_
         start_new_session=True,
     )
     try:
-        deadline = time.monotonic() + 120
-        while not ckpt.exists():  # the stage runs: dvc holds the workspace lock
-            assert first.poll() is None and time.monotonic() < deadline
-            time.sleep(0.02)
+        # the stage runs, so dvc holds the workspace lock; hold it there while the second tries
+        script = workspace.wait_for(
+            lambda: ckpt.exists() and workspace.stage_process(repo, "pretrain"),
+            "the first repro's pretrain",
+            120,
+            first,
+        )
+        script.suspend()
         start = time.monotonic()
         second = subprocess.run(
             ["dvc", "repro"], cwd=repo, env=_env(repo), capture_output=True, text=True, timeout=120
         )
         waited = time.monotonic() - start
-        assert first.poll() is None, "the first repro ended before the second tried"
+        script.resume()
     finally:
         first.wait(timeout=300)
     assert second.returncode != 0

@@ -199,3 +199,14 @@ def newest_checkpoint(root: Path, stage: str) -> int:
         if p.name.split("-")[1].isdigit()
     ]
     return max(steps, default=0)
+
+
+def stage_process(root: str | Path, stage: str):
+    """The running ``stages/<stage>.py`` process of the workspace ``root``, if any."""
+    import psutil
+
+    root = str(Path(root).resolve())
+    for proc in psutil.process_iter(["cmdline", "cwd"]):
+        if proc.info["cwd"] == root and f"stages/{stage}.py" in (proc.info["cmdline"] or []):
+            return proc
+    return None
