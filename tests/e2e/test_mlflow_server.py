@@ -298,29 +298,36 @@ def test_the_pyfunc_loads_and_translates_in_a_fresh_process(env, workspace, regi
     assert "/code/lmops/" in got["lmops"] and "/src/lmops/" not in got["lmops"]
 
     # `lmops translate` gives the same, from the registry and from the local directories
-    cli = [sys.executable, "-m", "lmops", "translate", *SOURCES]
-    by_uri = subprocess.run(
-        [*cli, "--model-uri", "models:/lmops-translator@champion"],
-        cwd=workspace,
+    by_uri = lmops_cli(
+        workspace, env, "translate", *SOURCES, "--model-uri", "models:/lmops-translator@champion"
+    )
+    by_dir = lmops_cli(  # the sentences one per line on stdin, blank lines skipped
+        workspace,
+        None,
+        *("translate", "--model", "data/models/finetune", "--vocab", "data/vocab"),
+        stdin="\n".join(SOURCES[:1] + [""] + SOURCES[1:]) + "\n",
+    )
+    assert by_uri == by_dir == "".join(f"{t}\n" for t in local_translations(workspace))
+
+
+def lmops_cli(root: Path, env: dict[str, str] | None, *args: str, stdin: str = "") -> str:
+    """``lmops ARGS`` in ``root`` (against the server ``env`` names); its output."""
+    out = subprocess.run(
+        [sys.executable, "-m", "lmops", *args],
+        input=stdin,
+        cwd=root,
         env=dvc_env(env),
         capture_output=True,
         text=True,
         timeout=300,
     )
-    assert by_uri.returncode == 0, by_uri.stderr
-    by_dir = subprocess.run(  # the sentences one per line on stdin, blank lines skipped
-        [*cli[:4], "--model", "data/models/finetune", "--vocab", "data/vocab"],
-        input="\n".join(SOURCES[:1] + [""] + SOURCES[1:]) + "\n",
-        cwd=workspace,
-        env=dvc_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert by_dir.returncode == 0, by_dir.stderr
-    assert (
-        by_uri.stdout == by_dir.stdout == "".join(f"{t}\n" for t in local_translations(workspace))
-    )
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def table_rows(output: str) -> set[str]:
+    """The row names of ``lmops compare``'s table."""
+    return {line.split()[0] for line in output.splitlines()[2:] if line.strip()}
 
 
 def set_param(root: Path, section: str, key: str, value) -> None:
@@ -349,35 +356,14 @@ def test_two_runs_one_param_apart_differ_in_that_param_only(
     assert c.params["finetune.lr"] == repr(lr * 0.25)
 
     # the documented command prints the same comparison
-    out = subprocess.run(
-        [sys.executable, "-m", "lmops", "compare", b.run_id, c.run_id],
-        cwd=workspace,
-        env=dvc_env(env),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert out.returncode == 0, out.stderr
-    rows = {line.split()[0] for line in out.stdout.splitlines()[2:] if line.strip()}
+    rows = table_rows(lmops_cli(workspace, env, "compare", b.run_id, c.run_id))
     assert "finetune.lr" in rows and "finetune/train_loss" in rows
-    assert not any(r.startswith(("clean.", "model.", "evaluate.")) for r in rows), out.stdout
+    assert not any(r.startswith(("clean.", "model.", "evaluate.")) for r in rows), rows
     assert "finetune/wall_seconds" not in rows  # timings differ on every run: on request
-
-    def compare_rows(*flags: str) -> set[str]:
-        out = subprocess.run(
-            [sys.executable, "-m", "lmops", "compare", b.run_id, c.run_id, *flags],
-            cwd=workspace,
-            env=dvc_env(env),
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert out.returncode == 0, out.stderr
-        return {line.split()[0] for line in out.stdout.splitlines()[2:] if line.strip()}
-
-    every = compare_rows("--all")
+    every = table_rows(lmops_cli(workspace, env, "compare", b.run_id, c.run_id, "--all"))
     assert rows < every and "model.n_layer" in every  # the equal rows too
-    assert "finetune/wall_seconds" in compare_rows("--timings") - rows
+    timed = table_rows(lmops_cli(workspace, env, "compare", b.run_id, c.run_id, "--timings"))
+    assert "finetune/wall_seconds" in timed - rows
 
 
 def test_stopped_stages_leave_no_running_run_on_the_server(env, client, workspace, first_run):
@@ -422,16 +408,7 @@ def test_stopped_stages_leave_no_running_run_on_the_server(env, client, workspac
     assert (run.info.status, parent.info.status) == ("RUNNING", "RUNNING")
 
     def reconcile(*args: str) -> list[str]:
-        out = subprocess.run(
-            [sys.executable, "-m", "lmops", "runs", "reconcile", *args],
-            cwd=workspace,
-            env=dvc_env(env),
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert out.returncode == 0, out.stderr
-        return out.stdout.splitlines()
+        return lmops_cli(workspace, env, "runs", "reconcile", *args).splitlines()
 
     assert sorted(line.split()[1] for line in reconcile("--dry-run")) == sorted(
         [run.info.run_id, parent.info.run_id]
