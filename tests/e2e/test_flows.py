@@ -215,6 +215,26 @@ def test_the_stage_task_retries_a_held_lock_but_not_bad_data(prefect_harness, mo
 # ---------------------------------------------------------------- DVC output
 
 
+def test_a_progress_bar_reaches_the_flow_log_once_not_per_redraw(tmp_path):
+    """A real tqdm bar of 3,000 redraws, as a stage draws it, through the stage runner."""
+    script = (
+        "import sys\n"
+        "from tqdm import tqdm\n"
+        "print('Running stage \\'pretrain\\':', flush=True)\n"
+        "for _ in tqdm(range(3000), desc='pretrain', mininterval=0, file=sys.stderr): pass\n"
+        "print('done')\n"
+    )
+    logged: list[str] = []
+    output, _ = repro._run(
+        [sys.executable, "-c", script], tmp_path, _clean_env(), "pretrain", logged.append
+    )
+    assert logged[0] == "Running stage 'pretrain':" and logged[-1] == "done"
+    bars = logged[1:-1]
+    assert len(bars) <= 2 and bars[-1].startswith("pretrain: 100%|"), logged
+    assert output.splitlines() == logged  # what StageFailed would quote: no redraws
+    assert repro.stage_statuses(output, ["pretrain"]) == {"pretrain": "ran"}
+
+
 def test_stage_statuses_are_read_from_dvc_output():
     out = (
         "Stage 'clean' didn't change, skipping\n"

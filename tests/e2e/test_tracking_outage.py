@@ -333,17 +333,26 @@ def test_a_server_still_away_at_the_end_leaves_a_spool_for_tracking_sync(
     )
 
     env = dvc_env({"MLFLOW_TRACKING_URI": live.uri, "MLFLOW_EXPERIMENT_NAME": EXPERIMENT})
-    out = subprocess.run(
-        [sys.executable, "-m", "lmops", "tracking", "sync"],
-        cwd=in_project,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert out.returncode == 0, out.stdout + out.stderr
-    assert f"sent to run {run_id}, now FINISHED" in out.stdout
-    assert f"sent to run {crashed}, now FAILED" in out.stdout
+
+    def sync(*files: str) -> str:
+        out = subprocess.run(
+            [sys.executable, "-m", "lmops", "tracking", "sync", *files],
+            cwd=in_project,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert out.returncode == 0, out.stdout + out.stderr
+        return out.stdout
+
+    # one file by name: only it is sent
+    one = sync(f"mlruns/spool/{crashed}.jsonl")
+    assert f"sent to run {crashed}, now FAILED" in one and run_id not in one
+    assert spool_files(in_project) == [spool]
+    # then every file left
+    rest = sync()
+    assert f"sent to run {run_id}, now FINISHED" in rest and crashed not in rest
     assert spool_files(in_project) == []
     assert list((in_project / "mlruns" / "spool").iterdir()) == []  # staged copies too
 

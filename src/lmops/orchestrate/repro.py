@@ -12,8 +12,10 @@ The flows (``flows/``) add scheduling, retries, tags and artifacts around this.
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import json
+import math
 import os
 import re
 import signal
@@ -39,6 +41,9 @@ GPU_TAG = "gpu"
 # how long a stopped stage gets to end its runs before the group gets SIGTERM, then SIGKILL;
 # Prefect's runner kills a cancelled flow run's process 30 s after its SIGTERM
 STOP_GRACE_SECONDS = 12.0
+# a stage's progress bar goes to the flow run's log once a minute (and when it ends), not
+# at each redraw: a GPU pretrain redraws tens of thousands of times
+PROGRESS_LOG_SECONDS = 60.0
 
 # Failures worth a retry: another DVC process holds the workspace lock, or the tracking
 # server / remote storage could not be reached. Checked against the stage's output.
@@ -183,35 +188,81 @@ def stage_statuses(output: str, stages: Iterable[str]) -> dict[str, str]:
     return {s: seen.get(s, "not reached") for s in stages}
 
 
+class OutputLines:
+    """A subprocess's output as log lines: every line once, and progress bars (tqdm
+    redraws a line with ``\\r``) once every ``every`` seconds and at their end, not once
+    per redraw. Fed raw chunks; keeps the lines (not the redraws) for the caller."""
+
+    def __init__(self, log: Callable[[str], None], every: float = PROGRESS_LOG_SECONDS):
+        self.log, self.every = log, every
+        self.lines: list[str] = []
+        self._tail = ""
+        self._bar: str | None = None  # the latest redraw not logged yet
+        self._last_bar = -math.inf
+
+    def feed(self, text: str) -> None:
+        parts = re.split(r"(\r\n|\r|\n)", self._tail + text)
+        self._tail = parts.pop()  # an unfinished line waits for the next chunk
+        for segment, end in zip(parts[0::2], parts[1::2], strict=True):
+            if end == "\r":  # a progress bar redraw
+                self._bar = segment
+                now = time.monotonic()
+                if now - self._last_bar >= self.every:
+                    self._emit_bar(now)
+            else:
+                if self._bar is not None and segment.strip() == "":
+                    self._emit_bar(time.monotonic())  # a bar closed with a bare newline
+                    continue
+                self._bar = None
+                self._line(segment)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._emit_bar(time.monotonic())
+        if self._tail:
+            self._line(self._tail)
+            self._tail = ""
+
+    def _emit_bar(self, now: float) -> None:
+        assert self._bar is not None
+        if self._bar.strip():
+            self.log(self._bar.strip())
+        self._bar, self._last_bar = None, now
+
+    def _line(self, line: str) -> None:
+        self.lines.append(line)
+        self.log(line)
+
+
 def _run(
     cmd: list[str], root: Path, env: Mapping[str, str], label: str, log: Callable[[str], None]
 ) -> tuple[str, float]:
-    """Run ``cmd``, stream its lines to ``log``; raise StageFailed on a non-zero exit."""
+    """Run ``cmd``, stream its output to ``log`` (:class:`OutputLines`); raise StageFailed
+    on a non-zero exit."""
     started = time.perf_counter()
-    lines: list[str] = []
+    out = OutputLines(log)
     proc = subprocess.Popen(
         cmd,
         cwd=root,
         env=dict(env),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
-        text=True,
-        bufsize=1,
         start_new_session=True,
     )
+    decoder = codecs.getincrementaldecoder("utf-8")("replace")
     try:
         assert proc.stdout is not None
-        for line in proc.stdout:
-            line = line.rstrip("\n")
-            lines.append(line)
-            log(line)
+        while chunk := os.read(proc.stdout.fileno(), 65536):
+            out.feed(decoder.decode(chunk))
+        out.feed(decoder.decode(b"", final=True))
+        out.close()
         proc.wait()
     except BaseException:
         # cancelled or crashed: stop the stage, so that dvc records nothing and releases
         # its lock, and leave no process of the group behind
         stop_group(proc)
         raise
-    output = "\n".join(lines)
+    output = "\n".join(out.lines)
     if proc.returncode != 0:
         raise StageFailed(label, proc.returncode, output)
     return output, time.perf_counter() - started
