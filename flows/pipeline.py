@@ -132,7 +132,7 @@ def pipeline(
                 )(str(root), stage, parent_id)
         status = "FINISHED"
     except BaseException as err:  # a cancellation's SIGTERM, Ctrl-C or a failed stage
-        status, error = repro.end_status(err), repro.describe_stop(err)
+        status, error = repro.failure(err)
         raise
     finally:
         done = {r.stage for r in results}

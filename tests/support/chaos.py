@@ -151,26 +151,26 @@ def _killed_run(
         return True, _stop(proc, stage, how)
 
 
-def running_runs(root: Path) -> list[str]:
-    """The runs of the workspace's MLflow store still RUNNING: ghosts, once dvc is done."""
+def _search(root: Path, query: str) -> list:
+    """Runs of the workspace's MLflow store that match ``query``."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(f"sqlite:///{root}/mlruns/mlflow.db")
     exp = client.get_experiment_by_name("lmops")
-    runs = client.search_runs([exp.experiment_id], "attributes.status = 'RUNNING'")
+    return client.search_runs([exp.experiment_id], query)
+
+
+def running_runs(root: Path) -> list[str]:
+    """The runs of the workspace's MLflow store still RUNNING: ghosts, once dvc is done."""
+    runs = _search(root, "attributes.status = 'RUNNING'")
     return [f"{r.info.run_name} ({r.info.run_id})" for r in runs]
 
 
 def _killed_status(root: Path, stage: str, since: float) -> str:
     """The status of the ``stage`` run started after ``since`` (time.time()); 'none' if
     the stop came before it started."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(f"sqlite:///{root}/mlruns/mlflow.db")
-    exp = client.get_experiment_by_name("lmops")
-    runs = client.search_runs(
-        [exp.experiment_id],
-        f"tags.`lmops.stage` = '{stage}' and attributes.start_time >= {int(since * 1000)}",
+    runs = _search(
+        root, f"tags.`lmops.stage` = '{stage}' and attributes.start_time >= {int(since * 1000)}"
     )
     return runs[0].info.status if runs else "none"
 

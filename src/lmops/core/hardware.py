@@ -13,11 +13,13 @@ capability, threads, GPUs); every torch stage records it in its metrics and MLfl
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
 import platform
 import sys
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -217,10 +219,18 @@ def is_out_of_memory(err: BaseException) -> bool:
     return isinstance(err, RuntimeError) and _CPU_OOM in str(err)
 
 
-def out_of_memory(where: str, err: BaseException, lower: str, device: torch.device) -> LmopsError:
-    """The one-line error of a stage that ran out of memory: where, on which device, what
-    to lower. The stage's last checkpoint stays: a rerun with a smaller setting resumes."""
-    kind = "GPU" if device.type == "cuda" else "host"
-    return OutOfMemoryError(
-        f"{where}: out of {kind} memory on {device} ({type(err).__name__}); lower {lower}"
-    )
+@contextlib.contextmanager
+def memory_errors(device: torch.device, describe: Callable[[], tuple[str, str]]) -> Iterator[None]:
+    """Turn a failed allocation inside the block into the one-line error of a stage that ran
+    out of memory. ``describe()``, called only then, gives where it happened and what to
+    lower: ``"pretrain: training step 5 with batch_size 32"``, ``"pretrain.batch_size"``."""
+    try:
+        yield
+    except Exception as err:
+        if not is_out_of_memory(err):
+            raise
+        where, lower = describe()
+        kind = "GPU" if device.type == "cuda" else "host"
+        raise OutOfMemoryError(
+            f"{where}: out of {kind} memory on {device} ({type(err).__name__}); lower {lower}"
+        ) from None

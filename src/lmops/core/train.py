@@ -61,8 +61,7 @@ from lmops.core.hardware import (
     autocast_dtype,
     compile_enabled,
     facts,
-    is_out_of_memory,
-    out_of_memory,
+    memory_errors,
     resolve_device,
 )
 from lmops.errors import DataError, LmopsError
@@ -655,15 +654,11 @@ class _Trainer:
         if self.curve_path is not None:
             write_curve(list(self.state.history.values()), self.curve_path)
 
-    @contextlib.contextmanager
-    def _memory_guard(self, step: int, what: str) -> Iterator[None]:
+    def _memory_guard(self, step: int, what: str) -> contextlib.AbstractContextManager:
         """An allocation that fails in ``what`` becomes one line: stage, step, batch size,
-        what to lower, and the checkpoint a rerun resumes from."""
-        try:
-            yield
-        except Exception as err:
-            if not is_out_of_memory(err):
-                raise
+        what to lower, and the last checkpoint, which stays."""
+
+        def describe() -> tuple[str, str]:
             cfg, stage = self.cfg, self.stage
             micro = (
                 f" in micro-batches of {self.micro_size}"
@@ -671,14 +666,14 @@ class _Trainer:
                 else ""
             )
             resume = self.last_ckpt or "none written yet"
-            raise out_of_memory(
+            return (
                 f"{stage}: {what} {step} with batch_size {cfg.batch_size}{micro}",
-                err,
                 f"{stage}.batch_size and raise {stage}.grad_accum by the same factor (the "
                 f"effective batch stays {self.global_batch}), or model.block_size; "
                 f"the last checkpoint ({resume}) is kept",
-                self.device,
-            ) from None
+            )
+
+        return memory_errors(self.device, describe)
 
     # ------------------------------------------------------------------- run
 

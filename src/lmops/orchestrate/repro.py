@@ -393,25 +393,16 @@ def start_parent_run(
     return run_id, experiment_id
 
 
-def end_status(err: BaseException | None) -> str:
-    """The MLflow status a flow's pipeline run ends with: FINISHED without an error, KILLED
-    when it was stopped (Ctrl-C, SIGTERM: a cancellation), FAILED otherwise."""
-    if err is None:
-        return "FINISHED"
-    # Prefect turns the SIGTERM of a cancellation into its TerminationSignal
-    if isinstance(err, KeyboardInterrupt) or type(err).__name__ == "TerminationSignal":
-        return "KILLED"
-    return "FAILED"
-
-
-def describe_stop(err: BaseException) -> str:
-    """What ``lmops.error`` says on a flow's pipeline run that did not finish."""
+def failure(err: BaseException) -> tuple[str, str]:
+    """How a flow's pipeline run ends after ``err``: its MLflow status and ``lmops.error``.
+    KILLED when it was stopped (Ctrl-C, or the SIGTERM of a cancellation, which Prefect
+    raises as its TerminationSignal), FAILED otherwise."""
     signum = getattr(err, "signal", None)  # Prefect's TerminationSignal carries it
     if isinstance(signum, int) and type(err).__name__ == "TerminationSignal":
-        return f"stopped by {signal.Signals(signum).name} (a cancellation?)"
+        return "KILLED", f"stopped by {signal.Signals(signum).name} (a cancellation?)"
     if isinstance(err, KeyboardInterrupt):
-        return stop_reason(err)
-    return redact(f"{type(err).__name__}: {err}")
+        return "KILLED", stop_reason(err)
+    return "FAILED", redact(f"{type(err).__name__}: {err}")
 
 
 def end_parent_run(
@@ -421,7 +412,7 @@ def end_parent_run(
     results: Iterable[StageResult] = (),
     error: str | None = None,
 ) -> None:
-    """End a flow's pipeline run with ``status`` (:func:`end_status`), the status of each
+    """End a flow's pipeline run with ``status`` (:func:`failure`), the status of each
     stage and, when it did not finish, ``error`` as ``lmops.error``."""
     with in_dir(root):
         client = tracking.client()

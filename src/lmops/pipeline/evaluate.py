@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -32,8 +31,7 @@ from lmops.config import EvaluateConfig, Params
 from lmops.core.hardware import (
     autocast_dtype,
     facts,
-    is_out_of_memory,
-    out_of_memory,
+    memory_errors,
     resolve_device,
 )
 from lmops.core.model import Transformer
@@ -141,17 +139,11 @@ def score_translations(path: str | Path) -> dict[str, Any]:
     }
 
 
-@contextlib.contextmanager
-def _memory_guard(what: str, lower: str, batch_size: int, device: torch.device) -> Iterator[None]:
+def _memory_guard(
+    what: str, lower: str, batch_size: int, device: torch.device
+) -> contextlib.AbstractContextManager:
     """A failed allocation in ``what`` becomes one line naming the batch size to lower."""
-    try:
-        yield
-    except Exception as err:
-        if not is_out_of_memory(err):
-            raise
-        raise out_of_memory(
-            f"evaluate: {what} with batch_size {batch_size}", err, lower, device
-        ) from None
+    return memory_errors(device, lambda: (f"evaluate: {what} with batch_size {batch_size}", lower))
 
 
 def evaluate_model(
