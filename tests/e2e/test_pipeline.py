@@ -401,7 +401,10 @@ def test_a_killed_training_stage_resumes_to_the_same_weights(repo, first_run, st
     assert not weights.exists()  # dvc removed the old output; none was half-written
     run, parent = _runs_of(repo, stage)
     if how == "kill the stage":
-        assert proc.returncode != 0 and "exited with -15" in log.read_text()
+        # died of the signal: -15 when DVC's shell execs the stage, 143 when a shell
+        # stands between them and reports the death (seen on a CI runner)
+        assert proc.returncode != 0
+        assert re.search(r"exited with (-15|143)\b", log.read_text()), log.read_text()
         assert (run.info.status, parent.info.status) == ("KILLED", "KILLED")
         assert run.data.tags["lmops.error"] == "stopped by SIGTERM"
         assert workspace.processes_in(repo) == []
