@@ -402,6 +402,13 @@ class QuantiseConfig(_Section):
         default=True,
         description="Quantise and score the teacher too, for comparison.",
     )
+    max_bleu_drop: float = Field(
+        default=0.5,
+        ge=0,
+        description="An int8 variant ships only if its test BLEU is at most this far below "
+        "the fp32 student's; of those, the smallest file ships. None within it: the stage "
+        "fails.",
+    )
     speed_sentences: int = Field(
         default=64,
         ge=1,

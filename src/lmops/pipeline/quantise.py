@@ -1,5 +1,6 @@
 """The ``quantise`` stage: the distilled student (and the teacher) as ONNX int8, compared
-with their fp32 forms on size, decoding speed and quality; the int8 student is shipped.
+with their fp32 forms on size, decoding speed and quality. The smallest int8 variant whose
+BLEU is within ``quantise.max_bleu_drop`` of the fp32 student's is shipped.
 
 The int8 models are :mod:`lmops.core.quantised`'s; quality is scored by
 :func:`lmops.pipeline.evaluate.evaluate_model`, the evaluate stage's own code.
@@ -16,7 +17,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from lmops.config import Params
+from lmops.config import EvaluateConfig, Params
 from lmops.core.hardware import facts
 from lmops.core.model import Transformer
 from lmops.core.quantised import (
@@ -86,11 +87,39 @@ def _load_fp32(path: str | Path, what: str) -> Transformer:
 COMPARISON_CSV = "comparison.csv"
 COMPARISON_PNG = "comparison.png"
 QUALITY_KEYS = ("bleu", "chrf", "ppl_en", "ppl_fr", "test_pairs", "num_params")
-SHIPPED = "student onnx int8"
+STUDENT_INT8 = "student onnx int8"
+TEACHER_INT8 = "teacher onnx int8"
+BASELINE = "student fp32"
+
+
+def int8_eval_config(ev: EvaluateConfig) -> EvaluateConfig:
+    """Evaluate's settings as the int8 variants are scored: onnxruntime runs on the cpu,
+    in fp32 activations; no samples table."""
+    return ev.model_copy(update={"precision": "fp32", "device": "cpu", "n_samples": 0})
+
+
+def choose_shipped(table: pd.DataFrame, max_bleu_drop: float) -> str:
+    """The variant to ship: of the int8 variants whose test BLEU is at most
+    ``max_bleu_drop`` below the fp32 student's (``bleu_delta``), the smallest file; of
+    equal files, the higher BLEU. Raises :class:`QuantiseError` when none is within it."""
+    int8 = table[table["format"] != "torch-fp32"]
+    within = int8[int8["bleu_delta"] >= -max_bleu_drop]
+    if within.empty:
+        base = table.loc[table["variant"] == BASELINE, "bleu"].iloc[0]
+        fell = ", ".join(
+            f"{r.variant} {r.bleu:.2f} ({r.bleu_delta:+.2f})" for r in int8.itertuples()
+        )
+        raise QuantiseError(
+            f"quantise.max_bleu_drop: no int8 variant is within {max_bleu_drop:g} BLEU of the "
+            f"fp32 student's {base:.2f}: {fell}. Nothing was shipped; raise "
+            "quantise.max_bleu_drop to accept the loss"
+        )
+    best = within.sort_values(["file_mb", "bleu"], ascending=[True, False], kind="stable")
+    return str(best["variant"].iloc[0])
 
 
 def compare_variants(paths: Paths, params: Params) -> tuple[dict[str, Any], pd.DataFrame]:
-    """Quantise, score and time every variant; ship the int8 student.
+    """Quantise, score and time every variant; ship the one :func:`choose_shipped` picks.
 
     The fp32 student's scores come from its metrics (distil stage), the fp32 teacher's
     BLEU and chrF from its test translations (evaluate stage) and its perplexity is
@@ -133,13 +162,14 @@ def compare_variants(paths: Paths, params: Params) -> tuple[dict[str, Any], pd.D
         prompt(tok, s, tgt_lang, student.cfg.block_size)
         for s in pairs["src_ids"].iloc[: cfg.speed_sentences]
     ]
-    # onnxruntime runs on the cpu, in fp32 activations
-    int8_eval = ev.model_copy(update={"precision": "fp32", "device": "cpu", "n_samples": 0})
+    int8_eval = int8_eval_config(ev)
     work_dir = Path(work_dir)
     with atomic_output(work_dir, is_dir=True) as tmp:
-        dirs = {SHIPPED: export_onnx(student, tmp / "student_onnx_int8", meta={"of": "student"})}
+        dirs = {
+            STUDENT_INT8: export_onnx(student, tmp / "student_onnx_int8", meta={"of": "student"})
+        }
         if cfg.teacher:
-            dirs["teacher onnx int8"] = export_onnx(
+            dirs[TEACHER_INT8] = export_onnx(
                 teacher, tmp / "teacher_onnx_int8", meta={"of": "teacher"}
             )
         # score what was written: each variant is rebuilt from its files
@@ -194,13 +224,14 @@ def compare_variants(paths: Paths, params: Params) -> tuple[dict[str, Any], pd.D
             }
             for name in timed
         }
-        table = comparison_table(rows, baseline="student fp32")
+        table = comparison_table(rows, baseline=BASELINE)
         speed_cols = [c for c in table.columns if c.startswith("speedup_b")]
-        table["shipped"] = table["variant"] == SHIPPED
+        shipped = choose_shipped(table, cfg.max_bleu_drop)
+        table["shipped"] = table["variant"] == shipped
         table.to_csv(tmp / COMPARISON_CSV, index=False)
         plot_comparison(table, tmp / COMPARISON_PNG)
-    _copy_dir(work_dir / dirs[SHIPPED].name, out_model)
-    metrics = _metrics(table, SHIPPED, speed_cols)
+    _copy_dir(work_dir / dirs[shipped].name, out_model)
+    metrics = _metrics(table, shipped, speed_cols)
     # every variant is timed on the cpu in fp32 activations (see decode_speed)
     metrics["hardware"] = facts(torch.device("cpu"), None, compiled=False)
     return metrics, table

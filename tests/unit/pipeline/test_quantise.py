@@ -208,5 +208,48 @@ def test_decode_speed_and_the_comparison_table(tmp_path, int8_dir):
     )
     assert metrics["shipped"] == "student onnx int8" and metrics["shipped_speedup_b16"] == 1.8
     assert metrics["student_fp32"]["bleu"] == 10.0
-    assert isinstance(pd.DataFrame(table).to_csv(index=False), str)
     assert np.isfinite(table["speedup_b1"]).all()
+
+
+def _variants(student_int8_bleu: float, teacher_int8_bleu: float) -> pd.DataFrame:
+    """A made-up comparison: fp32 student at BLEU 10 in 4 MB, teacher at 12 in 12 MB; the
+    int8 forms in a quarter of that, at the given BLEU."""
+    rows = {
+        name: {"format": fmt, "bleu": bleu, "file_mb": mb}
+        for name, fmt, bleu, mb in [
+            ("teacher fp32", "torch-fp32", 12.0, 12.0),
+            ("student fp32", "torch-fp32", 10.0, 4.0),
+            ("student onnx int8", "onnx-int8", student_int8_bleu, 1.0),
+            ("teacher onnx int8", "onnx-int8", teacher_int8_bleu, 3.0),
+        ]
+    }
+    return quantise.comparison_table(rows, baseline=quantise.BASELINE)
+
+
+@pytest.mark.parametrize(
+    ("student_int8", "teacher_int8", "bound", "shipped"),
+    [
+        (9.8, 11.9, 0.5, "student onnx int8"),  # within the bound, and the smallest
+        (9.5, 11.9, 0.5, "student onnx int8"),  # exactly at the bound still ships
+        (9.4, 11.9, 0.5, "teacher onnx int8"),  # fell past it: the next smallest within
+        (9.4, 11.9, 0.7, "student onnx int8"),  # a looser bound takes it back
+        (10.4, 9.0, 0.0, "student onnx int8"),  # a gain is within any bound
+    ],
+)
+def test_the_smallest_int8_variant_within_the_bleu_bound_ships(
+    student_int8, teacher_int8, bound, shipped
+):
+    table = _variants(student_int8, teacher_int8)
+    assert quantise.choose_shipped(table, bound) == shipped
+
+
+def test_no_int8_variant_within_the_bound_ships_nothing_and_names_the_key():
+    table = _variants(8.0, 9.0)  # -2.0 and -1.0 against the fp32 student's 10
+    with pytest.raises(quantise.QuantiseError) as err:
+        quantise.choose_shipped(table, 0.5)
+    assert str(err.value) == (
+        "quantise.max_bleu_drop: no int8 variant is within 0.5 BLEU of the fp32 student's "
+        "10.00: student onnx int8 8.00 (-2.00), teacher onnx int8 9.00 (-1.00). Nothing was "
+        "shipped; raise quantise.max_bleu_drop to accept the loss"
+    )
+    assert quantise.choose_shipped(table, 1.0) == "teacher onnx int8"
