@@ -306,6 +306,21 @@ class DecodeConfig(_Section):
     beam_size: int = Field(default=4, ge=1, description="Beam width (1 = greedy).")
     length_penalty: float = Field(default=1.0, ge=0, description="GNMT-style length penalty.")
     max_new_tokens: int = Field(default=96, ge=1, description="Longest translation.")
+    min_new_tokens: int = Field(
+        default=0,
+        ge=0,
+        description="Shortest translation: end-of-sentence is barred before this many tokens.",
+    )
+
+    @model_validator(mode="after")
+    def _check_lengths(self) -> DecodeConfig:
+        if self.min_new_tokens > self.max_new_tokens:
+            raise ValueError(
+                f"min_new_tokens ({self.min_new_tokens}) must not exceed max_new_tokens "
+                f"({self.max_new_tokens})"
+            )
+        return self
+
     batch_size: int = Field(default=32, ge=1, description="Sentences decoded together.")
 
 

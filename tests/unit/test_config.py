@@ -67,6 +67,12 @@ def test_unknown_key_in_a_source_is_named(raw):
         ("clean", "target_lang", "en", r"must differ"),
         ("model", "n_head", 3, r"divisible by model\.n_head"),
         ("pretrain", "min_lr", 1.0, r"min_lr must not exceed lr"),
+        (
+            "evaluate",
+            "decode",
+            {"min_new_tokens": 200},
+            r"evaluate\.decode: min_new_tokens \(200\) must not exceed max_new_tokens \(96\)",
+        ),
     ],
 )
 def test_bad_values_are_named(raw, section, key, value, pattern):

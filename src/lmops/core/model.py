@@ -334,12 +334,18 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def generate_greedy(
-        self, prompts: list[list[int]], max_new_tokens: int, eos_id: int, pad_id: int
+        self,
+        prompts: list[list[int]],
+        max_new_tokens: int,
+        eos_id: int,
+        pad_id: int,
+        min_new_tokens: int = 0,
     ) -> list[list[int]]:
         """Greedy continuation of each prompt: the new tokens only, eos and after removed.
 
-        A row leaves the batch (and the cache) as soon as it emits eos; the loop ends when
-        no row is left or after ``max_new_tokens``.
+        A row leaves the batch (and the cache) as soon as it emits eos, which it cannot do
+        before ``min_new_tokens``; the loop ends when no row is left or after
+        ``max_new_tokens``.
         """
         out: list[list[int]] = [[] for _ in prompts]
         with self._eval_mode():
@@ -351,6 +357,8 @@ class Transformer(nn.Module):
             next_pos = positions[:, -1] + 1
             alive = list(range(len(prompts)))
             for step in range(max_new_tokens):
+                if step < min_new_tokens:
+                    logits[:, eos_id] = -math.inf
                 tok = logits.argmax(-1)
                 going = []
                 for row, (i, t) in enumerate(zip(alive, tok.tolist(), strict=True)):
@@ -377,6 +385,7 @@ class Transformer(nn.Module):
         pad_id: int,
         beam_size: int = 4,
         length_penalty: float = 1.0,
+        min_new_tokens: int = 0,
     ) -> list[list[int]]:
         """Beam search; returns each prompt's best hypothesis (new tokens, eos removed).
 
@@ -385,6 +394,7 @@ class Transformer(nn.Module):
         all prompts decode together as B * beam_size rows; the cache is reordered as beams
         are reshuffled. A prompt is done once it has ``beam_size`` finished hypotheses that
         no live beam can still beat (an exact bound, not a heuristic), and leaves the batch.
+        No hypothesis ends before ``min_new_tokens`` (eos gets log-prob -inf until then).
         """
         if beam_size < 1:
             raise ValueError(f"beam_size must be at least 1, got {beam_size}")
@@ -414,7 +424,10 @@ class Transformer(nn.Module):
             for step in range(max_new_tokens):
                 length, last = step + 1, step == max_new_tokens - 1
                 vocab = logits.shape[-1]
-                cand = scores.unsqueeze(-1) + logits.float().log_softmax(-1).view(-1, k, vocab)
+                logp = logits.float().log_softmax(-1)
+                if step < min_new_tokens:
+                    logp[:, eos_id] = -math.inf
+                cand = scores.unsqueeze(-1) + logp.view(-1, k, vocab)
                 top, top_idx = cand.view(len(alive), k * vocab).topk(2 * k, dim=1)
                 top, top_idx = top.tolist(), top_idx.tolist()
                 new_rows, new_tok, new_scores, going = [], [], [], []

@@ -215,6 +215,45 @@ def fixed_batches(
 # -------------------------------------------------------------------- decoding
 
 
+def generate(
+    model: Transformer,
+    tok: Tokenizer,
+    sources: Sequence[Sequence[int]],
+    tgt_lang: str,
+    cfg: DecodeConfig,
+    progress: bool = False,
+    desc: str = "translate",
+) -> list[list[int]]:
+    """Translate tokenised sources into token ids (eos removed); batches hold similar
+    lengths (less padding)."""
+    prompts = [prompt(tok, s, tgt_lang, model.cfg.block_size) for s in sources]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    out: list[list[int]] = [[] for _ in prompts]
+    bar = tqdm(total=len(prompts), desc=desc, unit=" sent", disable=not progress)
+    with bar, torch.inference_mode():
+        for lo in range(0, len(order), cfg.batch_size):
+            idx = order[lo : lo + cfg.batch_size]
+            batch = [prompts[i] for i in idx]
+            if cfg.beam_size == 1:
+                ids = model.generate_greedy(
+                    batch, cfg.max_new_tokens, tok.eos_id, tok.pad_id, cfg.min_new_tokens
+                )
+            else:
+                ids = model.generate_beam(
+                    batch,
+                    cfg.max_new_tokens,
+                    tok.eos_id,
+                    tok.pad_id,
+                    beam_size=cfg.beam_size,
+                    length_penalty=cfg.length_penalty,
+                    min_new_tokens=cfg.min_new_tokens,
+                )
+            for i, seq in zip(idx, ids, strict=True):
+                out[i] = seq
+            bar.update(len(idx))
+    return out
+
+
 def translate_ids(
     model: Transformer,
     tok: Tokenizer,
@@ -224,30 +263,8 @@ def translate_ids(
     progress: bool = False,
     desc: str = "translate",
 ) -> list[str]:
-    """Translate tokenised sources; batches hold similar lengths (less padding)."""
-    prompts = [prompt(tok, s, tgt_lang, model.cfg.block_size) for s in sources]
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    out: list[str] = [""] * len(prompts)
-    bar = tqdm(total=len(prompts), desc=desc, unit=" sent", disable=not progress)
-    with bar, torch.inference_mode():
-        for lo in range(0, len(order), cfg.batch_size):
-            idx = order[lo : lo + cfg.batch_size]
-            batch = [prompts[i] for i in idx]
-            if cfg.beam_size == 1:
-                ids = model.generate_greedy(batch, cfg.max_new_tokens, tok.eos_id, tok.pad_id)
-            else:
-                ids = model.generate_beam(
-                    batch,
-                    cfg.max_new_tokens,
-                    tok.eos_id,
-                    tok.pad_id,
-                    beam_size=cfg.beam_size,
-                    length_penalty=cfg.length_penalty,
-                )
-            for i, text in zip(idx, tok.decode(ids), strict=True):
-                out[i] = text
-            bar.update(len(idx))
-    return out
+    """Translate tokenised sources into text (see :func:`generate`)."""
+    return tok.decode(generate(model, tok, sources, tgt_lang, cfg, progress, desc))
 
 
 def translate(

@@ -45,10 +45,10 @@ from lmops.core.model import Block, Transformer, mlp_hidden
 from lmops.core.train import TrainLog, fit, lm_loss, seed_everything
 from lmops.core.translation import (
     check_vocab,
+    generate,
     load_model,
     pair_batches,
     read_pairs,
-    translate_ids,
 )
 from lmops.core.vocab import Tokenizer
 from lmops.errors import LmopsError
@@ -307,11 +307,12 @@ def teacher_translations(
     cache_dir: str | Path,
     key: dict[str, Any],
 ) -> pd.DataFrame:
-    """``pairs`` with ``tgt``/``tgt_ids`` replaced by the teacher's translations.
+    """``pairs`` with ``tgt``/``tgt_ids`` replaced by the teacher's translations: the
+    token ids it generated, as they are (not its text tokenised again), and their text.
 
     Cached as ``<cache_dir>/seqkd-<digest>.parquet``, the digest taken over ``key`` (what
     shapes the translations: teacher weights, data, decoding); a cache with another digest
-    is stale and removed. Pairs the teacher translates to nothing are dropped.
+    is stale and removed. Pairs the teacher translates to nothing (no token) are dropped.
     """
     cache_dir = Path(cache_dir)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
@@ -321,7 +322,7 @@ def teacher_translations(
         return pd.read_parquet(path)
     for stale in cache_dir.glob(f"{SEQKD_PREFIX}*.parquet"):
         stale.unlink()
-    hyps = translate_ids(
+    ids = generate(
         teacher,
         tok,
         list(pairs["src_ids"]),
@@ -334,8 +335,8 @@ def teacher_translations(
         {
             "src": pairs["src"].to_numpy(),
             "src_ids": pairs["src_ids"].to_numpy(),
-            "tgt": hyps,
-            "tgt_ids": tok.encode(hyps),
+            "tgt": tok.decode(ids),
+            "tgt_ids": ids,
         }
     )
     out = out[out["tgt_ids"].map(len) > 0].reset_index(drop=True)

@@ -212,6 +212,29 @@ def test_beam_search_log_prob_at_least_greedy():
     assert all(EOS not in s and len(s) <= 10 for s in beam)
 
 
+@pytest.mark.parametrize("beam_size", [1, 3])
+def test_no_translation_ends_before_min_new_tokens(beam_size):
+    """With eos made every step's clear favourite, decoding stops at once; min_new_tokens
+    bars eos for that many steps, and then the model stops."""
+    model = tiny(peaky=True)
+    head = torch.nn.Linear(model.cfg.n_embd, VOCAB)  # the tied head, plus a bias on eos
+    with torch.no_grad():
+        head.weight.copy_(model.tok_emb.weight)
+        head.bias.zero_()
+        head.bias[EOS] = 1e4
+    model.lm_head = head
+
+    def decode(**kw):
+        if beam_size == 1:
+            return model.generate_greedy(prompts(6), 12, EOS, PAD, **kw)
+        return model.generate_beam(prompts(6), 12, EOS, PAD, beam_size, 0.0, **kw)
+
+    assert decode() == [[]] * 6
+    out = decode(min_new_tokens=4)
+    assert [len(s) for s in out] == [4] * 6  # and eos as soon as it is allowed
+    assert all(EOS not in s for s in out)
+
+
 def test_beam_length_penalty_prefers_longer_hypotheses():
     model = tiny(peaky=True)
     batch = prompts(6)

@@ -208,18 +208,19 @@ def test_teacher_translations_are_generated_once_and_cached(tmp_path, monkeypatc
     )
     calls = []
 
-    def fake_translate(model, tok, sources, tgt_lang, cfg, **kw):
+    def fake_generate(model, tok, sources, tgt_lang, cfg, **kw):
         calls.append(len(sources))
-        return ["" if i == 2 else f"{i} {i + 1}" for i in range(len(sources))]
+        return [[] if i == 2 else [20 + i, 21 + i] for i in range(len(sources))]
 
-    monkeypatch.setattr(distil, "translate_ids", fake_translate)
+    monkeypatch.setattr(distil, "generate", fake_generate)
     key = {"teacher": "abc", "decode": DecodeConfig().model_dump()}
     first = distil.teacher_translations(None, FakeTok(), pairs, "fr", DecodeConfig(), tmp_path, key)
     again = distil.teacher_translations(None, FakeTok(), pairs, "fr", DecodeConfig(), tmp_path, key)
     assert calls == [5]  # the second call read the cache
     pd.testing.assert_frame_equal(first, again)
-    assert len(first) == 4 and list(first["tgt"]) == ["0 1", "1 2", "3 4", "4 5"]
-    assert [list(x) for x in first["tgt_ids"]] == [[7, 8], [8, 9], [10, 11], [11, 12]]
+    # the teacher's ids as they are, and their text; the empty translation is dropped
+    assert [list(x) for x in first["tgt_ids"]] == [[20, 21], [21, 22], [23, 24], [24, 25]]
+    assert list(first["tgt"]) == ["20 21", "21 22", "23 24", "24 25"]
     assert list(first["src"]) == ["s0", "s1", "s3", "s4"]
     # another teacher: new translations, the stale cache is removed
     distil.teacher_translations(
