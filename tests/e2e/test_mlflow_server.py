@@ -25,7 +25,7 @@ from lmops.config import load_params
 from lmops.orchestrate import retrain
 from lmops.tracking import compare, registry
 from tests.conftest import dvc, dvc_env, make_tiny_repo
-from tests.support.helpers import BIN, free_port, wait_for
+from tests.support.helpers import BIN, listening_port, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -36,14 +36,17 @@ SOURCES = ["In the beginning God created the heaven and the earth.", "And God sa
 
 @contextlib.contextmanager
 def process(cmd: list[str], log: Path, env: dict[str, str], health: str):
-    """Start ``cmd`` in its own process group; always stop the whole group at the end."""
+    """Start the server ``cmd``, told to listen on 127.0.0.1 port 0, in its own process
+    group; yield its URL once its ``health`` path answers; always stop the whole group at
+    the end."""
     with open(log, "w") as out:
         proc = subprocess.Popen(
             cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
         )
     try:
-        wait_for(health, proc, log)
-        yield proc
+        url = f"http://127.0.0.1:{listening_port(proc, 180, log)}"
+        wait_for(f"{url}{health}", proc, log)
+        yield url
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)
@@ -58,14 +61,13 @@ def process(cmd: list[str], log: Path, env: dict[str, str], health: str):
 def server(tmp_path_factory):
     """A real tracking server: sqlite backend, artifacts proxied to a local directory."""
     d = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
     cmd = [
         str(BIN / "mlflow"),
         "server",
         "--host",
         "127.0.0.1",
         "--port",
-        str(port),
+        "0",
         "--backend-store-uri",
         f"sqlite:///{d / 'mlflow.db'}",
         "--artifacts-destination",
@@ -73,8 +75,8 @@ def server(tmp_path_factory):
         "--workers",
         "1",
     ]
-    with process(cmd, d / "server.log", dvc_env(), f"http://127.0.0.1:{port}/health"):
-        yield f"http://127.0.0.1:{port}"
+    with process(cmd, d / "server.log", dvc_env(), "/health") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -238,7 +240,6 @@ def post(url: str, body: dict) -> dict:
 
 
 def test_the_champion_is_served_over_rest(env, workspace, registered, tmp_path):
-    port = free_port()
     cmd = [
         str(BIN / "mlflow"),
         "models",
@@ -250,10 +251,13 @@ def test_the_champion_is_served_over_rest(env, workspace, registered, tmp_path):
         "-h",
         "127.0.0.1",
         "-p",
-        str(port),
+        "0",
     ]
-    base = f"http://127.0.0.1:{port}"
-    with process(cmd, tmp_path / "serve.log", fresh_env(env), f"{base}/ping"):
+    # `mlflow models serve` drops a port of 0 (a false value) from the uvicorn command it
+    # runs, which would then take uvicorn's default, 8000; uvicorn reads UVICORN_PORT for
+    # a port it is not given
+    serve_env = {**fresh_env(env), "UVICORN_PORT": "0"}
+    with process(cmd, tmp_path / "serve.log", serve_env, "/ping") as base:
         split = post(
             f"{base}/invocations",
             {

@@ -24,7 +24,7 @@ from tests.support import workspace
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
-free_port = workspace.free_port
+listening_port = workspace.listening_port
 
 LANGS = ["en", "fr"]
 EN = {

@@ -12,7 +12,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -93,12 +92,6 @@ def make(
     return dest
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 20) -> None:
     """Stop a process group started with ``start_new_session=True``: ``sig``, then SIGKILL
     if it lingers, then SIGKILL to whatever of the group outlived its leader."""
@@ -113,6 +106,35 @@ def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 20)
             pass
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGKILL)
+
+
+def listening_port(
+    proc: subprocess.Popen, timeout: float = 120, log: str | Path | None = None
+) -> int:
+    """The TCP port a server started with ``--port 0`` listens on at 127.0.0.1: the kernel
+    picked it when the server bound, so no other process can take it in between (a port
+    picked here, released and passed on could be). Looked for on ``proc`` and its children
+    (``mlflow server`` serves from a child uvicorn process); fails early, with the end of
+    ``log`` if given, if ``proc`` exits first."""
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < deadline:
+        with contextlib.suppress(psutil.Error):
+            parent = psutil.Process(proc.pid)
+            for p in (parent, *parent.children(recursive=True)):
+                with contextlib.suppress(psutil.Error):
+                    for conn in p.net_connections(kind="tcp"):
+                        if conn.status == psutil.CONN_LISTEN and conn.laddr.ip == "127.0.0.1":
+                            return conn.laddr.port
+        time.sleep(0.1)
+    why = (
+        f"exited with code {proc.returncode} before it listened"
+        if proc.returncode is not None
+        else f"not listening within {timeout:.0f} s"
+    )
+    tail = Path(log).read_text(errors="replace")[-3000:] if log else ""
+    raise RuntimeError(f"{' '.join(map(str, proc.args))}: {why}\n{tail}".rstrip())
 
 
 def wait_http(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
@@ -130,28 +152,29 @@ def wait_http(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
 
 @contextlib.contextmanager
 def prefect_server(home: str | Path, log: str | Path | None = None) -> Iterator[dict[str, str]]:
-    """``prefect server start`` on 127.0.0.1, a free port, its own home and database.
+    """``prefect server start`` on 127.0.0.1, a port of its own choosing, its own home and
+    database.
 
     Yields the environment that points the CLI, workers and flows at it."""
     home = Path(home)
     home.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    # the server reads no PREFECT_API_URL: that is for its clients, once its port is known
     env = clean_env(
         PREFECT_HOME=str(home),
-        PREFECT_API_URL=f"http://127.0.0.1:{port}/api",
         PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{home}/prefect.db",
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
         PREFECT_UI_ENABLED="false",
     )
     out = open(log, "w") if log else subprocess.DEVNULL  # noqa: SIM115 - closed below
     proc = subprocess.Popen(
-        [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", "0"],
         env=env,
         stdout=out,
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
     try:
+        env["PREFECT_API_URL"] = f"http://127.0.0.1:{listening_port(proc, log=log)}/api"
         wait_http(f"{env['PREFECT_API_URL']}/health", proc)
         yield env
     finally:
