@@ -87,6 +87,58 @@ def test_seeded_steps_pin_the_loss_and_it_decreases(tmp_path):
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["step-00000006"]
 
 
+def test_the_pinned_losses_are_those_of_a_plain_adamw_loop():
+    """What backs PINNED: torch's own AdamW (unfused), cross-entropy, gradient clipping and
+    the documented schedule (linear warm-up to lr, cosine down to min_lr) written out here,
+    on the same batches, give the same losses."""
+    cfg = config()
+    seed_everything(SEED)
+    model = TinyLM()
+    opt = torch.optim.AdamW(
+        [
+            {"params": [p for p in model.parameters() if p.dim() >= 2], "weight_decay": 0.1},
+            {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0},
+        ],
+        betas=(cfg.beta1, cfg.beta2),
+    )
+    get = window_batches(tokens(), BLOCK, SEED)
+    got = []
+    for step in range(1, cfg.max_steps + 1):
+        if step <= cfg.warmup_steps:
+            lr = cfg.lr * step / cfg.warmup_steps
+        else:
+            done = (step - cfg.warmup_steps) / (cfg.max_steps - cfg.warmup_steps)
+            lr = cfg.min_lr + (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * done)) / 2
+        for group in opt.param_groups:
+            group["lr"] = lr
+        x, y = get(step, cfg.batch_size)
+        loss = torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        opt.zero_grad()
+        got.append(loss.item())
+    assert got == pytest.approx(PINNED, abs=1e-4)
+
+
+def test_a_compiled_transformer_trains_as_the_eager_one(tmp_path):
+    """torch.compile (inductor), as the default pretrain runs it where it pays, on the real
+    model: the same losses and weights as eager, to float rounding."""
+    mcfg = ModelConfig(n_layer=1, n_embd=32, n_head=2, block_size=BLOCK)
+    runs = {}
+    for compiled in (False, True):
+        seed_everything(SEED)
+        model = Transformer(mcfg, VOCAB)
+        cfg = config(max_steps=3, lr=1e-2, compile=compiled)
+        runs[compiled] = run(tmp_path / str(compiled), cfg, model=model)
+    (eager, r_eager), (comp, r_comp) = runs[False], runs[True]
+    assert (r_eager.hardware["compile"], r_comp.hardware["compile"]) == (False, True)
+    assert losses(r_comp) == pytest.approx(losses(r_eager), abs=1e-4)
+    assert losses(r_comp)[-1] < losses(r_comp)[0]
+    for name, w in weights(eager).items():
+        torch.testing.assert_close(weights(comp)[name], w, atol=1e-4, rtol=1e-3)
+
+
 def test_grad_accumulation_2x8_equals_one_batch_of_16(tmp_path):
     one, r1 = run(tmp_path / "one", config(batch_size=16, grad_accum=1))
     acc, r2 = run(tmp_path / "acc", config(batch_size=8, grad_accum=2))
