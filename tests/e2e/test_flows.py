@@ -18,11 +18,12 @@ from pathlib import Path, PurePosixPath
 
 import pytest
 import yaml
+from dvc.lock import FAILED_TO_LOCK_MESSAGE
 
 from lmops.errors import LmopsError
 from lmops.orchestrate import dag, repro
 from tests.conftest import REPO
-from tests.support import workspace
+from tests.support import recorded, workspace
 
 SPEC = yaml.safe_load((REPO / "dvc.yaml").read_text())
 
@@ -91,10 +92,10 @@ def test_training_stages_are_tagged_for_a_gpu_pool():
 
 # --------------------------------------------------------------------- retries
 
-LOCKED = (
-    "ERROR: failed to reproduce 'clean': Unable to acquire lock. Most likely another "
-    "DVC process is running or was terminated abruptly."
-)
+# another dvc holds the paths a stage needs (recorded from a real second `dvc repro`), or
+# the repository's own lock (DVC's message, from DVC itself)
+LOCKED = recorded.DVC_BUSY
+REPO_LOCKED = f"ERROR: {FAILED_TO_LOCK_MESSAGE}"
 NO_SERVER = (
     "mlflow.exceptions.MlflowException: API request to http://mlflow:5000/api/2.0/"
     "mlflow/runs/create failed with exception HTTPConnectionPool(host='mlflow', "
@@ -117,6 +118,7 @@ DIVERGED = (
     ("output", "retry"),
     [
         (LOCKED, True),
+        (REPO_LOCKED, True),
         (NO_SERVER, True),
         (BAD_DATA, False),
         (DIVERGED, False),
@@ -192,7 +194,7 @@ def test_the_stage_task_retries_a_held_lock_but_not_bad_data(prefect_harness, mo
             raise repro.StageFailed(stage, 1, LOCKED)
         if stage == "validate":
             raise repro.StageFailed(stage, 1, BAD_DATA)
-        return repro.StageResult(stage, "ran", 0.1)
+        return repro.StageResult(stage, "ran", seconds=calls.count(stage))  # the attempt
 
     monkeypatch.setattr(repro, "repro_stage", fake_repro)
     task = flows_pipeline.run_stage.with_options(retry_delay_seconds=0)
@@ -207,7 +209,7 @@ def test_the_stage_task_retries_a_held_lock_but_not_bad_data(prefect_harness, mo
         return first, None
 
     first, error = two_stages()
-    assert first == repro.StageResult("clean", "ran", 0.1)
+    assert first.seconds == 2  # the task returned its retry's result
     assert calls == ["clean", "clean", "validate"]
     assert "data quality expectations failed" in error
 
@@ -664,3 +666,100 @@ def test_a_failed_data_check_fails_the_flow_and_its_parent_run(
         for k, v in parent.data.tags.items()
         if k.startswith("lmops.stage_status.")
     } == {"clean": "ran", "validate": "failed", "vocab": "not reached", "tokenise": "not reached"}
+
+
+def _deployment(env: dict[str, str], name: str) -> dict | None:
+    """The server's deployment ``name`` ('flow/deployment'), or None while there is none."""
+    url = f"{env['PREFECT_API_URL']}/deployments/name/{urllib.parse.quote(name)}"
+    try:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            return json.load(r)
+    except urllib.request.HTTPError as err:  # urllib.error's, as urllib.request exports it
+        if err.code == 404:
+            return None
+        raise
+
+
+def _run_processes(serve: subprocess.Popen) -> list:
+    """The live child processes of a serving runner other than multiprocessing's resource
+    tracker: those of the flow runs it runs."""
+    import psutil
+
+    found = []
+    for p in psutil.Process(serve.pid).children(recursive=True):
+        try:
+            if "multiprocessing.resource_tracker" not in " ".join(p.cmdline()):
+                found.append(p)
+        except psutil.Error:  # gone, or a zombie not reaped yet
+            pass
+    return found
+
+
+@pytest.mark.slow
+def test_the_flow_served_from_its_script_runs_a_triggered_run(flow_repo, prefect_server, tmp_path):
+    """`python flows/pipeline.py --serve NAME`, as docs/orchestration.md gives it for a
+    machine without a worker: the deployment appears on the server with the checkout as
+    its `repo`, a run triggered by name runs the pipeline from the serving process, and
+    Ctrl-C stops it, leaving no process behind and its deployment paused."""
+    from mlflow.tracking import MlflowClient
+
+    name = "lmops-pipeline/lmops-pipeline-local"
+    # the runner asks the server for scheduled runs every second, not every 10 s
+    env = {**prefect_server, "PREFECT_RUNNER_POLL_FREQUENCY": "1"}
+    log = tmp_path / "serve.log"
+    with open(log, "w") as out:
+        serve = subprocess.Popen(
+            [
+                sys.executable,
+                "flows/pipeline.py",
+                "--repo",
+                str(flow_repo),
+                "--serve",
+                "lmops-pipeline-local",
+            ],
+            cwd=flow_repo,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        try:
+            deployment = workspace.wait_for(
+                lambda: _deployment(env, name), f"deployment {name}", 120, serve
+            )
+        except AssertionError as err:
+            raise AssertionError(f"{err}\n{log.read_text()[-6000:]}") from None
+        assert deployment["parameters"] == {"repo": str(flow_repo.resolve())}
+        out = _prefect(env, flow_repo, "deployment", "run", name, "--param", "target=clean")
+        run_id = re.search(r"UUID:\s*([0-9a-f-]{36})", out).group(1)
+        run = _wait_state(env, run_id, ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"), log)
+        assert run["state"] == "COMPLETED", f"{run}\n{log.read_text()[-6000:]}"
+        # the runner ran it in a child process (multiprocessing's spawn; its resource
+        # tracker lives as long as the runner): that ends by itself, the runner idles again
+        workspace.wait_for(
+            lambda: serve.poll() is not None or not _run_processes(serve),
+            "the flow run's process to exit",
+            60,
+        )
+    finally:
+        # Ctrl-C to its group, as in the terminal that serves it; SIGKILL only after 20 s.
+        # (Prefect 3.8's SIGTERM handler exits as well, but may do so before the pause.)
+        workspace.stop(serve, signal.SIGINT)
+    # exited by itself, not by the SIGKILL, and paused its deployment on the way out
+    assert serve.returncode == 0, f"{serve.returncode}\n{log.read_text()[-6000:]}"
+    assert workspace.processes_in(flow_repo) == []
+    assert _deployment(env, name)["paused"], log.read_text()[-6000:]
+
+    client = MlflowClient(f"sqlite:///{flow_repo}/mlruns/mlflow.db")
+    exp = client.get_experiment_by_name("lmops")
+    (parent,) = client.search_runs([exp.experiment_id], "tags.`lmops.kind` = 'pipeline'")
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["prefect.flow_run_id"] == run_id
+    assert parent.data.tags["prefect.deployment"] == "lmops-pipeline-local"
+    assert parent.data.tags["lmops.stage_status.clean"] == "ran"
+    (stage,) = client.search_runs([exp.experiment_id], "tags.`lmops.kind` = 'stage'")
+    assert stage.data.tags["lmops.stage"] == "clean" and stage.info.status == "FINISHED"
+    assert stage.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert (flow_repo / "data/clean/parallel_test.parquet").is_file()
+    assert not (flow_repo / "data/validate").exists()  # the target stops at clean

@@ -4,6 +4,7 @@ for bit, and leaves no MLflow run RUNNING.
 
     make chaos                                   # 20 stops on the chaos profile
     python -m tests.support.chaos --kills 40 --seed 7    # more, or another sequence of stops
+    python -m tests.support.chaos --workspace DIR        # on a workspace built before
 
 It builds a throwaway git + DVC workspace from this checkout (the tiny profile with longer
 training, so a stop lands mid-training more often than in start-up), runs the pipeline
@@ -18,6 +19,11 @@ a minute with its MLflow run KILLED. Sometimes the rerun is killed too; finally
 and metrics, timings aside, equal the reference's and no run of the store is left RUNNING
 (the rerun ends the ghosts of a ``kill -9``). Prints ``survived/total``; exits 1 if any
 stop was not survived.
+
+Given a workspace already built to ``distil`` and up to date (``--workspace``, or
+``chaos(..., built=True)`` as the tests do with their tiny workspace), it makes no
+reference run: the training stages' outputs there are the reference, and when to stop
+them is read from their runs in its MLflow store (:func:`recorded_windows`).
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ import yaml
 
 from lmops.core.checkpoint import sha256
 from lmops.orchestrate.repro import group_alive
+from lmops.tracking import tags as tag
 from tests.support import workspace
 
 STAGES = ("pretrain", "finetune", "distil")
@@ -151,13 +158,18 @@ def _killed_run(
         return True, _stop(proc, stage, how)
 
 
-def _search(root: Path, query: str) -> list:
-    """Runs of the workspace's MLflow store that match ``query``."""
+def _store(root: Path) -> tuple[Any, str]:
+    """A client of the workspace's MLflow store and the id of its experiment."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(f"sqlite:///{root}/mlruns/mlflow.db")
-    exp = client.get_experiment_by_name("lmops")
-    return client.search_runs([exp.experiment_id], query)
+    return client, client.get_experiment_by_name("lmops").experiment_id
+
+
+def _search(root: Path, query: str, **kwargs: Any) -> list:
+    """Runs of the workspace's MLflow store that match ``query``."""
+    client, experiment_id = _store(root)
+    return client.search_runs([experiment_id], query, **kwargs)
 
 
 def running_runs(root: Path) -> list[str]:
@@ -212,11 +224,51 @@ def build(root: Path) -> dict[str, tuple[float, float]]:
     return windows
 
 
-def chaos(root: Path, kills: int, seed: int, log=print) -> list[Kill]:
+def recorded_windows(root: Path) -> dict[str, tuple[float, float]]:
+    """What :func:`build` measures, read from a built workspace's MLflow store instead of
+    timed on one more run of each stage: from the newest finished run of each training stage
+    that trained from step 0, the seconds from the start of its process (its
+    ``lmops.pid_start`` tag; ``dvc`` starts a fraction of a second earlier) to its first
+    checkpoint (its first training loss logged at that step or later) and to its end."""
+    client, _ = _store(root)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    windows = {}
+    for stage in STAGES:
+        runs = _search(
+            root,
+            f"tags.`lmops.stage` = '{stage}' and attributes.status = 'FINISHED'",
+            order_by=["attributes.start_time DESC"],
+        )
+        run = next((r for r in runs if r.data.metrics.get(f"{stage}/resumed_from") == 0), None)
+        if run is None:
+            raise SystemExit(f"{root}: no finished {stage} run that trained from step 0")
+        start = float(run.data.tags[tag.PID_START])
+        interval = params[stage]["checkpoint_interval"]
+        losses = client.get_metric_history(run.info.run_id, f"{stage}/train_loss")
+        first = min(m.timestamp for m in losses if m.step >= interval) / 1000 - start
+        windows[stage] = (first, run.info.end_time / 1000 - start)
+    return windows
+
+
+def chaos(root: Path, kills: int, seed: int, log=print, built: bool = False) -> list[Kill]:
+    """Stop the training stages of the workspace ``root`` ``kills`` times (a stop of a
+    rerun counts as one), the stages, moments and ways drawn with ``seed``; one
+    :class:`Kill` for each stop and the rerun after it.
+
+    ``built``: ``root`` is a workspace already built to ``distil`` and up to date, used as
+    it is (its training stages' outputs are the reference; :func:`recorded_windows`);
+    otherwise a workspace is made in ``root`` and the reference run with it."""
     rng = random.Random(seed)
-    log(f"building the workspace and the uninterrupted reference in {root} ...")
-    windows = build(root)
+    if built:
+        if _dvc(root, "status", "--quiet", "--with-deps", "distil").returncode != 0:
+            raise SystemExit(f"{root}: not up to date to distil (dvc status), so no reference")
+        windows = recorded_windows(root)
+    else:
+        log(f"building the workspace and the uninterrupted reference in {root} ...")
+        windows = build(root)
     reference = {stage: fingerprint(root, stage) for stage in STAGES}
+    # the profile it trains with: PROFILE in the workspace chaos built, or the one it got
+    params = yaml.safe_load((root / "params.yaml").read_text())
     log(
         "reference (first checkpoint, end): "
         + ", ".join(f"{s} {a:.1f} s, {b:.1f} s" for s, (a, b) in windows.items())
@@ -227,7 +279,7 @@ def chaos(root: Path, kills: int, seed: int, log=print) -> list[Kill]:
         checkpoint (so the kill can land in a step, an evaluation or a checkpoint write);
         sometimes in start-up, before the first checkpoint."""
         first, end = windows[stage]
-        interval, steps = PROFILE[stage]["checkpoint_interval"], PROFILE[stage]["max_steps"]
+        interval, steps = params[stage]["checkpoint_interval"], params[stage]["max_steps"]
         if rng.random() < 0.15:
             return 0, rng.uniform(0.1, max(first, 0.2))
         per_interval = (end - first) / (steps // interval)
@@ -299,29 +351,46 @@ def chaos(root: Path, kills: int, seed: int, log=print) -> list[Kill]:
     return results
 
 
+def tally(results: list[Kill]) -> tuple[int, int]:
+    """(stops survived, stops) of a crash loop."""
+    return sum(r.kills for r in results if r.survived), sum(r.kills for r in results)
+
+
+def summary(results: list[Kill], seconds: float) -> str:
+    """The line that ends a crash loop: ``survived N/M stops (...) in S s``."""
+    survived, kills = tally(results)
+    by_stage = {s: sum(r.kills for r in results if r.stage == s) for s in STAGES}
+    by_how = {h: sum(1 for r in results if r.how == h) for h in HOW}
+    return (
+        f"survived {survived}/{kills} stops ("
+        + ", ".join(f"{s} {n}" for s, n in by_stage.items())
+        + "; first stops: "
+        + ", ".join(f"{h} {n}" for h, n in by_how.items())
+        + f") in {seconds:.0f} s"
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(
         prog="python -m tests.support.chaos", description=__doc__.splitlines()[0]
     )
     p.add_argument("--kills", type=int, default=20, help="number of stops (default 20)")
     p.add_argument("--seed", type=int, default=0, help="seed of the stage and delay draws")
-    p.add_argument("--keep", type=Path, help="build the workspace here and keep it")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--keep", type=Path, help="build the workspace here and keep it")
+    where.add_argument(
+        "--workspace",
+        type=Path,
+        help="use this workspace, built to distil and up to date (--keep's, say), as it is: "
+        "no reference run",
+    )
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="lmops-chaos-") as tmp:
-        root = args.keep or Path(tmp) / "repo"
+        root = (args.workspace or args.keep or Path(tmp) / "repo").resolve()
         started = time.perf_counter()
-        results = chaos(root, args.kills, args.seed)
-    kills = sum(r.kills for r in results)
-    survived = sum(r.kills for r in results if r.survived)
-    by_stage = {s: sum(r.kills for r in results if r.stage == s) for s in STAGES}
-    by_how = {h: sum(1 for r in results if r.how == h) for h in HOW}
-    print(
-        f"\nsurvived {survived}/{kills} stops ("
-        + ", ".join(f"{s} {n}" for s, n in by_stage.items())
-        + "; first stops: "
-        + ", ".join(f"{h} {n}" for h, n in by_how.items())
-        + f") in {time.perf_counter() - started:.0f} s"
-    )
+        results = chaos(root, args.kills, args.seed, built=args.workspace is not None)
+    survived, kills = tally(results)
+    print("\n" + summary(results, time.perf_counter() - started))
     sys.exit(0 if survived == kills else 1)
 
 
