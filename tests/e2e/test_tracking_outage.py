@@ -27,6 +27,7 @@ from lmops.config import load_profile
 from lmops.core.train import fit, lm_loss, seed_everything, window_batches
 from lmops.pipeline.training import VALID_LOSS
 from lmops.tracking import runs as tracking
+from lmops.tracking import system
 from lmops.tracking.buffer import (
     FLUSH_WAIT_ENV,
     PROBE_TIMEOUT,
@@ -246,13 +247,20 @@ def test_a_stage_stops_at_once_when_the_server_does_not_answer(tmp_path, kind):
     assert sorted(p.name for p in root.iterdir()) == ["dvc.yaml", "params.yaml"]
 
 
-def test_a_server_lost_mid_run_loses_no_metric(live, in_project):
+def test_a_server_lost_mid_run_loses_no_metric(live, in_project, monkeypatch):
     steps, seen = 14, {}
+    cpu = "system/cpu_utilization_percentage"
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.5")
 
     def on_eval(step):
         if step == 4:
+            seen["stop_ms"] = time.time() * 1000
             live.stop()
         elif step == 7:
+            # one more system metrics point, taken while the server is away
+            monitor = system.monitor_of(tracking.mlflow_active_run_id() or "")
+            assert monitor is not None and monitor.wait_for(monitor.published + 1, timeout=10)
+            seen["monitor"] = monitor
             seen["spooled"] = [
                 json.loads(line)
                 for f in spool_files(in_project)
@@ -286,6 +294,19 @@ def test_a_server_lost_mid_run_loses_no_metric(live, in_project):
     # the kept metrics carry the time they were logged, not the time they were sent
     away = [m for m in histories["train_loss"] if 4 < m.step < 7]
     assert away and all(m.timestamp < seen["restart_ms"] for m in away)
+    # so do the system metrics, sampled all along: kept while away, none lost
+    kept_system = {
+        (m["step"], m["timestamp"], m["value"])
+        for e in seen["spooled"]
+        if e.get("kind") == "metrics"
+        for m in e["metrics"]
+        if m["key"] == cpu
+    }
+    assert kept_system
+    assert all(seen["stop_ms"] < t < seen["restart_ms"] for _, t, _ in kept_system)
+    system_history = client.get_metric_history(run.info.run_id, cpu)
+    assert kept_system <= {(m.step, m.timestamp, m.value) for m in system_history}
+    assert sorted({m.step for m in system_history}) == list(range(seen["monitor"].published))
     got = client.get_run(run.info.run_id)
     assert got.info.status == "FINISHED"
     assert got.data.params[f"{STAGE}.lr"] == "0.03"

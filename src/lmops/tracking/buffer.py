@@ -35,6 +35,10 @@ timestamp and value; a param logged again with its value is accepted; tags and a
 are overwritten), so an entry sent twice after a crash does no harm. An entry the server
 rejects (not merely does not answer) is never dropped: the buffer stops there, keeps the
 file and names the entry.
+
+A buffer may be used from several threads (the system-metrics monitor,
+:mod:`lmops.tracking.system`, logs from its own while training logs from the main one):
+each call is sent or kept whole, in the order the calls take one lock.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ import logging
 import os
 import posixpath
 import shutil
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -275,6 +280,7 @@ class RunBuffer:
         self._fh: Any = None
         self._acked_end: str | None = None  # a spool file's final status, already sent
         self._latest: dict[str, dict[str, tuple[int, int, float]]] = {}
+        self._lock = threading.RLock()  # one call at a time: sent, or kept, in order
 
     # ---------------------------------------------------------------- logging
 
@@ -292,12 +298,13 @@ class RunBuffer:
             {"key": k, "value": float(v), "timestamp": ts, "step": int(step)}
             for k, v in metrics.items()
         ]
-        latest = self._latest.setdefault(run_id, {})
-        for row in rows:
-            old = latest.get(row["key"])
-            if old is None or (row["step"], row["timestamp"]) >= old[:2]:
-                latest[row["key"]] = (row["step"], row["timestamp"], row["value"])
-        self._submit({"run_id": run_id, "kind": "metrics", "metrics": rows})
+        with self._lock:
+            latest = self._latest.setdefault(run_id, {})
+            for row in rows:
+                old = latest.get(row["key"])
+                if old is None or (row["step"], row["timestamp"]) >= old[:2]:
+                    latest[row["key"]] = (row["step"], row["timestamp"], row["value"])
+            self._submit({"run_id": run_id, "kind": "metrics", "metrics": rows})
 
     def log_params(self, params: Mapping[str, str], run_id: str | None = None) -> None:
         if params:
@@ -387,15 +394,17 @@ class RunBuffer:
             self.end_run(status)
             return
         entry = {"run_id": self.run_id, "kind": "end", "status": status, "end_time": now_ms()}
-        if not self.pending:  # mlflow.end_run pops the run from the stack, then sets status
-            self._submit(entry, send=lambda: mlflow.end_run(status))
-            return
-        self._keep(entry)
-        leave_active_run(status)
+        with self._lock:
+            if not self.pending:  # mlflow.end_run pops the run from the stack, then sets status
+                self._submit(entry, send=lambda: mlflow.end_run(status))
+                return
+            self._keep(entry)
+            leave_active_run(status)
 
     def latest_metrics(self, run_id: str | None = None) -> dict[str, float]:
         """The latest value (highest step) of every metric logged here to ``run_id``."""
-        return {k: v[2] for k, v in self._latest.get(run_id or self.run_id, {}).items()}
+        with self._lock:
+            return {k: v[2] for k, v in self._latest.get(run_id or self.run_id, {}).items()}
 
     # -------------------------------------------------------------- internals
 
@@ -406,6 +415,15 @@ class RunBuffer:
         stage: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         """Send ``entry`` now, or keep it (and so every later one) for later."""
+        with self._lock:
+            self._submit_locked(entry, send, stage)
+
+    def _submit_locked(
+        self,
+        entry: dict[str, Any],
+        send: Callable[[], None] | None,
+        stage: Callable[[dict[str, Any]], None] | None,
+    ) -> None:
         if not self.pending:
             try:
                 (send or (lambda: self._send([entry])))()
@@ -542,6 +560,10 @@ class RunBuffer:
     def flush(self, force: bool = False) -> bool:
         """Send what is kept, at most once per retry interval (``force``: now). True when
         nothing is left."""
+        with self._lock:
+            return self._flush_locked(force)
+
+    def _flush_locked(self, force: bool) -> bool:
         if not self.pending:
             if self._fh is not None:  # a spool file whose entries all reached the server
                 self._discard()
@@ -589,9 +611,10 @@ class RunBuffer:
             if self.rejected is not None or left <= 0:
                 break
             time.sleep(min(max(self.retry, 0.5), left))
-        if not self.pending:
-            return True
-        self.release()
+        with self._lock:
+            if not self.pending:
+                return True
+            self.release()
         why = self.rejected or (
             f"the server {redact_uri(self.uri)} did not answer within {wait:g} s ({FLUSH_WAIT_ENV})"
         )
@@ -608,9 +631,10 @@ class RunBuffer:
 
     def release(self) -> None:
         """Close the spool file (and so unlock it) without deleting it."""
-        if self._fh is not None:
-            self._fh.close()
-            self._fh = None
+        with self._lock:
+            if self._fh is not None:
+                self._fh.close()
+                self._fh = None
 
     def _discard(self) -> None:
         self.release()
@@ -629,8 +653,11 @@ class RunBuffer:
 
     def end_abandoned(self, message: str) -> None:
         """Mark the stage run FAILED, after what is kept: its process died before ending it."""
-        self._keep({"run_id": self.run_id, "kind": "tags", "tags": {tag.ERROR: message}})
-        self._keep({"run_id": self.run_id, "kind": "end", "status": "FAILED", "end_time": now_ms()})
+        with self._lock:
+            self._keep({"run_id": self.run_id, "kind": "tags", "tags": {tag.ERROR: message}})
+            self._keep(
+                {"run_id": self.run_id, "kind": "end", "status": "FAILED", "end_time": now_ms()}
+            )
 
     @classmethod
     def from_spool(cls, path: str | Path, client: Any, uri: str) -> RunBuffer:
