@@ -3,6 +3,7 @@
 # make lint  ruff check, ruff format --check and mypy: what CI enforces before the tests
 # make bench install the bench extra and run the benchmarks (bench/README.md), ~20 min
 # make chaos stop the training stages (kill -9 or SIGTERM) at 20 random moments; survived/total
+# make screenshots  the MLflow and Prefect UIs after two tiny flow runs, into docs/img (~10 min)
 
 PYTHON ?= python3
 VENV   := .venv
@@ -12,7 +13,7 @@ export PATH := $(BIN):$(PATH)
 export GX_ANALYTICS_ENABLED := false
 export PYTHONUNBUFFERED := 1
 
-.PHONY: run test lint bench chaos setup clean-venv
+.PHONY: run test lint bench chaos screenshots setup clean-venv
 
 setup: $(STAMP)
 
@@ -53,6 +54,11 @@ bench: $(STAMP)
 # Each kill is followed by `dvc repro`, which must resume to the uninterrupted run's weights.
 chaos: $(STAMP)
 	$(BIN)/python -m tests.support.chaos --kills 20
+
+# Two tiny pipeline flow runs, one param apart, against real MLflow and Prefect servers;
+# headless Chromium (apt-get install -y chromium) saves their pages for the docs.
+screenshots: $(STAMP)
+	$(BIN)/python -m tests.support.screenshots --out docs/img
 
 clean-venv:
 	rm -rf $(VENV)

@@ -151,9 +151,11 @@ def wait_http(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
 
 
 @contextlib.contextmanager
-def prefect_server(home: str | Path, log: str | Path | None = None) -> Iterator[dict[str, str]]:
+def prefect_server(
+    home: str | Path, log: str | Path | None = None, ui: bool = False
+) -> Iterator[dict[str, str]]:
     """``prefect server start`` on 127.0.0.1, a port of its own choosing, its own home and
-    database.
+    database; with ``ui``, its web UI too, at the server's URL (the screenshots script).
 
     Yields the environment that points the CLI, workers and flows at it."""
     home = Path(home)
@@ -163,12 +165,21 @@ def prefect_server(home: str | Path, log: str | Path | None = None) -> Iterator[
         PREFECT_HOME=str(home),
         PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{home}/prefect.db",
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
-        PREFECT_UI_ENABLED="false",
+        PREFECT_UI_ENABLED="true" if ui else "false",
     )
+    server_env = dict(env)
+    if ui:
+        server_env.update(
+            # the port is not known yet: the UI calls the API where the page came from
+            PREFECT_UI_API_URL="/api",
+            # the UI's files are copied and rewritten here, not into the installed package
+            PREFECT_UI_STATIC_DIRECTORY=str(home / "ui"),
+            PREFECT_SERVER_UI_SHOW_PROMOTIONAL_CONTENT="false",
+        )
     out = open(log, "w") if log else subprocess.DEVNULL  # noqa: SIM115 - closed below
     proc = subprocess.Popen(
         [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", "0"],
-        env=env,
+        env=server_env,
         stdout=out,
         stderr=subprocess.STDOUT,
         start_new_session=True,
