@@ -8,7 +8,9 @@ Run once, with no server (Prefect starts a temporary local one):
 
 Against a server: `prefect deploy --all` (prefect.yaml) and a worker; see
 docs/orchestration.md. The logic lives in lmops.orchestrate; this file only adds
-Prefect's tasks, retries, tags and artifacts.
+Prefect's tasks, retries, tags and artifacts: a link to the MLflow run, the run's
+progress while it runs (`lmops-pipeline-progress`), and at the end the stage results and
+metrics (`lmops-pipeline-metrics`, `lmops-pipeline-metrics-table`).
 """
 
 from __future__ import annotations
@@ -18,10 +20,16 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, runtime, task
-from prefect.artifacts import create_link_artifact, create_markdown_artifact
+from prefect.artifacts import (
+    create_link_artifact,
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 from prefect.cache_policies import NO_CACHE
 
-from lmops.orchestrate import dag, repro
+from lmops.orchestrate import dag, progress, repro
 from lmops.tracking import tags as tag
 
 # DVC owns caching: a task never skips on Prefect's cache, every call asks `dvc repro`.
@@ -38,9 +46,7 @@ TASK_OPTIONS = dict(
 @task(name="dvc-repro-stage", **TASK_OPTIONS)
 def run_stage(repo: str, stage: str, parent_run_id: str) -> repro.StageResult:
     logger = get_run_logger()
-    result = repro.repro_stage(repo, stage, parent_run_id, log=logger.info)
-    logger.info("stage %s: %s in %.1f s", stage, result.status, result.seconds)
-    return result
+    return repro.repro_stage(repo, stage, parent_run_id, log=logger.info)
 
 
 @task(name="dvc-status", **TASK_OPTIONS)
@@ -59,6 +65,26 @@ def run_experiment(
 ) -> repro.RunResult:
     logger = get_run_logger()
     return repro.exp_run(repo, stages, target, params, experiment, parent_run_id, log=logger.info)
+
+
+def follow(
+    stages: list[str], logger: Any
+) -> tuple[progress.PipelineProgress, progress.LatestSender[progress.Progress]]:
+    """A progress artifact for this flow run, kept up to date from a thread of its own
+    (a slow server never holds up a stage's output), and what follows the stages: it
+    logs each stage's start and end, and updates the artifact when a stage starts or ends
+    and, while a stage draws its progress bar, every PROGRESS_REPORT_SECONDS at most.
+    Returns it and the sender to close."""
+    artifact_id = create_progress_artifact(
+        0.0,
+        key="lmops-pipeline-progress",
+        description=progress.Progress(tuple(stages), 0).describe(),
+    )
+    sender = progress.LatestSender(
+        lambda p: update_progress_artifact(artifact_id, p.percent, description=p.describe()),
+        on_error=lambda err: logger.warning("progress artifact not updated: %s", err),
+    )
+    return progress.PipelineProgress(stages, sender, log=logger.info), sender
 
 
 @flow(name="lmops-pipeline")
@@ -85,6 +111,7 @@ def pipeline(
     logger.info(
         "stages in order: %s%s", ", ".join(stages), " (one dvc exp run)" if as_experiment else ""
     )
+    tracker, sender = follow(stages, logger)
     parent_id, experiment_id = repro.start_parent_run(
         root,
         tags={
@@ -113,23 +140,26 @@ def pipeline(
     results: list[repro.StageResult] = []
     status, error = "FAILED", None
     try:
-        if as_experiment:
-            tags = sorted(
-                {t for s in stages for t in repro.stage_tags(s) if not t.startswith("stage:")}
-            )
-            run = run_experiment.with_options(tags=tags)(
-                str(root), stages, target, params, experiment, parent_id
-            )
-            results = run.stages
-        elif check_up_to_date(str(root), target):
-            logger.info("dvc status: every stage is up to date, nothing to run")
-            results = [repro.StageResult(s, "skipped") for s in stages]
-        else:
-            for stage in stages:
-                results.append(repro.StageResult(stage, "failed"))
-                results[-1] = run_stage.with_options(
-                    tags=repro.stage_tags(stage), task_run_name=f"dvc repro {stage}"
-                )(str(root), stage, parent_id)
+        with repro.watching(tracker.output):  # every stage's output reaches the tracker
+            if as_experiment:
+                tags = sorted(
+                    {t for s in stages for t in repro.stage_tags(s) if not t.startswith("stage:")}
+                )
+                run = run_experiment.with_options(tags=tags)(
+                    str(root), stages, target, params, experiment, parent_id
+                )
+                results = run.stages
+            elif check_up_to_date(str(root), target):
+                logger.info("dvc status: every stage is up to date, nothing to run")
+                results = [repro.StageResult(s, "skipped") for s in stages]
+            else:
+                for stage in stages:
+                    tracker.start(stage)
+                    results.append(repro.StageResult(stage, "failed"))
+                    results[-1] = run_stage.with_options(
+                        tags=repro.stage_tags(stage), task_run_name=f"dvc repro {stage}"
+                    )(str(root), stage, parent_id)
+                    tracker.end(stage, results[-1].status)
         status = "FINISHED"
     except BaseException as err:  # a cancellation's SIGTERM, Ctrl-C or a failed stage
         status, error = repro.failure(err)
@@ -137,7 +167,11 @@ def pipeline(
     finally:
         done = {r.stage for r in results}
         results += [repro.StageResult(s, "not reached") for s in stages if s not in done]
+        # the MLflow run first: a cancelled run's process has 30 s left
         repro.end_parent_run(root, parent_id, status, results, error)
+        tracker.finish((r.stage, r.status) for r in results)  # logs the stages not logged yet
+        tracker.close(status)
+        sender.close(timeout=10)
         create_markdown_artifact(
             key="lmops-pipeline-metrics",
             markdown=(
@@ -147,6 +181,12 @@ def pipeline(
                 f"{repro.metrics_table(root, spec, stages, results)}"
             ),
             description="Stage results and the metrics files dvc.yaml declares.",
+        )
+        create_table_artifact(
+            key="lmops-pipeline-metrics-table",
+            table=[row._asdict() for row in repro.metrics_rows(root, spec, stages)],
+            description="The metrics files dvc.yaml declares: one row per numeric metric "
+            "(metric and value empty: the file is missing).",
         )
     return {"mlflow_run_id": parent_id, **{r.stage: r.status for r in results}}
 

@@ -152,9 +152,17 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument(
         "--experiment", help="MLflow experiment (default: $MLFLOW_EXPERIMENT_NAME or lmops)"
     )
-    cmp_.add_argument("--all", action="store_true", help="every row, not only differing ones")
     cmp_.add_argument(
-        "--timings", action="store_true", help="include timing metrics (they differ on every run)"
+        "--all",
+        action="store_true",
+        help="every row: every metric and param, not only the headline figures and the "
+        "params that differ",
+    )
+    cmp_.add_argument(
+        "--timings",
+        action="store_true",
+        help="timing metrics too (they differ on every run; the headline's training times "
+        "are always there)",
     )
     cmp_.set_defaults(func=_compare)
 

@@ -254,8 +254,8 @@ def test_stage_statuses_are_read_from_dvc_output():
 def test_an_experiment_is_one_dvc_exp_run_with_the_overrides(monkeypatch, tmp_path):
     seen = {}
 
-    def fake_run(cmd, root, env, label, log):
-        seen.update(cmd=cmd, env=env, label=label)
+    def fake_run(cmd, root, env, label, log, save=None):
+        seen.update(cmd=cmd, env=env, label=label, save=save)
         return "Running stage 'clean':\nStage 'validate' didn't change, skipping\n", 2.0
 
     monkeypatch.setattr(repro, "_run", fake_run)
@@ -280,6 +280,7 @@ def test_an_experiment_is_one_dvc_exp_run_with_the_overrides(monkeypatch, tmp_pa
         "vocab",
     ]
     assert seen["env"]["LMOPS_PARENT_RUN_ID"] == "PARENT"
+    assert seen["save"] == tmp_path.resolve() / "mlruns/output/PARENT/dvc-exp-run.log"
     assert [(r.stage, r.status) for r in res.stages] == [
         ("clean", "ran"),
         ("validate", "skipped"),
@@ -320,6 +321,34 @@ def test_the_metrics_table_lists_each_declared_file(tmp_path):
     # only the stages asked for
     assert "distil" not in repro.metrics_table(tmp_path, spec, ["clean"])
     assert repro.results_table(results).splitlines()[-1] == "| evaluate | ran | 3.0 |"
+
+
+def test_the_metrics_rows_hold_the_files_values_for_the_table_artifact(tmp_path):
+    """The one source of the markdown table and of the flow's table artifact: the values
+    as the files hold them (the table rounds them), a missing file as a row of its own."""
+    spec = {
+        "stages": {
+            "pretrain": {"metrics": [{"m/pretrain.json": {"cache": False}}]},
+            "finetune": {"metrics": ["m/finetune.json"]},
+        }
+    }
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m/pretrain.json").write_text(
+        json.dumps({"valid_loss": 3.14159265, "steps": 30, "resumed": False, "eval": {"bpb": 2.5}})
+    )
+    rows = repro.metrics_rows(tmp_path, spec)
+    pre = {"stage": "pretrain", "file": "m/pretrain.json"}
+    assert [r._asdict() for r in rows] == [
+        {**pre, "metric": "valid_loss", "value": 3.14159265},
+        {**pre, "metric": "steps", "value": 30},
+        {**pre, "metric": "eval.bpb", "value": 2.5},
+        {"stage": "finetune", "file": "m/finetune.json", "metric": None, "value": None},
+    ]
+    assert json.loads(json.dumps([r._asdict() for r in rows])) == [r._asdict() for r in rows]
+    table = repro.metrics_table(tmp_path, spec).splitlines()
+    assert len(table) == 2 + len(rows)
+    assert table[2] == "| pretrain |  | valid_loss | 3.142 |"
+    assert table[-1] == "| finetune |  | `m/finetune.json` | missing |"
 
 
 # ------------------------------------------- a real server, worker and deployment
@@ -452,6 +481,13 @@ def test_a_deployment_runs_the_pipeline_on_a_process_worker(flow_repo, prefect_s
     assert not (flow_repo / "data/validate").exists()  # the target stops at clean
     assert parent.info.run_id in link
     assert "| clean | ran |" in metrics and "mono_train.rows" in metrics
+    # the stage's whole output, its bars' redraws included, stays in a file and is its
+    # run's output.log
+    (clean,) = stages
+    kept = repro.output_file(flow_repo, parent.info.run_id, "clean").read_bytes()
+    assert b"Running stage 'clean':" in kept and b"[clean] bible: " in kept and b"\r" in kept
+    got = client.download_artifacts(clean.info.run_id, "output.log", str(tmp_path))
+    assert Path(got).read_bytes() == kept
 
 
 def _worker(env: dict[str, str], log_path: Path) -> subprocess.Popen:
@@ -490,6 +526,41 @@ def _wait_state(env: dict[str, str], run_id: str, states: tuple[str, ...], log: 
         raise AssertionError(f"{err}\n{log.read_text()[-6000:]}") from None
 
 
+def _post(env: dict[str, str], path: str, body: dict) -> list[dict]:
+    request = urllib.request.Request(
+        f"{env['PREFECT_API_URL']}{path}",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=10) as r:
+        return json.load(r)
+
+
+def _artifacts(env: dict[str, str], run_id: str) -> dict[str, dict]:
+    """The artifacts of a flow run by key, as the server's REST API has them."""
+    found = _post(env, "/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [run_id]}}})
+    return {a["key"]: a for a in found}
+
+
+def _flow_log(env: dict[str, str], run_id: str) -> list[str]:
+    """What a flow run logged itself (not its tasks), oldest first."""
+    lines: list[str] = []
+    while True:
+        page = _post(
+            env,
+            "/logs/filter",
+            {
+                "logs": {"flow_run_id": {"any_": [run_id]}, "task_run_id": {"is_null_": True}},
+                "sort": "TIMESTAMP_ASC",
+                "offset": len(lines),
+                "limit": 200,
+            },
+        )
+        lines += [entry["message"] for entry in page]
+        if len(page) < 200:
+            return lines
+
+
 @pytest.mark.slow
 def test_a_cancelled_flow_run_stops_its_stage_and_the_next_run_resumes(
     flow_repo, prefect_server, tmp_path
@@ -497,10 +568,22 @@ def test_a_cancelled_flow_run_stops_its_stage_and_the_next_run_resumes(
     """Cancel the pipeline deployment's flow run while `pretrain` trains, on a real server
     and process worker: the flow run is CANCELLED, its MLflow runs KILLED, no process and
     no DVC lock is left, and the next flow run resumes to the weights of an uninterrupted
-    run."""
+    run. Each flow run's progress artifact shows where it is and where it ended, its flow
+    log each stage's start and end once, its table artifact the metrics files' values."""
     from mlflow.tracking import MlflowClient
 
+    from lmops.config import flatten
     from tests.support import chaos
+
+    def progress_of(run_id: str) -> dict:
+        return _artifacts(env, run_id).get("lmops-pipeline-progress") or {"description": ""}
+
+    def logged(run_id: str, line: str) -> list[str]:
+        return workspace.wait_for(
+            lambda: (lines := _flow_log(env, run_id)) and any(line in x for x in lines) and lines,
+            f"{line!r} in the log of flow run {run_id}",
+            30,
+        )
 
     max_steps = 120
     params = yaml.safe_load((flow_repo / "params.yaml").read_text())
@@ -525,6 +608,14 @@ def test_a_cancelled_flow_run_stops_its_stage_and_the_next_run_resumes(
         # held mid-training, so that the cancellation lands there however fast it trains;
         # let go once the SIGTERM the cancellation sends it is pending
         stage.suspend()
+        at_pretrain = workspace.wait_for(
+            lambda: (
+                (p := progress_of(first))["description"].startswith("stage 5 of 5: pretrain") and p
+            ),
+            "the progress artifact at pretrain",
+            30,
+        )
+        assert at_pretrain["type"] == "progress" and 80 <= at_pretrain["data"] < 100, at_pretrain
         cancelled_at = time.monotonic()
         _prefect(env, flow_repo, "flow-run", "cancel", first)
         workspace.wait_for(
@@ -537,6 +628,18 @@ def test_a_cancelled_flow_run_stops_its_stage_and_the_next_run_resumes(
         stop_seconds = time.monotonic() - resumed_at
         assert run["state"] == "CANCELLED", f"{run}\n{log.read_text()[-6000:]}"
         stopped_at = workspace.newest_checkpoint(flow_repo, "pretrain")
+        # where it stopped, down to the last step pretrain's progress bar showed
+        stopped = progress_of(first)
+        assert re.fullmatch(
+            r"KILLED at stage 5 of 5: pretrain, step \d+ of 120; 4 of 5 stages done",
+            stopped["description"],
+        ), stopped
+        assert 80 <= stopped["data"] < 100, stopped
+        assert re.search(
+            r"^stage 5 of 5 pretrain: failed after \d+\.\d s$",
+            "\n".join(logged(first, "pretrain: failed")),
+            re.MULTILINE,
+        )
         assert 0 < stopped_at < max_steps
         assert workspace.processes_in(flow_repo) == []
         rwlock = json.loads((flow_repo / ".dvc/tmp/rwlock").read_text() or "{}")
@@ -559,6 +662,26 @@ def test_a_cancelled_flow_run_stops_its_stage_and_the_next_run_resumes(
         workspace.stop(worker)
     metrics = json.loads((flow_repo / "data/metrics/pretrain.json").read_text())
     assert metrics["resumed_from"] >= stopped_at
+    artifacts = _artifacts(env, second)
+    done = artifacts["lmops-pipeline-progress"]
+    assert (done["data"], done["description"]) == (100.0, "FINISHED; 5 of 5 stages done"), done
+    table = artifacts["lmops-pipeline-metrics-table"]
+    rows = json.loads(table["data"])
+    stages = dag.dag_order(SPEC, "pretrain")
+    assert table["type"] == "table" and rows == [
+        r._asdict() for r in repro.metrics_rows(flow_repo, SPEC, stages)
+    ]
+    pretrain = {r["metric"]: r["value"] for r in rows if r["stage"] == "pretrain"}
+    assert (
+        pretrain == {k: v for k, v in flatten(metrics).items() if type(v) in (int, float)}
+        and pretrain["resumed_from"] == metrics["resumed_from"]
+    )
+    assert {r["stage"] for r in rows} == set(dag.metrics_files(SPEC, stages))
+    lines = logged(second, "stage 5 of 5 pretrain: ran in")
+    for k, name in enumerate(stages, 1):
+        ends = [x for x in lines if re.fullmatch(rf"stage {k} of 5 {name}: \w+ in \d+\.\d s", x)]
+        assert lines.count(f"stage {k} of 5 {name}: started") == len(ends) == 1, lines
+    assert not [x for x in lines if "progress artifact not updated" in x]
     resumed = chaos.fingerprint(flow_repo, "pretrain")
     running = client.search_runs([exp.experiment_id], "attributes.status = 'RUNNING'")
     assert running == []

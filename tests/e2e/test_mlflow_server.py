@@ -24,6 +24,7 @@ import yaml
 from lmops.config import load_params
 from lmops.orchestrate import retrain
 from lmops.tracking import compare, registry
+from lmops.tracking.system import is_system_metric
 from tests.conftest import dvc, dvc_env, make_tiny_repo
 from tests.support.helpers import BIN, listening_port, wait_for
 
@@ -149,13 +150,17 @@ def test_a_pipeline_run_is_traced_from_mlflow_alone(client, workspace, first_run
         assert run.info.status == "FINISHED"
         assert run.data.tags["git.commit"] == head and run.data.tags["dvc.stage"] == name
         assert run.data.metrics[f"{name}/wall_seconds"] > 0
-        # every metric is <stage>/<name>, and every stage param carries the stage
-        assert all(k.startswith(f"{name}/") for k in run.data.metrics), run.data.metrics
+        # every metric is <stage>/<name> but the run's system use (system/...), and every
+        # stage param carries the stage
+        own = [k for k in run.data.metrics if not is_system_metric(k)]
+        assert all(k.startswith(f"{name}/") for k in own), run.data.metrics
         assert all(k.startswith(f"{name}.") for k in run.data.params), run.data.params
     # the parent holds every stage's latest metrics, for the compare view
     ev = json.loads((workspace / "data/metrics/evaluate.json").read_text())
     assert parent.data.metrics["evaluate/bleu"] == ev["bleu"]
-    assert set(parent.data.metrics) == set().union(*(r.data.metrics for r in stages.values()))
+    assert set(parent.data.metrics) == {
+        k for r in stages.values() for k in r.data.metrics if not is_system_metric(k)
+    }
 
     # step-wise curves
     for stage, key in (
@@ -340,16 +345,23 @@ def set_param(root: Path, section: str, key: str, value) -> None:
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-def test_two_runs_one_param_apart_differ_in_that_param_only(
-    env, client, workspace, first_run, registered
-):
+@pytest.fixture(scope="module")
+def lr_runs(env, client, workspace, first_run, registered) -> list:
+    """The first pipeline run, then two more, each at half the learning rate before:
+    `dvc repro evaluate` reruns finetune and evaluate."""
     lr = yaml.safe_load((workspace / "params.yaml").read_text())["finetune"]["lr"]
     for new in (lr * 0.5, lr * 0.25):
         set_param(workspace, "finetune", "lr", new)
         dvc(workspace, "repro", "evaluate", env=env)
-    _, second, third = pipeline_runs(client)
+    runs = pipeline_runs(client)
+    assert [r.info.run_id for r in runs[:1]] == [first_run.info.run_id]
+    return runs
+
+
+def test_two_runs_one_param_apart_differ_in_that_param_only(env, client, workspace, lr_runs):
+    lr = yaml.safe_load((workspace / "params.yaml").read_text())["finetune"]["lr"]
     with mock.patch.dict(os.environ, env):
-        runs = [compare.summarise(r.info.run_id, client) for r in (first_run, second, third)]
+        runs = [compare.summarise(r.info.run_id, client) for r in lr_runs]
     first, b, c = runs
     assert b.stages == c.stages == ["finetune", "evaluate"]
     assert set(b.metrics) == set(c.metrics)
@@ -357,17 +369,70 @@ def test_two_runs_one_param_apart_differ_in_that_param_only(
     for x, y in ((b, c), (first, b)):
         assert set(x.params) == set(y.params)
         assert [k for k in x.params if x.params[k] != y.params[k]] == ["finetune.lr"]
-    assert c.params["finetune.lr"] == repr(lr * 0.25)
+    assert c.params["finetune.lr"] == repr(lr)
 
-    # the documented command prints the same comparison
-    rows = table_rows(lmops_cli(workspace, env, "compare", b.run_id, c.run_id))
-    assert "finetune.lr" in rows and "finetune/train_loss" in rows
-    assert not any(r.startswith(("clean.", "model.", "evaluate.")) for r in rows), rows
-    assert "finetune/wall_seconds" not in rows  # timings differ on every run: on request
+    # the documented command prints the same comparison: the headline figures first
+    out = lmops_cli(workspace, env, "compare", b.run_id, c.run_id)
+    lines = out.splitlines()
+    assert [line.split()[0] for line in lines[2:6]] == [
+        "git.commit",
+        "reran",
+        "inherited",
+        "evaluate/bleu",
+    ]
+    assert lines[3].split()[1:] == ["finetune,evaluate"] * 2
+    assert lines[4].split()[1:] == ["clean,validate,tokenise,pretrain"] * 2
+    rows = table_rows(out)
+    assert {"evaluate/chrf", "evaluate/ppl_en", "evaluate/bpb_fr", "finetune.lr"} <= rows
+    assert {"pretrain/wall_seconds", "finetune/wall_seconds"} <= rows  # the headline's time
+    assert not any(r.startswith(("clean", "model.", "evaluate.")) for r in rows), rows
+    assert "finetune/train_loss" not in rows  # the rest: with --all
     every = table_rows(lmops_cli(workspace, env, "compare", b.run_id, c.run_id, "--all"))
-    assert rows < every and "model.n_layer" in every  # the equal rows too
+    assert rows < every and {"model.n_layer", "finetune/train_loss", "clean/leaked.total"} <= every
+    assert "evaluate/decode_seconds" not in every  # timings differ on every run: on request
     timed = table_rows(lmops_cli(workspace, env, "compare", b.run_id, c.run_id, "--timings"))
-    assert "finetune/wall_seconds" in timed - rows
+    assert "evaluate/decode_seconds" in timed - rows
+
+
+def test_runs_one_param_apart_line_up_metric_by_metric(client, workspace, lr_runs):
+    """Each pipeline run carries the whole pipeline state's metrics: the stages DVC did
+    not rerun, from their metrics files, under the keys a rerun logs."""
+    first, b, c = (client.get_run(r.info.run_id) for r in lr_runs)
+    for run in (b, c):
+        assert run.data.tags["lmops.stages_reran"] == "finetune,evaluate"
+        assert run.data.tags["lmops.stages_inherited"] == "clean,validate,tokenise,pretrain"
+    assert first.data.tags["lmops.stages_reran"] == ",".join(STAGES)
+    assert first.data.tags["lmops.stages_inherited"] == ""
+    # the two runs one param apart: the same keys, row by row
+    assert set(b.data.metrics) == set(c.data.metrics)
+    # inherited: the values of the metrics files, as `dvc exp show` reads them
+    from lmops.tracking import runs as tracking
+
+    files = {}
+    for stage in ("clean", "validate", "tokenise", "pretrain"):
+        data = json.loads((workspace / f"data/metrics/{stage}.json").read_text())
+        files[stage] = tracking.stage_metrics(stage, data)
+        assert files[stage], stage
+        for run in (b, c):
+            assert {k: run.data.metrics[k] for k in files[stage]} == files[stage], stage
+    assert (
+        c.data.metrics["pretrain/valid_ppl"]
+        == json.loads((workspace / "data/metrics/pretrain.json").read_text())["valid_ppl"]
+    )
+    assert c.data.tags["lmops.hardware.pretrain.device"] == "cpu"
+    # against the run that reran every stage: every row a metrics file holds lines up; the
+    # only rows left are those no metrics file holds (a stage run's own clock, the last
+    # point of a training curve, vocab's figures: vocab declares no metrics file)
+    assert set(b.data.metrics) <= set(first.data.metrics)
+    # (the registry step's decision, retrain/..., is on the first run alone)
+    left = {
+        k for k in set(first.data.metrics) - set(b.data.metrics) if not k.startswith("retrain/")
+    }
+    assert left and all(
+        k.split("/")[0] in {*files, "vocab"} and k not in files.get(k.split("/")[0], {})
+        for k in left
+    ), left
+    assert {"validate/success", "pretrain/train_loss", "clean/leaked.total"} <= set(b.data.metrics)
 
 
 def test_stopped_stages_leave_no_running_run_on_the_server(env, client, workspace, first_run):

@@ -139,10 +139,12 @@ def stages_to_run(
 def metrics_files(
     dvc_yaml: Mapping[str, Any], stages: Iterable[str] | None = None
 ) -> dict[str, list[str]]:
-    """The metrics files each stage declares in dvc.yaml."""
+    """The metrics files each stage that declares any declares in dvc.yaml."""
+    from lmops.tracking.runs import metrics_declared
+
     wanted = set(stages) if stages is not None else None
     return {
-        name: _paths(spec.get("metrics"))
-        for name, spec in (dvc_yaml.get("stages") or {}).items()
-        if (wanted is None or name in wanted) and spec.get("metrics")
+        name: files
+        for name, files in metrics_declared(dvc_yaml).items()
+        if files and (wanted is None or name in wanted)
     }

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import contextvars
 import json
 import math
 import os
@@ -22,10 +23,11 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import psutil
 
@@ -188,13 +190,38 @@ def stage_statuses(output: str, stages: Iterable[str]) -> dict[str, str]:
     return {s: seen.get(s, "not reached") for s in stages}
 
 
+# who else reads a stage's output, line by line and redraw by redraw (:func:`watching`)
+_WATCH: contextvars.ContextVar[Callable[[str], None] | None] = contextvars.ContextVar(
+    "lmops_watch_output", default=None
+)
+
+
+@contextlib.contextmanager
+def watching(watch: Callable[[str], None] | None):
+    """Within it, :func:`_run` (so :func:`repro_stage` and :func:`exp_run`) hands every
+    line and every progress bar redraw of a stage's output to ``watch`` as well, unthrottled
+    (``lmops.orchestrate.progress.PipelineProgress.output`` reads the bars). A context,
+    not an argument, so that it reaches the runner through the flow's tasks unchanged."""
+    token = _WATCH.set(watch)
+    try:
+        yield
+    finally:
+        _WATCH.reset(token)
+
+
 class OutputLines:
     """A subprocess's output as log lines: every line once, and progress bars (tqdm
     redraws a line with ``\\r``) once every ``every`` seconds and at their end, not once
-    per redraw. Fed raw chunks; keeps the lines (not the redraws) for the caller."""
+    per redraw. Fed raw chunks; keeps the lines (not the redraws) for the caller.
+    ``watch``, when given, gets every line and every redraw, as they come."""
 
-    def __init__(self, log: Callable[[str], None], every: float = PROGRESS_LOG_SECONDS):
-        self.log, self.every = log, every
+    def __init__(
+        self,
+        log: Callable[[str], None],
+        every: float = PROGRESS_LOG_SECONDS,
+        watch: Callable[[str], None] | None = None,
+    ):
+        self.log, self.every, self.watch = log, every, watch
         self.lines: list[str] = []
         self._tail = ""
         self._bar: str | None = None  # the latest redraw not logged yet
@@ -204,6 +231,8 @@ class OutputLines:
         parts = re.split(r"(\r\n|\r|\n)", self._tail + text)
         self._tail = parts.pop()  # an unfinished line waits for the next chunk
         for segment, end in zip(parts[0::2], parts[1::2], strict=True):
+            if self.watch is not None and segment.strip():
+                self._watch(segment)
             if end == "\r":  # a progress bar redraw
                 self._bar = segment
                 now = time.monotonic()
@@ -220,8 +249,18 @@ class OutputLines:
         if self._bar is not None:
             self._emit_bar(time.monotonic())
         if self._tail:
+            if self.watch is not None and self._tail.strip():
+                self._watch(self._tail)
             self._line(self._tail)
             self._tail = ""
+
+    def _watch(self, text: str) -> None:
+        assert self.watch is not None
+        try:
+            self.watch(text)
+        except Exception as err:  # a progress display is not worth stopping a stage for
+            self.watch = None
+            self.log(f"lmops: stopped watching the output: {type(err).__name__}: {err}")
 
     def _emit_bar(self, now: float) -> None:
         assert self._bar is not None
@@ -235,12 +274,22 @@ class OutputLines:
 
 
 def _run(
-    cmd: list[str], root: Path, env: Mapping[str, str], label: str, log: Callable[[str], None]
+    cmd: list[str],
+    root: Path,
+    env: Mapping[str, str],
+    label: str,
+    log: Callable[[str], None],
+    watch: Callable[[str], None] | None = None,
+    save: Path | None = None,
 ) -> tuple[str, float]:
-    """Run ``cmd``, stream its output to ``log`` (:class:`OutputLines`); raise StageFailed
-    on a non-zero exit."""
+    """Run ``cmd``, stream its output to ``log`` (:class:`OutputLines`) and to ``watch``
+    (by default the one :func:`watching` set), and all of it, every progress-bar redraw
+    included, to the file ``save``; raise StageFailed on a non-zero exit."""
     started = time.perf_counter()
-    out = OutputLines(log)
+    out = OutputLines(log, watch=watch if watch is not None else _WATCH.get())
+    if save is not None:
+        save.parent.mkdir(parents=True, exist_ok=True)
+    raw = open(save, "wb") if save is not None else None  # noqa: SIM115 - closed below
     proc = subprocess.Popen(
         cmd,
         cwd=root,
@@ -253,6 +302,9 @@ def _run(
     try:
         assert proc.stdout is not None
         while chunk := os.read(proc.stdout.fileno(), 65536):
+            if raw is not None:
+                raw.write(chunk)
+                raw.flush()
             out.feed(decoder.decode(chunk))
         out.feed(decoder.decode(b"", final=True))
         out.close()
@@ -262,6 +314,9 @@ def _run(
         # its lock, and leave no process of the group behind
         stop_group(proc)
         raise
+    finally:
+        if raw is not None:
+            raw.close()
     output = "\n".join(out.lines)
     if proc.returncode != 0:
         raise StageFailed(label, proc.returncode, output)
@@ -329,16 +384,45 @@ def up_to_date(root: str | Path, target: str | None = None) -> bool:
     return out.returncode == 0
 
 
+OUTPUT_DIR = Path("mlruns") / "output"
+
+
+def output_file(root: Path, parent_run_id: str | None, name: str) -> Path:
+    """Where a flow keeps the whole output of ``dvc`` for a stage (or ``dvc-exp-run``)
+    of pipeline run ``parent_run_id``: ``mlruns/output/<run id>/<name>.log``."""
+    return root / OUTPUT_DIR / (parent_run_id or "no-run") / f"{name}.log"
+
+
+def _keep_output(
+    root: Path, parent_run_id: str | None, stage: str | None, save: Path, log: Callable[[str], None]
+) -> None:
+    """The output file as an artifact (:func:`lmops.tracking.runs.log_stage_output`); a
+    failure to log it is said, and changes nothing of how the stage ended."""
+    if parent_run_id is None:
+        return
+    try:
+        with in_dir(root):
+            tracking.log_stage_output(parent_run_id, stage, save)
+    except Exception as err:
+        log(f"lmops: {save} was not logged to MLflow: {type(err).__name__}: {err}")
+
+
 def repro_stage(
     root: str | Path,
     stage: str,
     parent_run_id: str | None = None,
     log: Callable[[str], None] = print,
 ) -> StageResult:
-    """``dvc repro --single-item <stage>``: DVC decides whether it reruns."""
+    """``dvc repro --single-item <stage>``: DVC decides whether it reruns. Its whole output
+    is kept in :func:`output_file` and, when the stage ran, is the artifact ``output.log``
+    of its MLflow run, also when it failed or was stopped."""
     root = Path(root).resolve()
     cmd = ["dvc", "repro", "--single-item", stage]
-    output, seconds = _run(cmd, root, stage_env(parent_run_id), stage, log)
+    save = output_file(root, parent_run_id, stage)
+    try:
+        output, seconds = _run(cmd, root, stage_env(parent_run_id), stage, log, save=save)
+    finally:
+        _keep_output(root, parent_run_id, stage, save, log)
     status = stage_statuses(output, [stage])[stage]
     if status == "not reached":  # dvc says nothing more than "up to date" for some stages
         status = "skipped"
@@ -364,7 +448,13 @@ def exp_run(
         *set_args(overrides),
         *([target] if target else []),
     ]
-    output, seconds = _run(cmd, root, stage_env(parent_run_id), target or "pipeline", log)
+    save = output_file(root, parent_run_id, "dvc-exp-run")
+    try:
+        output, seconds = _run(
+            cmd, root, stage_env(parent_run_id), target or "pipeline", log, save=save
+        )
+    finally:
+        _keep_output(root, parent_run_id, None, save, log)
     result = RunResult(cmd, seconds=seconds)
     result.stages = [StageResult(s, st) for s, st in stage_statuses(output, stages).items()]
     return result
@@ -413,7 +503,9 @@ def end_parent_run(
     error: str | None = None,
 ) -> None:
     """End a flow's pipeline run with ``status`` (:func:`failure`), the status of each
-    stage and, when it did not finish, ``error`` as ``lmops.error``."""
+    stage, the metrics of the stages it did not rerun (:func:`inherit_metrics`) and, when
+    it did not finish, ``error`` as ``lmops.error``."""
+    results = list(results)
     with in_dir(root):
         client = tracking.client()
         for r in results:
@@ -422,8 +514,44 @@ def end_parent_run(
             client.set_tag(run_id, tag.ERROR, error[:5000])
         elif tag.ERROR in client.get_run(run_id).data.tags:  # a stage's try a retry cured
             client.delete_tag(run_id, tag.ERROR)
+        try:
+            inherit_metrics(root, run_id, status, results, client)
+        except Exception as err:  # the run ends all the same
+            warnings.warn(
+                f"pipeline run {run_id} lacks the stages not rerun: {type(err).__name__}: "
+                f"{redact(str(err))}",
+                stacklevel=2,
+            )
         tracking.log_run_files(run_id, client, root)  # the final dvc.lock, every stage in it
         client.set_terminated(run_id, status=status)
+
+
+def inherit_metrics(
+    root: str | Path,
+    run_id: str,
+    status: str,
+    results: Iterable[StageResult],
+    client: Any = None,
+) -> list[str]:
+    """Give a flow's pipeline run the metrics of the stages it did not rerun, from their
+    metrics files (:func:`lmops.tracking.runs.inherit_metrics`), so that it carries the
+    whole pipeline state, as ``dvc exp show`` does, whichever stages DVC reran.
+
+    A run that finished inherits every stage it did not rerun (all are up to date); one
+    that failed or was stopped only those DVC found up to date before (skipped or
+    restored), never the failed stage or those not reached. Returns the stages inherited.
+    """
+    root = Path(root).resolve()
+    declared = tracking.declared_metrics(root)
+    results = list(results)
+    reran = [r.stage for r in results if r.status == "ran"]
+    if status == "FINISHED":
+        candidates = list(declared)
+    else:
+        candidates = [r.stage for r in results if r.status in ("skipped", "restored")]
+    with in_dir(root):
+        client = client or tracking.client()
+        return tracking.inherit_metrics(client, run_id, root, declared, reran, candidates)
 
 
 def run_url(root: str | Path, experiment_id: str, run_id: str) -> str:
@@ -439,34 +567,57 @@ def run_url(root: str | Path, experiment_id: str, run_id: str) -> str:
     return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
 
 
+class MetricRow(NamedTuple):
+    """One numeric metric of a stage's metrics file; ``metric`` and ``value`` are None
+    for a file that does not exist."""
+
+    stage: str
+    file: str
+    metric: str | None
+    value: int | float | None
+
+
+def metrics_rows(
+    root: str | Path, dvc_yaml: Mapping[str, Any], stages: Iterable[str] | None = None
+) -> list[MetricRow]:
+    """Every numeric metric the stages' metrics files (``dvc.yaml``'s ``metrics``) hold,
+    in stage order, a file's keys flattened (``train.rows``).
+
+    A file that does not exist (the stage never ran) is one row without a metric rather
+    than a failed report.
+    """
+    rows: list[MetricRow] = []
+    for stage, files in metrics_files(dvc_yaml, stages).items():
+        for rel in files:
+            path = Path(root) / rel
+            if not path.is_file():
+                rows.append(MetricRow(stage, rel, None, None))
+                continue
+            data = flatten(json.loads(path.read_text(encoding="utf-8")))
+            rows += [
+                MetricRow(stage, rel, key, value)
+                for key, value in data.items()
+                if isinstance(value, int | float) and not isinstance(value, bool)
+            ]
+    return rows
+
+
 def metrics_table(
     root: str | Path,
     dvc_yaml: Mapping[str, Any],
     stages: Iterable[str] | None = None,
     results: Iterable[StageResult] = (),
 ) -> str:
-    """A markdown table of every numeric metric the stages' metrics files hold.
-
-    A file that does not exist (the stage never ran) is listed as missing rather than
-    failing the report.
-    """
+    """:func:`metrics_rows` as a markdown table, with each stage's status in ``results``;
+    a missing file is listed as missing."""
     status = {r.stage: r.status for r in results}
     lines = ["| stage | status | metric | value |", "|---|---|---|---|"]
-    for stage, files in metrics_files(dvc_yaml, stages).items():
-        for rel in files:
-            path = Path(root) / rel
-            if not path.is_file():
-                lines.append(f"| {stage} | {status.get(stage, '')} | `{rel}` | missing |")
-                continue
-            data = flatten(json.loads(path.read_text(encoding="utf-8")))
-            numeric = {
-                k: v
-                for k, v in data.items()
-                if isinstance(v, int | float) and not isinstance(v, bool)
-            }
-            for key, value in numeric.items():
-                shown = format_value(value, width=None)
-                lines.append(f"| {stage} | {status.get(stage, '')} | {key} | {shown} |")
+    for row in metrics_rows(root, dvc_yaml, stages):
+        where = f"| {row.stage} | {status.get(row.stage, '')} |"
+        if row.metric is None or row.value is None:
+            lines.append(f"{where} `{row.file}` | missing |")
+        else:
+            lines.append(f"{where} {row.metric} | {format_value(row.value, width=None)} |")
     return "\n".join(lines) + "\n"
 
 

@@ -1,23 +1,50 @@
 """Pipeline runs side by side: ``lmops compare``.
 
 A pipeline run is its MLflow parent run and the stage runs nested under it. The parent
-holds the whole params file flattened (``finetune.lr``, ``model.n_layer``) whichever
-stages DVC reran; metrics are named ``<stage>/<name>`` (``evaluate/bleu``) in every run
-and are read from the parent and its stage runs, so one key means the same thing in
-every run. The table has one column per run and
-one row per key; by default only the keys whose values differ.
+holds the whole params file flattened (``finetune.lr``, ``model.n_layer``) and the metrics
+of the whole pipeline state, whichever stages DVC reran (those it did not rerun come from
+their metrics files: :func:`lmops.tracking.runs.inherit_metrics`); metrics are named
+``<stage>/<name>`` (``evaluate/bleu``) in every run and are read from the parent and its
+stage runs, so one key means the same thing in every run. The table has one column per
+run and one row per key: the headline figures (:data:`HEADLINE_METRICS`) first, then the
+params that differ; every other row with ``--all``.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 from typing import Any
 
 from lmops.errors import LmopsError
 from lmops.tracking import runs as tracking
 from lmops.tracking import tags as tag
+from lmops.tracking.system import is_system_metric
+
+# The figures a comparison opens with, in this order, whether or not they differ: the
+# translator's quality (BLEU, chrF, perplexity and bits per byte per language), what the
+# distilled student keeps and its size, the shipped int8 model's cost in BLEU, its size and
+# its speed-up, and the training stages' wall time. Patterns (fnmatch) over metric keys,
+# as the stages log them (data/metrics/<stage>.json, flattened).
+HEADLINE_METRICS = (
+    "evaluate/bleu",
+    "evaluate/chrf",
+    "evaluate/ppl_*",
+    "evaluate/bpb_*",
+    "distil/bleu",
+    "distil/chrf",
+    "distil/bleu_retained",
+    "distil/param_ratio",
+    "quantise/shipped_bleu_delta",
+    "quantise/shipped_size_ratio",
+    "quantise/*.file_mb",
+    "quantise/shipped_speedup_b*",
+    "pretrain/wall_seconds",
+    "finetune/wall_seconds",
+    "distil/wall_seconds",
+)
 
 # values that change on every run, hidden unless asked for: they would make every row differ
 VOLATILE_SUFFIXES = (
@@ -64,6 +91,12 @@ def summarise(run_id: str, client: Any = None) -> RunSummary:
         filter_string=f"tags.mlflow.parentRunId = '{run_id}'",
         order_by=["attributes.start_time ASC"],
     )
+    # the stages it did not rerun: their hardware, from their metrics files
+    inherited = set(out.tags.get(tag.STAGES_INHERITED, "").split(","))
+    for key, value in out.tags.items():
+        stage, _, name = key.removeprefix(tracking.HARDWARE_TAG).partition(".")
+        if key.startswith(tracking.HARDWARE_TAG) and stage in inherited and name:
+            out.hardware[f"{stage}.hardware.{name}"] = value
     # the pipeline run holds the whole params file, whichever stages ran; runs logged
     # before it did have only their stages' params
     own_params = bool(out.params)
@@ -71,7 +104,8 @@ def summarise(run_id: str, client: Any = None) -> RunSummary:
         # a stage that ran twice under one parent (a retry): the later run wins
         if not own_params:
             out.params.update(child.data.params)
-        out.metrics.update(child.data.metrics)
+        # a stage's own figures; its system use (system/...) is per run, not the pipeline's
+        out.metrics.update({k: v for k, v in child.data.metrics.items() if not is_system_metric(k)})
         stage = child.data.tags.get(tag.STAGE)
         out.hardware.update(
             {
@@ -114,21 +148,39 @@ def _same(values: Sequence[Any]) -> bool:
     return True
 
 
+def headline(keys: Iterable[str]) -> list[str]:
+    """The headline metrics among ``keys``, in :data:`HEADLINE_METRICS` order (the keys of
+    one pattern sorted)."""
+    keys = set(keys)
+    out: list[str] = []
+    for pattern in HEADLINE_METRICS:
+        out += sorted(k for k in keys if fnmatchcase(k, pattern) and k not in out)
+    return out
+
+
 def table(
     runs: Sequence[RunSummary], all_rows: bool = False, volatile: bool = False
 ) -> list[tuple[str, str, list[Any]]]:
-    """Rows ``(kind, key, values per run)``: params, hardware, then metrics, sorted by key.
+    """Rows ``(kind, key, values per run)``: the headline metrics (:func:`headline`), every
+    one a run has, equal or not; then the params and the hardware that differ (every one
+    with ``all_rows``, or for a single run), sorted by key; then, with ``all_rows``, every
+    other metric. Timing metrics other than the headline's only with ``volatile``, and
+    then those that differ even without ``all_rows``.
 
-    A key a run lacks (its stage did not run) is ``None`` there and counts as differing.
+    A key a run lacks (its stage never ran, or failed) is ``None`` there and counts as
+    differing.
     """
-    rows: list[tuple[str, str, list[Any]]] = []
+    all_rows = all_rows or len(runs) < 2
+    metric_keys = set().union(*(r.metrics for r in runs))
+    top = headline(metric_keys)
+    rows = [("metric", key, [r.metrics.get(key) for r in runs]) for key in top]
     for kind, attr in (("param", "params"), ("hardware", "hardware"), ("metric", "metrics")):
-        keys = sorted(set().union(*(getattr(r, attr) for r in runs)))
-        for key in keys:
-            if kind == "metric" and not volatile and key.endswith(VOLATILE_SUFFIXES):
+        for key in sorted(set().union(*(getattr(r, attr) for r in runs)) - set(top)):
+            timing = kind == "metric" and key.endswith(VOLATILE_SUFFIXES)
+            if (timing and not volatile) or (kind == "metric" and not (all_rows or timing)):
                 continue
             values = [getattr(r, attr).get(key) for r in runs]
-            if all_rows or len(runs) < 2 or not _same(values):
+            if all_rows or not _same(values):
                 rows.append((kind, key, values))
     return rows
 
@@ -148,9 +200,10 @@ def render(runs: Sequence[RunSummary], rows: Sequence[tuple[str, str, list[Any]]
     """A plain-text table: one column per run."""
     header = ["", *[f"{r.name} ({r.run_id[:8]})" for r in runs]]
     body = [[key, *[format_value(v) for v in values]] for _, key, values in rows]
-    stages = ["stages", *[",".join(r.stages) or "-" for r in runs]]
+    stages = ["reran", *[",".join(r.stages) or "-" for r in runs]]
+    inherited = ["inherited", *[r.tags.get(tag.STAGES_INHERITED) or "-" for r in runs]]
     commits = ["git.commit", *[r.tags.get("git.commit", "-")[:10] for r in runs]]
-    lines = [header, commits, stages, *body]
+    lines = [header, commits, stages, inherited, *body]
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     text = [
         "  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip()
@@ -158,7 +211,7 @@ def render(runs: Sequence[RunSummary], rows: Sequence[tuple[str, str, list[Any]]
     ]
     text.insert(1, "  ".join("-" * w for w in widths))
     if not rows:
-        text.append("(no differing params or metrics; --all shows every row)")
+        text.append("(no headline metrics and no differing params; --all shows every row)")
     return "\n".join(text)
 
 

@@ -27,13 +27,14 @@ import contextlib
 import datetime as dt
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -203,6 +204,35 @@ def client() -> Any:
     return client_and_experiment()[0]
 
 
+OUTPUT_ARTIFACT = "output.log"
+
+
+def log_stage_output(parent_id: str, stage: str | None, path: Path) -> str | None:
+    """Log the file ``path``, a stage's whole output, as ``output.log`` of ``stage``'s
+    newest run under the pipeline run ``parent_id`` (``stage`` None: of the pipeline run
+    itself). Returns that run's id; None, logging nothing, when the stage has no run there
+    (DVC found it up to date) or there is no file."""
+    if not Path(path).is_file():
+        return None
+    c, experiment_id = client_and_experiment()
+    run_id: str | None = parent_id
+    if stage is not None:
+        runs = c.search_runs(
+            [experiment_id],
+            f"tags.mlflow.parentRunId = '{parent_id}' and tags.`{tag.STAGE}` = '{stage}'",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
+        run_id = runs[0].info.run_id if runs else None
+    if run_id is None:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        named = Path(tmp) / OUTPUT_ARTIFACT
+        shutil.copyfile(path, named)
+        c.log_artifact(run_id, str(named))
+    return run_id
+
+
 def create_pipeline_run(
     client: Any,
     experiment_id: str,
@@ -269,8 +299,12 @@ def _start_stage_run(stage: str) -> tuple[Any, Any, str]:
         parent_id = _find_or_create_parent(client, experiment_id)
         client.update_run(parent_id, status="RUNNING")
         tags = {**base_tags(), **process_tags(), tag.STAGE: stage, tag.KIND: tag.KIND_STAGE}
-        run = mlflow.start_run(
-            experiment_id=experiment_id, run_name=stage, parent_run_id=parent_id, tags=tags
+        run = mlflow.start_run(  # system metrics: through the stage's buffer (stage_run)
+            experiment_id=experiment_id,
+            run_name=stage,
+            parent_run_id=parent_id,
+            tags=tags,
+            log_system_metrics=False,
         )
     except Exception as err:
         reason = unreachable_reason(err)
@@ -290,6 +324,8 @@ def stage_run(stage: str, params: dict[str, Any] | None = None) -> Iterator[Any]
     Under torchrun only rank 0 opens a run; the other ranks get ``None``. Everything logged
     through this module (and the training loop) while the run is active goes through a
     :class:`~lmops.tracking.buffer.RunBuffer`: a server lost mid-run costs no metric.
+    The system metrics (CPU, memory, disk, GPU: :mod:`lmops.tracking.system`) are sampled
+    while the run lasts and go through it too; sampling stops before the run ends.
     """
     global _buffer
 
@@ -298,21 +334,37 @@ def stage_run(stage: str, params: dict[str, Any] | None = None) -> Iterator[Any]
         return
     with tracking_buffer.fail_fast_http():
         run, client, parent_id = _start_stage_run(stage)
+        from lmops.tracking import system  # imports MLflow
+
         run_id = run.info.run_id
         buffer = RunBuffer(run_id, client, project_root() / SPOOL_DIR, tracking_uri())
         outer, _buffer = _buffer, buffer
+        ends_pipeline = _ends_pipeline_run()
         status = "FAILED"
+        monitor = None
         try:
+            monitor = system.start(buffer)
             if params:
                 buffer.log_params({f"{stage}.{k}": _param(v) for k, v in params.items()})
             log_pipeline_params(parent_id, client, buffer=buffer)
             log_run_files(parent_id, client, buffer=buffer)
             started = time.perf_counter()
             yield run
-            buffer.log_metrics({f"{stage}/wall_seconds": time.perf_counter() - started})
+            system.stop(monitor)
+            if f"{stage}/wall_seconds" not in buffer.latest_metrics():  # the stage's own stands
+                buffer.log_metrics({f"{stage}/wall_seconds": time.perf_counter() - started})
             roll_up(client, run_id, parent_id, buffer=buffer)
+            if ends_pipeline:
+                with _secondary(f"pipeline run {parent_id} lacks the stages not rerun"):
+                    _inherit_under_dvc(client, run, parent_id, stage, buffer)
             status = "FINISHED"
         except BaseException as err:
+            # a second Ctrl-C only cuts short the wait for the last system metrics point
+            with (
+                _secondary("system metrics could not be stopped"),
+                contextlib.suppress(KeyboardInterrupt),
+            ):
+                system.stop(monitor)
             # Ctrl-C, or SIGTERM/SIGHUP under lmops.errors.stop_on_signals
             if isinstance(err, KeyboardInterrupt):
                 status, error = "KILLED", stop_reason(err)
@@ -322,6 +374,9 @@ def stage_run(stage: str, params: dict[str, Any] | None = None) -> Iterator[Any]
                 buffer.set_tags({tag.ERROR: error})
                 buffer.set_tags({tag.ERROR: f"{stage}: {error}"[:5000]}, run_id=parent_id)
                 buffer.end_active_run(status)
+            if ends_pipeline:
+                with _secondary(f"pipeline run {parent_id} lacks the stages not rerun"):
+                    _inherit_under_dvc(client, run, parent_id, stage, buffer, failed=True)
             raise
         finally:
             _buffer = outer
@@ -679,14 +734,21 @@ def roll_up(client: Any, child_id: str, parent_id: str, buffer: RunBuffer | None
     Their names carry the stage (``evaluate/bleu``), so in the MLflow UI's compare view
     the pipeline runs line up key by key; the curves stay on the stage runs. With
     ``buffer``, they go through it, and while the server is away they are the latest
-    values logged through it.
+    values logged through it. System metrics (``system/...``) stay on the stage runs.
     """
     from mlflow.entities import Metric
+
+    from lmops.tracking import system
 
     now = int(time.time() * 1000)
     if buffer is None:
         metrics = client.get_run(child_id).data.metrics
-        _batches(client, parent_id, [Metric(k, v, now, 0) for k, v in metrics.items()], [])
+        _batches(
+            client,
+            parent_id,
+            [Metric(k, v, now, 0) for k, v in metrics.items() if not system.is_system_metric(k)],
+            [],
+        )
         return
     metrics = None
     if buffer.flush():
@@ -697,7 +759,179 @@ def roll_up(client: Any, child_id: str, parent_id: str, buffer: RunBuffer | None
                 raise
     if metrics is None:
         metrics = buffer.latest_metrics(child_id)
+    metrics = {k: v for k, v in metrics.items() if not system.is_system_metric(k)}
     buffer.log_metrics(metrics, step=0, run_id=parent_id, timestamp=now)
+
+
+# ------------------------------------------------ the stages a pipeline run did not rerun
+# A pipeline run carries the metrics of the whole pipeline state it leaves, as `dvc exp
+# show` does: the stages it reran roll up their runs' metrics (roll_up), the others get
+# theirs from their metrics files, under the same keys, so two pipeline runs line up key by
+# key whichever stages DVC reran in each.
+
+
+def stage_metrics(stage: str, metrics: Mapping[str, Any]) -> dict[str, float]:
+    """A stage's metrics under the keys its runs log them with: ``<stage>/<key>``, nested
+    keys flattened (``tokenise/parallel_test.pairs``), booleans as 1 or 0
+    (``validate/success``); text, None and the ``hardware`` block (params and tags instead:
+    :func:`log_stage_outputs`) left out. The one key scheme of what a stage logs and of
+    what a pipeline run copies from a metrics file (:func:`inherit_metrics`)."""
+    if isinstance(metrics.get("hardware"), dict):
+        metrics = {k: v for k, v in metrics.items() if k != "hardware"}
+    return {
+        f"{stage}/{k}": float(v)
+        for k, v in flatten(dict(metrics)).items()
+        if isinstance(v, int | float)
+    }
+
+
+def declared_metrics(root: str | Path) -> dict[str, list[str]]:
+    """Every stage of ``root``'s ``dvc.yaml``, in its order, with the metrics files it
+    declares (``[]`` for none); {} without a dvc.yaml."""
+    path = Path(root) / "dvc.yaml"
+    if not path.is_file():
+        return {}
+    return metrics_declared(yaml.safe_load(path.read_text(encoding="utf-8")) or {})
+
+
+def metrics_declared(dvc_yaml: Mapping[str, Any]) -> dict[str, list[str]]:
+    """Every stage of a parsed ``dvc.yaml``, in its order, with the metrics files it
+    declares (``[]`` for none): the one reading of ``metrics:``, which
+    :func:`lmops.orchestrate.dag.metrics_files` uses too."""
+    stages = dvc_yaml.get("stages") or {}
+    return {
+        name: [
+            str(p)
+            for item in spec.get("metrics") or []
+            for p in ([item] if isinstance(item, str) else item)
+        ]
+        for name, spec in stages.items()
+        if isinstance(spec, dict)
+    }
+
+
+def read_metrics_files(root: str | Path, files: Iterable[str | Path]) -> dict[str, Any] | None:
+    """What a stage's metrics files under ``root`` hold (JSON or YAML, merged in order), as
+    ``dvc exp show`` reads them; None when none of them is there (the stage never ran, or
+    DVC removed its outputs to rerun it and it failed). A file that cannot be read is left
+    out, with a warning."""
+    found: dict[str, Any] | None = None
+    for rel in files:
+        path = Path(root) / rel
+        try:
+            text = path.read_text(encoding="utf-8")
+            data = yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
+        except FileNotFoundError:
+            continue
+        except (OSError, ValueError, yaml.YAMLError) as err:
+            warnings.warn(f"{path}: not read ({type(err).__name__}: {err})", stacklevel=2)
+            continue
+        found = {**(found or {}), **(data if isinstance(data, dict) else {})}
+    return found
+
+
+def inherit_metrics(
+    client: Any,
+    run_id: str,
+    root: str | Path,
+    declared: Mapping[str, Sequence[str | Path]],
+    reran: Iterable[str],
+    candidates: Iterable[str],
+    buffer: RunBuffer | None = None,
+) -> list[str]:
+    """Give pipeline run ``run_id`` the metrics of the ``candidates`` (stages it did not
+    rerun) from their metrics files under ``root``, under the keys a stage run logs
+    (:func:`stage_metrics`), and tag it with the stages it reran
+    (:data:`~lmops.tracking.tags.STAGES_RERAN`) and those it inherited
+    (:data:`~lmops.tracking.tags.STAGES_INHERITED`), comma-separated in pipeline order.
+
+    ``declared`` is every stage in pipeline order with its metrics files. A candidate none
+    of whose files exists (:func:`read_metrics_files`) inherits nothing; nor does a stage
+    in ``reran``. The ``hardware`` block of an inherited stage's file becomes tags
+    ``lmops.hardware.<stage>.<key>`` (a stage run's own are ``lmops.hardware.<key>``); a
+    stage that reran loses those it inherited before. A value the run already has is not
+    logged again. With ``buffer``, metrics and tags go through it. Returns the stages
+    inherited.
+    """
+    from mlflow.entities import Metric
+
+    reran = set(reran)
+    wanted = set(candidates) - reran
+    inherited: list[str] = []
+    metrics: dict[str, float] = {}
+    hardware: dict[str, str] = {}
+    for stage, files in declared.items():
+        if stage not in wanted or (data := read_metrics_files(root, files)) is None:
+            continue
+        inherited.append(stage)
+        metrics.update(stage_metrics(stage, data))
+        if isinstance(data.get("hardware"), dict):
+            hardware.update(
+                {f"{HARDWARE_TAG}{stage}.{k}": str(v) for k, v in data["hardware"].items()}
+            )
+    run = client.get_run(run_id)
+    metrics = {k: v for k, v in metrics.items() if run.data.metrics.get(k) != v}
+    for key in run.data.tags:
+        if key.startswith(HARDWARE_TAG) and key[len(HARDWARE_TAG) :].split(".")[0] in reran:
+            client.delete_tag(run_id, key)
+    order = [*declared, *sorted(reran - set(declared))]
+    tags = {
+        tag.STAGES_RERAN: ",".join(s for s in order if s in reran),
+        tag.STAGES_INHERITED: ",".join(inherited),
+        **hardware,
+    }
+    now = int(time.time() * 1000)
+    if buffer is not None:
+        buffer.log_metrics(metrics, step=0, run_id=run_id, timestamp=now)
+        buffer.set_tags(tags, run_id=run_id)
+    else:
+        _batches(client, run_id, [Metric(k, v, now, 0) for k, v in metrics.items()], [])
+        for key, value in tags.items():
+            client.set_tag(run_id, key, value)
+    return inherited
+
+
+def _ends_pipeline_run() -> bool:
+    """Whether this stage's pipeline run is its ``dvc`` process's (a plain ``dvc repro`` or
+    ``dvc exp run``), which no flow ends: then each stage, as it ends it, gives it the
+    metrics of the stages that did not rerun (:func:`_inherit_under_dvc`)."""
+    return not os.environ.get(PARENT_ENV) and _dvc_process() is not None
+
+
+def _inherit_under_dvc(
+    client: Any, run: Any, parent_id: str, stage: str, buffer: RunBuffer, failed: bool = False
+) -> None:
+    """:func:`inherit_metrics` for the pipeline run of a plain ``dvc repro``, as ``stage``
+    ends it. Every stage without a run under it inherits, those DVC has yet to reach as
+    they are now: one that then reruns replaces them with its own values. After a failure,
+    only the stages before ``stage`` do (DVC found them up to date)."""
+    root = project_root()
+    declared = declared_metrics(root)
+    if not declared:
+        return
+    if not buffer.flush():
+        warnings.warn(
+            f"pipeline run {parent_id}: the tracking server is away, so the metrics of the "
+            "stages not rerun were not added",
+            stacklevel=2,
+        )
+        return
+    children = client.search_runs(
+        [run.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'", max_results=1000
+    )
+    tried = {r.data.tags.get(tag.STAGE) for r in children} | {stage}
+    reran = {
+        name
+        for r in children
+        if r.info.status == "FINISHED" and (name := r.data.tags.get(tag.STAGE))
+    }
+    if not failed:
+        reran.add(stage)
+    order = list(declared)
+    scope = order[: order.index(stage)] if failed and stage in order else order
+    inherit_metrics(
+        client, parent_id, root, declared, reran, [s for s in scope if s not in tried], buffer
+    )
 
 
 def _param(value: Any) -> str:
@@ -757,8 +991,9 @@ def log_stage_outputs(
     model_dir: str | Path | None = None,
     files: tuple[str | Path, ...] = (),
 ) -> None:
-    """Numeric metrics as ``<stage>/<name>``, string ones as tags, a model dir and files as
-    artifacts, to the active stage run (nothing without one, e.g. on a torchrun worker).
+    """Numeric metrics as ``<stage>/<name>`` (:func:`stage_metrics`), string ones as tags, a
+    model dir and files as artifacts, to the active stage run (nothing without one, e.g. on
+    a torchrun worker).
 
     The ``hardware`` block (:func:`lmops.core.hardware.facts`) becomes params
     ``<stage>.hardware.<key>`` and tags ``lmops.hardware.<key>``.
@@ -778,15 +1013,7 @@ def log_stage_outputs(
     else:
         logged = sys.modules["mlflow"].get_run(run_id).data.metrics
     flat = {k: v for k, v in flatten(metrics).items() if v is not None}
-    log_metrics(
-        {
-            f"{stage}/{k}": float(v)
-            for k, v in flat.items()
-            if isinstance(v, int | float)
-            and not isinstance(v, bool)
-            and f"{stage}/{k}" not in logged
-        }
-    )
+    log_metrics({k: v for k, v in stage_metrics(stage, metrics).items() if k not in logged})
     set_tags({f"{stage}.{k}": v[:5000] for k, v in flat.items() if isinstance(v, str)})
     if model_dir is not None:
         log_artifacts(model_dir, artifact_path="model")

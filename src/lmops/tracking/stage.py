@@ -76,7 +76,10 @@ def run(
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
     sys.excepthook = _redacted_traceback
     stop_on_signals()
-    logging.basicConfig(level=logging.INFO, format=f"[{name}] %(message)s")
+    # lmops says what it does; libraries only warn (the ONNX exporter alone would add some
+    # 90 lines of INFO to quantise's output)
+    logging.basicConfig(level=logging.WARNING, format=f"[{name}] %(message)s")
+    logging.getLogger("lmops").setLevel(logging.INFO)
     args = argp.parse_args(argv)
     params = getattr(args, "params", None)
     if before is not None and params is not None:

@@ -11,9 +11,14 @@ KIND_STAGE = "stage"  # one stage's run, nested under its pipeline run
 KIND_RETRAIN = "retrain"  # a scheduled retraining that found nothing new
 STAGE = "lmops.stage"  # a stage run's stage name
 STAGE_STATUS = "lmops.stage_status."  # + stage: ran / skipped / restored, on the pipeline run
+# on a pipeline run, comma-separated in pipeline order: the stages DVC reran in it, and those
+# it did not rerun whose metrics files it copied (lmops.tracking.runs.inherit_metrics)
+STAGES_RERAN = "lmops.stages_reran"
+STAGES_INHERITED = "lmops.stages_inherited"
 ERROR = "lmops.error"  # why a run failed, on the failed run
 PIPELINE_KEY = "lmops.pipeline_key"  # ties the stage runs of one `dvc repro` together
 HARDWARE = "lmops.hardware."  # + a key of lmops.core.hardware.facts: what ran where
+# (on a pipeline run: + <stage>.<key>, for each stage it inherited, from its metrics file)
 TARGET = "lmops.target"  # the stage a flow run was asked to reach
 SOURCE_DIGEST = "lmops.source_digest"  # the raw data a pipeline run was trained on
 RETRAIN_ACTION = "lmops.retrain.action"

@@ -139,12 +139,15 @@ def test_compare_shows_the_one_param_that_differs(mlflow_store, tmp_path, capsys
     runs = [compare.summarise(r) for r in (old, new)]
     assert runs[0].stages == runs[1].stages == ["finetune"]
     rows = compare.table(runs)
+    # the headline metrics (of these, the training time), the param that differs; the
+    # other metrics with --all
     assert [(kind, key) for kind, key, _ in rows] == [
+        ("metric", "finetune/wall_seconds"),
         ("param", "finetune.lr"),
-        ("metric", "finetune/train_loss"),
     ]
-    assert rows[0][2] == ["0.002", "0.004"]
+    assert rows[1][2] == ["0.002", "0.004"]
     assert {key for _, key, _ in compare.table(runs, all_rows=True)} >= {
+        "finetune/train_loss",
         "finetune/steps",
         "vocab.vocab_size",
     }
