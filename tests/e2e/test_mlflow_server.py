@@ -26,7 +26,7 @@ from lmops.orchestrate import retrain
 from lmops.tracking import compare, registry
 from lmops.tracking.system import is_system_metric
 from tests.conftest import dvc, dvc_env, make_tiny_repo
-from tests.support.helpers import BIN, listening_port, wait_for
+from tests.support.helpers import BIN, listening_port, mlflow_server_cmd, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -62,20 +62,7 @@ def process(cmd: list[str], log: Path, env: dict[str, str], health: str):
 def server(tmp_path_factory):
     """A real tracking server: sqlite backend, artifacts proxied to a local directory."""
     d = tmp_path_factory.mktemp("mlflow-server")
-    cmd = [
-        str(BIN / "mlflow"),
-        "server",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        "0",
-        "--backend-store-uri",
-        f"sqlite:///{d / 'mlflow.db'}",
-        "--artifacts-destination",
-        str(d / "artifacts"),
-        "--workers",
-        "1",
-    ]
+    cmd = mlflow_server_cmd(d)
     with process(cmd, d / "server.log", dvc_env(), "/health") as url:
         yield url
 

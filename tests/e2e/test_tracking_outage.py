@@ -37,7 +37,7 @@ from lmops.tracking.buffer import (
 )
 from tests.conftest import REPO, dvc_env
 from tests.support.ddp_worker import BLOCK, SEED, TinyLM, config, tokens
-from tests.support.helpers import BIN, listening_port, wait_for
+from tests.support.helpers import listening_port, mlflow_server_cmd, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -72,20 +72,7 @@ class Server:
         # that port again, however: the clients' URI is fixed, and a server that comes back
         # on the same port and store is what these tests are about
         port = 0 if self.port is None else self.port
-        cmd = [
-            str(BIN / "mlflow"),
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--backend-store-uri",
-            f"sqlite:///{self.root / 'mlflow.db'}",
-            "--artifacts-destination",
-            str(self.root / "artifacts"),
-            "--workers",
-            "1",
-        ]
+        cmd = mlflow_server_cmd(self.root, port)
         log = self.root / "server.log"
         with open(log, "a") as out:
             self.proc = subprocess.Popen(

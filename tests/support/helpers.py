@@ -25,6 +25,7 @@ from tests.support import workspace
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 listening_port = workspace.listening_port
+mlflow_server_cmd = workspace.mlflow_server_cmd
 
 LANGS = ["en", "fr"]
 EN = {

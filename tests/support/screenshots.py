@@ -88,20 +88,7 @@ def mlflow_server(folder: Path) -> Iterator[str]:
     folder.mkdir(parents=True, exist_ok=True)
     out = open(folder / "server.log", "w")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(
-        [
-            str(workspace.BIN / "mlflow"),
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--backend-store-uri",
-            f"sqlite:///{folder / 'mlflow.db'}",
-            "--artifacts-destination",
-            str(folder / "artifacts"),
-            "--workers",
-            "1",
-        ],
+        workspace.mlflow_server_cmd(folder),
         env=workspace.clean_env(MLFLOW_DISABLE_TELEMETRY="true"),
         stdout=out,
         stderr=subprocess.STDOUT,

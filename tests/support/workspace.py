@@ -108,6 +108,27 @@ def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 20)
         os.killpg(proc.pid, signal.SIGKILL)
 
 
+def mlflow_server_cmd(folder: str | Path, port: int = 0) -> list[str]:
+    """``mlflow server`` on 127.0.0.1 (``port`` 0: one the kernel picks, see
+    :func:`listening_port`) with a sqlite backend and proxied artifacts, both in
+    ``folder``, one worker: the tests' and scripts' tracking server."""
+    folder = Path(folder)
+    return [
+        str(BIN / "mlflow"),
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--backend-store-uri",
+        f"sqlite:///{folder / 'mlflow.db'}",
+        "--artifacts-destination",
+        str(folder / "artifacts"),
+        "--workers",
+        "1",
+    ]
+
+
 def listening_port(
     proc: subprocess.Popen, timeout: float = 120, log: str | Path | None = None
 ) -> int:
