@@ -353,7 +353,7 @@ def stage_run(stage: str, params: dict[str, Any] | None = None) -> Iterator[Any]
             system.stop(monitor)
             if f"{stage}/wall_seconds" not in buffer.latest_metrics():  # the stage's own stands
                 buffer.log_metrics({f"{stage}/wall_seconds": time.perf_counter() - started})
-            roll_up(client, run_id, parent_id, buffer=buffer)
+            roll_up(client, run_id, parent_id, buffer, result_keys(project_root(), stage))
             if ends_pipeline:
                 with _secondary(f"pipeline run {parent_id} lacks the stages not rerun"):
                     _inherit_under_dvc(client, run, parent_id, stage, buffer)
@@ -728,26 +728,33 @@ def log_pipeline_params(run_id: str, client: Any = None, buffer: RunBuffer | Non
         _batches(client, run_id, [], [Param(k, v) for k, v in new.items()])
 
 
-def roll_up(client: Any, child_id: str, parent_id: str, buffer: RunBuffer | None = None) -> None:
-    """Copy a stage run's latest metrics onto the pipeline run.
+def roll_up(
+    client: Any,
+    child_id: str,
+    parent_id: str,
+    buffer: RunBuffer | None = None,
+    only: set[str] | None = None,
+) -> None:
+    """Copy a stage run's latest metrics onto the pipeline run: those in ``only``, by
+    default all but its system metrics (``system/...``).
 
     Their names carry the stage (``evaluate/bleu``), so in the MLflow UI's compare view
     the pipeline runs line up key by key; the curves stay on the stage runs. With
     ``buffer``, they go through it, and while the server is away they are the latest
-    values logged through it. System metrics (``system/...``) stay on the stage runs.
+    values logged through it.
     """
     from mlflow.entities import Metric
 
     from lmops.tracking import system
 
+    def wanted(key: str) -> bool:
+        return not system.is_system_metric(key) and (only is None or key in only)
+
     now = int(time.time() * 1000)
     if buffer is None:
         metrics = client.get_run(child_id).data.metrics
         _batches(
-            client,
-            parent_id,
-            [Metric(k, v, now, 0) for k, v in metrics.items() if not system.is_system_metric(k)],
-            [],
+            client, parent_id, [Metric(k, v, now, 0) for k, v in metrics.items() if wanted(k)], []
         )
         return
     metrics = None
@@ -759,8 +766,19 @@ def roll_up(client: Any, child_id: str, parent_id: str, buffer: RunBuffer | None
                 raise
     if metrics is None:
         metrics = buffer.latest_metrics(child_id)
-    metrics = {k: v for k, v in metrics.items() if not system.is_system_metric(k)}
+    metrics = {k: v for k, v in metrics.items() if wanted(k)}
     buffer.log_metrics(metrics, step=0, run_id=parent_id, timestamp=now)
+
+
+def result_keys(root: str | Path, stage: str) -> set[str] | None:
+    """The keys of what ``stage``'s metrics files hold (:func:`stage_metrics`): what a
+    pipeline run carries of the stage, as ``dvc exp show`` shows it, whether the stage
+    reran or not; empty for a stage that declares no metrics file. None without a
+    ``dvc.yaml`` (no pipeline: every metric)."""
+    declared = declared_metrics(root)
+    if not declared:
+        return None
+    return set(stage_metrics(stage, read_metrics_files(root, declared.get(stage, [])) or {}))
 
 
 # ------------------------------------------------ the stages a pipeline run did not rerun
