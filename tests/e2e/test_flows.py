@@ -579,11 +579,16 @@ def test_a_cancelled_flow_run_stops_its_stage_and_the_next_run_resumes(
         return _artifacts(env, run_id).get("lmops-pipeline-progress") or {"description": ""}
 
     def logged(run_id: str, line: str) -> list[str]:
-        return workspace.wait_for(
-            lambda: (lines := _flow_log(env, run_id)) and any(line in x for x in lines) and lines,
-            f"{line!r} in the log of flow run {run_id}",
-            30,
-        )
+        try:
+            return workspace.wait_for(
+                lambda: (
+                    (lines := _flow_log(env, run_id)) and any(line in x for x in lines) and lines
+                ),
+                f"{line!r} in the log of flow run {run_id}",
+                30,
+            )
+        except AssertionError as err:
+            raise AssertionError(f"{err}:\n" + "\n".join(_flow_log(env, run_id))) from None
 
     max_steps = 120
     params = yaml.safe_load((flow_repo / "params.yaml").read_text())
@@ -658,6 +663,9 @@ def test_a_cancelled_flow_run_stops_its_stage_and_the_next_run_resumes(
         second = _submit(env, flow_repo, "--param", "target=pretrain")
         run = _wait_state(env, second, ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"), log)
         assert run["state"] == "COMPLETED", f"{run}\n{log.read_text()[-6000:]}"
+        # the flow run's process sends its last logs as it exits: wait for them before the
+        # worker, and that process with it, is stopped
+        lines = logged(second, "stage 5 of 5 pretrain: ran in")
     finally:
         workspace.stop(worker)
     metrics = json.loads((flow_repo / "data/metrics/pretrain.json").read_text())
@@ -677,7 +685,6 @@ def test_a_cancelled_flow_run_stops_its_stage_and_the_next_run_resumes(
         and pretrain["resumed_from"] == metrics["resumed_from"]
     )
     assert {r["stage"] for r in rows} == set(dag.metrics_files(SPEC, stages))
-    lines = logged(second, "stage 5 of 5 pretrain: ran in")
     for k, name in enumerate(stages, 1):
         ends = [x for x in lines if re.fullmatch(rf"stage {k} of 5 {name}: \w+ in \d+\.\d s", x)]
         assert lines.count(f"stage {k} of 5 {name}: started") == len(ends) == 1, lines

@@ -213,7 +213,9 @@ class OutputLines:
     """A subprocess's output as log lines: every line once, and progress bars (tqdm
     redraws a line with ``\\r``) once every ``every`` seconds and at their end, not once
     per redraw. Fed raw chunks; keeps the lines (not the redraws) for the caller.
-    ``watch``, when given, gets every line and every redraw, as they come."""
+    ``watch``, when given, gets every line and every redraw, as they come: a redraw as
+    soon as it is there, not when the next one ends it (tqdm writes ``\\r`` first), since
+    a stage may draw its bar once and then not for a while."""
 
     def __init__(
         self,
@@ -226,13 +228,15 @@ class OutputLines:
         self._tail = ""
         self._bar: str | None = None  # the latest redraw not logged yet
         self._last_bar = -math.inf
+        self._watched = ""  # the unfinished line watch has seen
 
     def feed(self, text: str) -> None:
         parts = re.split(r"(\r\n|\r|\n)", self._tail + text)
         self._tail = parts.pop()  # an unfinished line waits for the next chunk
         for segment, end in zip(parts[0::2], parts[1::2], strict=True):
-            if self.watch is not None and segment.strip():
+            if self.watch is not None and segment.strip() and segment != self._watched:
                 self._watch(segment)
+            self._watched = ""
             if end == "\r":  # a progress bar redraw
                 self._bar = segment
                 now = time.monotonic()
@@ -244,12 +248,15 @@ class OutputLines:
                     continue
                 self._bar = None
                 self._line(segment)
+        if self.watch is not None and self._tail.strip() and self._tail != self._watched:
+            self._watch(self._tail)  # the bar on screen now, or a line still being written
+            self._watched = self._tail
 
     def close(self) -> None:
         if self._bar is not None:
             self._emit_bar(time.monotonic())
         if self._tail:
-            if self.watch is not None and self._tail.strip():
+            if self.watch is not None and self._tail.strip() and self._tail != self._watched:
                 self._watch(self._tail)
             self._line(self._tail)
             self._tail = ""

@@ -273,6 +273,23 @@ def test_a_stage_bar_reaches_the_tracker_through_the_runner(tmp_path):
     assert len(logged) <= 3  # the log stays throttled: the line and at most two bars
 
 
+def test_a_bar_drawn_once_is_seen_before_the_next_redraw_ends_it():
+    """tqdm writes ``\\r`` before each redraw, so the bar on screen is an unfinished line
+    until the next one; a stage that draws once and then trains for a while (or is held)
+    must still show where it is."""
+    out = io.StringIO()
+    bar = tqdm(total=120, desc="pretrain", unit="step", file=out)  # the first draw only
+    seen: list[str] = []
+    lines = repro.OutputLines(lambda line: None, watch=seen.append)
+    lines.feed(out.getvalue())
+    assert [parse_bar(t) for t in seen] == [Bar("pretrain", 0, 120, 0, None)]
+    bar.update(30)
+    bar.refresh()
+    lines.feed(out.getvalue()[len(seen[0]) + 1 :])  # the next redraw: the first one once
+    assert [(b.n, b.total) for b in map(parse_bar, seen) if b] == [(0, 120), (30, 120)]
+    bar.close()
+
+
 def test_a_watch_that_breaks_stops_watching_not_the_stage():
     logged: list[str] = []
     seen: list[str] = []
