@@ -773,10 +773,10 @@ def roll_up(
 def result_keys(root: str | Path, stage: str) -> set[str] | None:
     """The keys of what ``stage``'s metrics files hold (:func:`stage_metrics`): what a
     pipeline run carries of the stage, as ``dvc exp show`` shows it, whether the stage
-    reran or not; empty for a stage that declares no metrics file. None without a
-    ``dvc.yaml`` (no pipeline: every metric)."""
+    reran or not; empty for a stage that declares no metrics file. None (every metric)
+    for a stage ``dvc.yaml`` does not have, or without one: no pipeline state to match."""
     declared = declared_metrics(root)
-    if not declared:
+    if stage not in declared:
         return None
     return set(stage_metrics(stage, read_metrics_files(root, declared.get(stage, [])) or {}))
 

@@ -223,6 +223,16 @@ def test_a_flow_run_inherits_what_it_did_not_rerun_and_only_what_dvc_found_up_to
     assert set(run.data.metrics) == set(tracking.stage_metrics("validate", VALIDATE))
 
 
+def test_a_pipeline_run_takes_of_a_stage_what_its_metrics_files_hold(workspace):
+    """The keys a rerun stage rolls up: its metrics files' (pretrain), none for a stage that
+    declares no file (vocab), every key for a stage dvc.yaml does not have."""
+    assert tracking.result_keys(workspace, "pretrain") == set(
+        tracking.stage_metrics("pretrain", PRETRAIN)
+    )
+    assert tracking.result_keys(workspace, "vocab") == set()
+    assert tracking.result_keys(workspace, "not-a-stage") is None
+
+
 def test_missing_and_unreadable_metrics_files_are_skipped(tmp_path):
     assert tracking.read_metrics_files(tmp_path, ["data/metrics/none.json"]) is None
     (tmp_path / "bad.json").write_text("{not json")
