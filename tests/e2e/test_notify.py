@@ -18,6 +18,7 @@ import pytest
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow
+API_TIMEOUT = 60  # a Prefect server answers within this even on a loaded 2-core machine
 
 sys.path.insert(0, str(REPO / "flows"))
 try:
@@ -100,5 +101,5 @@ def _post(url: str, body: dict) -> list[dict]:
     request = urllib.request.Request(
         url, json.dumps(body).encode(), {"Content-Type": "application/json"}
     )
-    with urllib.request.urlopen(request, timeout=10) as r:
+    with urllib.request.urlopen(request, timeout=API_TIMEOUT) as r:
         return json.load(r)
