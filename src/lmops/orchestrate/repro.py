@@ -366,11 +366,16 @@ def group_alive(proc: subprocess.Popen) -> bool:
     except PermissionError:
         return True
     # a group whose members are all zombies (orphans init has not reaped yet) is gone
-    return any(
+    alive = any(
         p.status() != psutil.STATUS_ZOMBIE
         for p in psutil.process_iter()
         if _pgid(p.pid) == proc.pid
     )
+    if not alive:
+        # the leader may have died during the scan: reap it now, or its pid lives on as a
+        # zombie, and the next dvc takes DVC's rwlock entry of that pid for a live holder
+        proc.poll()
+    return alive
 
 
 def _pgid(pid: int) -> int | None:
