@@ -357,25 +357,26 @@ def stop_group(proc: subprocess.Popen, grace: float = STOP_GRACE_SECONDS) -> Non
 
 
 def group_alive(proc: subprocess.Popen) -> bool:
-    """Whether a process of ``proc``'s group (``start_new_session=True``) still runs."""
-    proc.poll()  # reap the leader, or it stays in the group as a zombie
+    """Whether a process of ``proc``'s group (``start_new_session=True``) still runs.
+
+    The leader (``dvc``) counts until it is reaped: a process whose main thread has died
+    shows as a zombie while its other threads still end, and until it is reaped its pid
+    exists, so the next ``dvc`` would take DVC's rwlock entry of that pid for a live
+    holder ("is busy")."""
+    if proc.poll() is None:
+        return True
     try:
         os.killpg(proc.pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    # a group whose members are all zombies (orphans init has not reaped yet) is gone
-    alive = any(
+    # the rest of the group are orphans: zombies among them are init's to reap
+    return any(
         p.status() != psutil.STATUS_ZOMBIE
         for p in psutil.process_iter()
         if _pgid(p.pid) == proc.pid
     )
-    if not alive:
-        # the leader may have died during the scan: reap it now, or its pid lives on as a
-        # zombie, and the next dvc takes DVC's rwlock entry of that pid for a live holder
-        proc.poll()
-    return alive
 
 
 def _pgid(pid: int) -> int | None:
