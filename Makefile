@@ -49,6 +49,7 @@ bench: $(STAMP)
 	TQDM_DISABLE=1 $(BIN)/python bench/op_profile.py
 	TQDM_DISABLE=1 $(BIN)/python bench/data_stages.py
 	TQDM_DISABLE=1 $(BIN)/python bench/pipeline_overhead.py
+	TQDM_DISABLE=1 $(BIN)/python bench/serve.py
 	TQDM_DISABLE=1 $(BIN)/python bench/estimate.py --profile params.fast.yaml
 
 # Each kill is followed by `dvc repro`, which must resume to the uninterrupted run's weights.

@@ -3,6 +3,7 @@
 lmops params check [params.yaml]        validate a params file, name every bad key
 lmops params set-args params.gpu.yaml   print `-S key=value` args for `dvc exp run`
 lmops translate "Hello." ...            translate sentences (args, or stdin lines)
+    --input in.txt --output out.txt     a file, line for line, in constant memory
     --model data/models/finetune --vocab data/vocab      a local model directory
     --model-uri models:/lmops-translator@champion        or a logged MLflow model
 lmops estimate [--target STAGE]         how long `dvc repro` will take on this machine
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+from typing import BinaryIO
 
 import yaml
 
@@ -39,30 +41,61 @@ def _params_set_args(args: argparse.Namespace) -> None:
         print(shlex.join(config.dvc_set_args(yaml.safe_load(fh) or {})))
 
 
-def _sentences(args: argparse.Namespace) -> list[str]:
-    if args.text:
-        return list(args.text)
-    return [line.rstrip("\n") for line in sys.stdin if line.strip()]
+def _translator(args: argparse.Namespace):  # -> serving.Translator
+    from lmops.tracking import serving
+
+    if (args.model is None) == (args.model_uri is None):
+        raise LmopsError("give either --model DIR (with --vocab DIR) or --model-uri URI")
+    if args.model_uri is not None:
+        return serving.pyfunc_translator(serving.load_translator(args.model_uri))
+    if args.vocab is None:
+        raise LmopsError("--model needs --vocab (the vocab stage's directory, data/vocab)")
+    return serving.Translator.from_dirs(args.model, args.vocab, target_lang=args.target_lang)
 
 
 def _translate(args: argparse.Namespace) -> None:
-    overrides = {"beam_size": args.beam_size, "max_new_tokens": args.max_new_tokens}
-    if (args.model is None) == (args.model_uri is None):
-        raise LmopsError("give either --model DIR (with --vocab DIR) or --model-uri URI")
-    sources = _sentences(args)
-    if args.model_uri is not None:
-        from lmops.tracking import serving
+    import io
+    import os
 
-        out = serving.translate_with(serving.load_translator(args.model_uri), sources, **overrides)
+    from lmops.io import atomic_output
+    from lmops.tracking import serving
+
+    if args.text and args.input:
+        raise LmopsError("give sentences as arguments or --input FILE, not both")
+    translator = _translator(args)
+    overrides = {
+        "beam_size": args.beam_size,
+        "max_new_tokens": args.max_new_tokens,
+        "deadline_s": args.deadline,
+    }
+    name, total = "<stdin>", None
+    source: BinaryIO
+    if args.text:
+        name, source = "<args>", io.BytesIO("".join(f"{t}\n" for t in args.text).encode())
+    elif args.input not in (None, "-"):
+        name = args.input
+        try:
+            source, total = open(args.input, "rb"), os.path.getsize(args.input)  # noqa: SIM115
+        except OSError as err:
+            raise LmopsError(f"{args.input}: cannot be read ({err.strerror})") from None
     else:
-        from lmops.tracking.serving import Translator
+        source = sys.stdin.buffer
 
-        if args.vocab is None:
-            raise LmopsError("--model needs --vocab (the vocab stage's directory, data/vocab)")
-        translator = Translator.from_dirs(args.model, args.vocab, target_lang=args.target_lang)
-        out = translator.translate(sources, **overrides)
-    for line in out:
-        print(line)
+    def report(problem: str) -> None:
+        print(f"lmops: {problem}", file=sys.stderr)
+
+    with source:
+        if args.output in (None, "-"):
+            bad = serving.translate_stream(
+                translator, source, sys.stdout, name, report, total, **overrides
+            )
+        else:  # the output appears whole, or not at all
+            with atomic_output(args.output) as tmp, open(tmp, "w", encoding="utf-8") as sink:
+                bad = serving.translate_stream(
+                    translator, source, sink, name, report, total, **overrides
+                )
+    if bad:
+        raise LmopsError(f"{name}: {bad} line(s) not translated (left empty; see above)")
 
 
 def _compare(args: argparse.Namespace) -> None:
@@ -127,14 +160,27 @@ def build_parser() -> argparse.ArgumentParser:
     set_args.add_argument("--base", default=config.DEFAULT_PARAMS)
     set_args.set_defaults(func=_params_set_args)
 
-    tr = sub.add_parser("translate", help="translate sentences with a local or logged model")
-    tr.add_argument("text", nargs="*", help="sentences (none: one per line on stdin)")
+    tr = sub.add_parser(
+        "translate",
+        help="translate sentences or a file, line by line, with a local or logged model",
+    )
+    tr.add_argument("text", nargs="*", help="sentences (none: one per line of --input or stdin)")
+    tr.add_argument("--input", "-i", help="a file of sentences, one per line (- for stdin)")
+    tr.add_argument(
+        "--output", "-o", help="where the translations go, line for line (default: stdout)"
+    )
     tr.add_argument("--model", help="a model directory, e.g. data/models/finetune")
     tr.add_argument("--vocab", help="its vocabulary directory, e.g. data/vocab")
     tr.add_argument("--model-uri", help="an MLflow model, e.g. models:/lmops-translator@champion")
     tr.add_argument("--target-lang", help="target language (default: the model's own)")
     tr.add_argument("--beam-size", type=int, help="beam width (1 = greedy)")
     tr.add_argument("--max-new-tokens", type=int, help="longest translation, in tokens")
+    tr.add_argument(
+        "--deadline",
+        type=float,
+        metavar="SECONDS",
+        help="most seconds a batch may decode (at most serve.deadline_s, the default)",
+    )
     tr.set_defaults(func=_translate)
 
     est = sub.add_parser("estimate", help="predict how long `dvc repro` will take here")

@@ -470,6 +470,29 @@ class RetrainConfig(_Section):
     )
 
 
+class ServeConfig(_Section):
+    """Bounds on one translation request, checked before any work: the served model (they
+    travel with it when it is registered) and ``lmops translate``."""
+
+    max_rows: int = Field(default=256, ge=1, description="Sentences in one request.")
+    max_source_chars: int = Field(
+        default=2000, ge=1, description="Characters in one source sentence."
+    )
+    max_beam_size: int = Field(default=8, ge=1, description="Largest beam_size a request may ask.")
+    max_new_tokens: int | None = Field(
+        default=None,
+        ge=1,
+        description="Largest max_new_tokens a request may ask (None = the model's block_size, "
+        "the longest output it was trained to attend to).",
+    )
+    deadline_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="Seconds a request may decode; past it the work stops and the request "
+        "fails (keep it under MLflow's 60 s request timeout).",
+    )
+
+
 # ----------------------------------------------------------------- the file
 
 
@@ -488,6 +511,7 @@ class Params(_Section):
     distil: DistilConfig = Field(default_factory=DistilConfig)
     quantise: QuantiseConfig = Field(default_factory=QuantiseConfig)
     retrain: RetrainConfig = Field(default_factory=RetrainConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 

@@ -38,6 +38,15 @@ class OutOfMemoryError(LmopsError):
     """A stage ran out of host or accelerator memory; the message says what to lower."""
 
 
+class RequestError(LmopsError):
+    """A translation request is over a bound or malformed; the message names the field
+    and the limit. Nothing was decoded."""
+
+
+class DeadlineExceeded(LmopsError):
+    """Decoding went past its deadline and stopped."""
+
+
 class Stopped(KeyboardInterrupt):
     """The process was asked to stop by a signal: SIGTERM (a ``kill``, a Prefect
     cancellation, Kubernetes, systemd, ``timeout``) or SIGHUP is handled as Ctrl-C is:

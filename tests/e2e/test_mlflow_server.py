@@ -234,6 +234,58 @@ def post(url: str, body: dict) -> dict:
         pytest.fail(f"{url}: HTTP {err.code}: {err.read().decode()}")
 
 
+def send(url: str, body: bytes) -> tuple[int, str]:
+    """POST ``body`` as JSON; the status and the text of the answer, error or not."""
+    req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode()
+
+
+def rows(sources: list, **params) -> bytes:
+    body: dict = {"dataframe_split": {"columns": ["source"], "data": [[s] for s in sources]}}
+    return json.dumps({**body, **({"params": params} if params else {})}).encode()
+
+
+BLOCK_SIZE = 64  # params.tiny.yaml's model.block_size: the default cap on max_new_tokens
+# what a hostile client sends, and what the served model must answer: the status and a
+# message naming the field and the limit
+HOSTILE = {
+    "a huge max_new_tokens": (
+        rows(["Hello."], max_new_tokens=10**9),
+        400,
+        f"max_new_tokens must be between 1 and {BLOCK_SIZE} (the model's block_size)",
+    ),
+    "a huge beam": (rows(["Hello."], beam_size=500), 400, "beam_size must be between 1 and 8"),
+    "a negative beam": (rows(["Hello."], beam_size=-3), 400, "got -3"),
+    "a non-numeric beam": (rows(["Hello."], beam_size="four"), 400, "beam_size"),
+    "10,000 rows": (
+        rows(["Hello."] * 10_000),
+        400,
+        "10,000 sources in one request, over the limit of 256 (serve.max_rows)",
+    ),
+    "a 1 MB source": (
+        rows(["a" * 1_000_000]),
+        400,
+        "source 1: 1,000,000 characters, over the limit of 2,000 (serve.max_source_chars)",
+    ),
+    "non-string values": (rows([3, None]), 400, "source"),
+    "a wrong column": (
+        json.dumps({"dataframe_split": {"columns": ["text", "x"], "data": [["a", "b"]]}}).encode(),
+        400,
+        "source",
+    ),
+    "malformed JSON": (b'{"dataframe_split": {"columns": ["source"], "data": [[', 400, "JSON"),
+    "a deadline no decoding can meet": (
+        rows(SOURCES, deadline_s=1e-9),
+        504,
+        "passed the deadline of 1e-09 s",
+    ),
+}
+
+
 def test_the_champion_is_served_over_rest(env, workspace, registered, tmp_path):
     cmd = [
         str(BIN / "mlflow"),
@@ -263,6 +315,24 @@ def test_the_champion_is_served_over_rest(env, workspace, registered, tmp_path):
         records = post(
             f"{base}/invocations", {"dataframe_records": [{"source": s} for s in SOURCES]}
         )
+        empty = post(
+            f"{base}/invocations",
+            {"dataframe_split": {"columns": ["source"], "data": [[""], [" "]]}},
+        )
+        answers = {}
+        for case, (body, _, _) in HOSTILE.items():
+            answers[case] = send(f"{base}/invocations", body)
+            # and the server goes on serving: the next request gets the usual answer
+            status, text = send(f"{base}/invocations", rows(SOURCES[:1], beam_size=1))
+            assert status == 200, f"after {case}: {text}"
+            assert json.loads(text)["predictions"] == split["predictions"][:1], case
+    # every hostile request is refused with the field and the limit; the deadline's 504 is
+    # raised by the decoding itself, so that work has stopped when the answer is sent
+    for case, (_, status, message) in HOSTILE.items():
+        assert answers[case][0] == status, (case, answers[case])
+        assert message in json.loads(answers[case][1])["message"], (case, answers[case])
+    # empty sources get empty translations
+    assert empty["predictions"] == [{"translation": ""}, {"translation": ""}]
     # the served model translates exactly as the pipeline's model does here
     assert split["predictions"] == [
         {"translation": t} for t in local_translations(workspace, beam_size=1)
@@ -300,13 +370,15 @@ def test_the_pyfunc_loads_and_translates_in_a_fresh_process(env, workspace, regi
     by_uri = lmops_cli(
         workspace, env, "translate", *SOURCES, "--model-uri", "models:/lmops-translator@champion"
     )
-    by_dir = lmops_cli(  # the sentences one per line on stdin, blank lines skipped
+    by_dir = lmops_cli(  # the sentences one per line on stdin, a blank line stays blank
         workspace,
         None,
         *("translate", "--model", "data/models/finetune", "--vocab", "data/vocab"),
         stdin="\n".join(SOURCES[:1] + [""] + SOURCES[1:]) + "\n",
     )
-    assert by_uri == by_dir == "".join(f"{t}\n" for t in local_translations(workspace))
+    expected = local_translations(workspace)
+    assert by_uri == "".join(f"{t}\n" for t in expected)
+    assert by_dir == "".join(f"{t}\n" for t in expected[:1] + [""] + expected[1:])
 
 
 def lmops_cli(root: Path, env: dict[str, str] | None, *args: str, stdin: str = "") -> str:

@@ -16,6 +16,7 @@ rotary embeddings only distances matter, so decoding past ``block_size`` is a sl
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import cast
@@ -25,10 +26,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmops.config import ModelConfig
+from lmops.errors import DeadlineExceeded
 
 INIT_STD = 0.02
 MLP_MULTIPLE = 64  # SwiGLU width rounded up to this, for matmul-friendly shapes
 NORM_EPS = 1e-6
+
+
+def check_deadline(deadline: float | None) -> None:
+    """Raise :class:`DeadlineExceeded` once ``time.monotonic()`` is past ``deadline``."""
+    if deadline is not None and time.monotonic() > deadline:
+        raise DeadlineExceeded("decoding passed its deadline")
 
 
 def mlp_hidden(cfg: ModelConfig) -> int:
@@ -340,12 +348,14 @@ class Transformer(nn.Module):
         eos_id: int,
         pad_id: int,
         min_new_tokens: int = 0,
+        deadline: float | None = None,
     ) -> list[list[int]]:
         """Greedy continuation of each prompt: the new tokens only, eos and after removed.
 
         A row leaves the batch (and the cache) as soon as it emits eos, which it cannot do
         before ``min_new_tokens``; the loop ends when no row is left or after
-        ``max_new_tokens``.
+        ``max_new_tokens``. Past ``deadline`` (a ``time.monotonic()`` value) a step raises
+        :class:`~lmops.errors.DeadlineExceeded`.
         """
         out: list[list[int]] = [[] for _ in prompts]
         with self._eval_mode():
@@ -357,6 +367,7 @@ class Transformer(nn.Module):
             next_pos = positions[:, -1] + 1
             alive = list(range(len(prompts)))
             for step in range(max_new_tokens):
+                check_deadline(deadline)
                 if step < min_new_tokens:
                     logits[:, eos_id] = -math.inf
                 tok = logits.argmax(-1)
@@ -386,6 +397,7 @@ class Transformer(nn.Module):
         beam_size: int = 4,
         length_penalty: float = 1.0,
         min_new_tokens: int = 0,
+        deadline: float | None = None,
     ) -> list[list[int]]:
         """Beam search; returns each prompt's best hypothesis (new tokens, eos removed).
 
@@ -395,6 +407,8 @@ class Transformer(nn.Module):
         are reshuffled. A prompt is done once it has ``beam_size`` finished hypotheses that
         no live beam can still beat (an exact bound, not a heuristic), and leaves the batch.
         No hypothesis ends before ``min_new_tokens`` (eos gets log-prob -inf until then).
+        Past ``deadline`` (a ``time.monotonic()`` value) a step raises
+        :class:`~lmops.errors.DeadlineExceeded`.
         """
         if beam_size < 1:
             raise ValueError(f"beam_size must be at least 1, got {beam_size}")
@@ -422,6 +436,7 @@ class Transformer(nn.Module):
             finished: list[list[tuple[float, list[int]]]] = [[] for _ in prompts]
             alive = list(range(b))
             for step in range(max_new_tokens):
+                check_deadline(deadline)
                 length, last = step + 1, step == max_new_tokens - 1
                 vocab = logits.shape[-1]
                 logp = logits.float().log_softmax(-1)

@@ -223,9 +223,11 @@ def generate(
     cfg: DecodeConfig,
     progress: bool = False,
     desc: str = "translate",
+    deadline: float | None = None,
 ) -> list[list[int]]:
     """Translate tokenised sources into token ids (eos removed); batches hold similar
-    lengths (less padding)."""
+    lengths (less padding). Past ``deadline`` (a ``time.monotonic()`` value) decoding stops
+    with :class:`~lmops.errors.DeadlineExceeded`."""
     prompts = [prompt(tok, s, tgt_lang, model.cfg.block_size) for s in sources]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out: list[list[int]] = [[] for _ in prompts]
@@ -236,7 +238,12 @@ def generate(
             batch = [prompts[i] for i in idx]
             if cfg.beam_size == 1:
                 ids = model.generate_greedy(
-                    batch, cfg.max_new_tokens, tok.eos_id, tok.pad_id, cfg.min_new_tokens
+                    batch,
+                    cfg.max_new_tokens,
+                    tok.eos_id,
+                    tok.pad_id,
+                    cfg.min_new_tokens,
+                    deadline=deadline,
                 )
             else:
                 ids = model.generate_beam(
@@ -247,6 +254,7 @@ def generate(
                     beam_size=cfg.beam_size,
                     length_penalty=cfg.length_penalty,
                     min_new_tokens=cfg.min_new_tokens,
+                    deadline=deadline,
                 )
             for i, seq in zip(idx, ids, strict=True):
                 out[i] = seq
@@ -262,9 +270,10 @@ def translate_ids(
     cfg: DecodeConfig,
     progress: bool = False,
     desc: str = "translate",
+    deadline: float | None = None,
 ) -> list[str]:
     """Translate tokenised sources into text (see :func:`generate`)."""
-    return tok.decode(generate(model, tok, sources, tgt_lang, cfg, progress, desc))
+    return tok.decode(generate(model, tok, sources, tgt_lang, cfg, progress, desc, deadline))
 
 
 def translate(
@@ -274,6 +283,8 @@ def translate(
     tgt_lang: str,
     cfg: DecodeConfig,
     progress: bool = False,
+    deadline: float | None = None,
 ) -> list[str]:
     """Translate plain sentences into ``tgt_lang``."""
-    return translate_ids(model, tok, tok.encode(list(texts)), tgt_lang, cfg, progress)
+    ids = tok.encode(list(texts))
+    return translate_ids(model, tok, ids, tgt_lang, cfg, progress, deadline=deadline)

@@ -109,7 +109,7 @@ def register(
         },
         **(extra_tags or {}),
     }
-    target_lang, decode = _evaluated_settings()
+    target_lang, decode, limits = _evaluated_settings()
     with _resumed(run_id):
         info = serving.log_translator(
             cand.model_dir,
@@ -118,6 +118,7 @@ def register(
             target_lang=target_lang,
             decode=decode,
             metadata={MD5_TAG: md5},
+            limits=limits,
         )
     tracking.log_run_files(run_id, client)
     version = mlflow.register_model(info.model_uri, name, tags=tags)
@@ -125,16 +126,17 @@ def register(
     return client.get_model_version(name, version.version)
 
 
-def _evaluated_settings() -> tuple[str | None, Any]:
+def _evaluated_settings() -> tuple[str | None, Any, Any]:
     """Target language and decode settings the candidate was evaluated with (the params
-    file), so the served model decodes as it was scored; defaults without one."""
-    from lmops.config import DecodeConfig, load_params
+    file), so the served model decodes as it was scored, and the request bounds it is
+    served with; defaults without one."""
+    from lmops.config import DecodeConfig, ServeConfig, load_params
 
     path = tracking.params_file()
     if not path.is_file():
-        return None, DecodeConfig()
+        return None, DecodeConfig(), ServeConfig()
     params = load_params(path)
-    return params.clean.target_lang, params.evaluate.decode
+    return params.clean.target_lang, params.evaluate.decode, params.serve
 
 
 @contextlib.contextmanager

@@ -2,17 +2,23 @@
 
 The logged model is a directory that carries everything it needs and nothing pickled::
 
-    MLmodel              signature (column ``source`` -> column ``translation``, decode
-                         params ``beam_size`` and ``max_new_tokens``)
+    MLmodel              signature (column ``source`` -> column ``translation``; request
+                         params ``beam_size``, ``max_new_tokens`` and ``deadline_s``)
     translator.py        the model code (MLflow "models from code"): builds TranslatorModel
     code/lmops/          this package, so the model loads where lmops is not installed
     artifacts/model/     the model directory (safetensors, config.json, sha256 manifest)
     artifacts/vocab/     the SentencePiece model and meta.json
-    artifacts/translator.json   target language and decode defaults
+    artifacts/translator.json   target language, decode defaults and request bounds
 
 ``load_context`` rebuilds the network from ``config.json`` and loads the safetensors
 weights, checksums verified: loading never unpickles a training object. The same
 :class:`Translator` serves ``lmops translate`` from local directories.
+
+Every request is checked against the bounds of ``params.yaml``'s ``serve`` section (logged
+with the model) before any work: rows, characters per source, ``beam_size`` and
+``max_new_tokens``. One over a bound is answered HTTP 400 with the field and the limit;
+decoding that passes ``serve.deadline_s`` stops and is answered HTTP 504. Empty sources
+translate to empty strings without decoding.
 
     mlflow models serve -m models:/lmops-translator@champion --env-manager local \\
         -h 127.0.0.1 -p 5001
@@ -25,18 +31,22 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import numbers
 import shutil
 import tempfile
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, TextIO
 
 import mlflow
 import pandas as pd
 from mlflow.pyfunc import PythonModel
+from pydantic import ValidationError
+from tqdm.auto import tqdm
 
-from lmops.config import DecodeConfig
-from lmops.errors import LmopsError
+from lmops.config import DecodeConfig, ServeConfig
+from lmops.errors import DeadlineExceeded, LmopsError, RequestError
 from lmops.tracking import tags as tag
 
 INPUT_COLUMN = "source"
@@ -46,7 +56,9 @@ VOCAB_ARTIFACT = "vocab"
 SETTINGS_ARTIFACT = "settings"
 SETTINGS_FILE = "translator.json"
 # decode settings a request may override (signature params); the rest are fixed at logging
-REQUEST_PARAMS = ("beam_size", "max_new_tokens")
+DECODE_PARAMS = ("beam_size", "max_new_tokens")
+# and the request's own deadline, which may only be shorter than serve.deadline_s
+REQUEST_PARAMS = (*DECODE_PARAMS, "deadline_s")
 # what importing the Translator pulls in; pinned to the versions logging ran with
 REQUIREMENTS = (
     "mlflow",
@@ -73,11 +85,23 @@ class Translator:
     """A model directory plus its vocabulary, ready to translate into ``target_lang``."""
 
     def __init__(
-        self, model: Any, tokenizer: Any, target_lang: str, decode: DecodeConfig | None = None
+        self,
+        model: Any,
+        tokenizer: Any,
+        target_lang: str,
+        decode: DecodeConfig | None = None,
+        limits: ServeConfig | None = None,
     ):
         self.model, self.tokenizer = model, tokenizer
         self.target_lang = target_lang
         self.decode = decode or DecodeConfig()
+        self.limits = limits or ServeConfig()
+
+    @property
+    def max_new_tokens(self) -> int:
+        """The largest ``max_new_tokens`` a request may ask: ``serve.max_new_tokens``, or
+        the model's ``block_size`` (the longest output it was trained to attend to)."""
+        return self.limits.max_new_tokens or int(self.model.cfg.block_size)
 
     @classmethod
     def from_dirs(
@@ -86,6 +110,7 @@ class Translator:
         vocab_dir: str | Path,
         target_lang: str | None = None,
         decode: DecodeConfig | Mapping[str, Any] | None = None,
+        limits: ServeConfig | Mapping[str, Any] | None = None,
     ) -> Translator:
         """Load a model directory (``data/models/finetune``) and a vocab dir (``data/vocab``).
 
@@ -106,45 +131,136 @@ class Translator:
         tok.lang_id(lang)  # an unknown language fails here, with the vocabulary's languages
         if isinstance(decode, Mapping):
             decode = DecodeConfig(**decode)
-        return cls(model, tok, lang, decode)
+        if isinstance(limits, Mapping):
+            limits = ServeConfig(**limits)
+        return cls(model, tok, lang, decode, limits)
 
-    def translate(self, sources: Sequence[str], **overrides: Any) -> list[str]:
-        """Translate ``sources``; ``overrides`` replace decode settings (``beam_size=1``)."""
+    def settings(self, **overrides: Any) -> DecodeConfig:
+        """The decode settings of a request: the defaults with ``overrides`` (``None`` keeps a
+        default), or :class:`RequestError` naming the field and its limit."""
+        unknown = set(overrides) - set(DECODE_PARAMS)
+        if unknown:
+            raise RequestError(
+                f"unknown request param(s) {sorted(unknown)}; known: {list(REQUEST_PARAMS)}"
+            )
+        limit = {"beam_size": self.limits.max_beam_size, "max_new_tokens": self.max_new_tokens}
+        where = {"beam_size": "serve.max_beam_size", "max_new_tokens": "serve.max_new_tokens"}
+        if not self.limits.max_new_tokens:
+            where["max_new_tokens"] = "the model's block_size"
+        given: dict[str, int] = {}
+        for key, value in overrides.items():
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise RequestError(f"{key} must be a whole number, got {value!r}")
+            given[key] = value = int(value)
+            # the logged default (what evaluate scored; MLflow sends it) is always allowed
+            if value == getattr(self.decode, key):
+                continue
+            if not 1 <= value <= limit[key]:
+                raise RequestError(
+                    f"{key} must be between 1 and {limit[key]} ({where[key]}), got {value}"
+                )
+        try:
+            return DecodeConfig(**{**self.decode.model_dump(), **given})
+        except ValidationError as err:
+            problems = "; ".join(e["msg"].removeprefix("Value error, ") for e in err.errors())
+            raise RequestError(f"decode settings {given}: {problems}") from None
+
+    def deadline_s(self, requested: Any = None) -> float:
+        """Seconds a request may decode: ``serve.deadline_s``, or less if it asks."""
+        limit = self.limits.deadline_s
+        if requested is None:
+            return limit
+        if isinstance(requested, bool) or not isinstance(requested, numbers.Real):
+            raise RequestError(f"deadline_s must be a number of seconds, got {requested!r}")
+        if not 0 < float(requested) <= limit:
+            raise RequestError(
+                f"deadline_s must be over 0 and at most {limit:g} (serve.deadline_s), "
+                f"got {requested}"
+            )
+        return float(requested)
+
+    def check_sources(self, sources: Sequence[Any], first_line: int = 1) -> list[str]:
+        """``sources`` as strings, or :class:`RequestError` naming the first one (by its
+        line, counting from ``first_line``) that is not a string or is too long."""
+        texts = []
+        for line, text in enumerate(sources, first_line):
+            if not isinstance(text, str):
+                raise RequestError(
+                    f"source {line}: expected a string, got {type(text).__name__} {text!r:.40}"
+                )
+            if len(text) > self.limits.max_source_chars:
+                raise RequestError(
+                    f"source {line}: {len(text):,} characters, over the limit of "
+                    f"{self.limits.max_source_chars:,} (serve.max_source_chars)"
+                )
+            texts.append(text)
+        return texts
+
+    def translate(self, sources: Sequence[Any], **overrides: Any) -> list[str]:
+        """Translate ``sources``; ``overrides`` replace decode settings (``beam_size=1``).
+
+        Checked first, before any work: at most ``serve.max_rows`` sources, each a string
+        of at most ``serve.max_source_chars``, and the overrides within their bounds
+        (:class:`RequestError`). Empty sources translate to ``""``. Decoding stops with
+        :class:`DeadlineExceeded` after ``serve.deadline_s``, or the shorter ``deadline_s``
+        the request asks for."""
         from lmops.core.translation import translate
 
-        unknown = set(overrides) - set(DecodeConfig.model_fields)
-        if unknown:
-            raise LmopsError(
-                f"unknown decode setting(s) {sorted(unknown)}; "
-                f"known: {sorted(DecodeConfig.model_fields)}"
+        if len(sources) > self.limits.max_rows:
+            raise RequestError(
+                f"{len(sources):,} sources in one request, over the limit of "
+                f"{self.limits.max_rows:,} (serve.max_rows); send them in smaller batches"
             )
-        cfg = DecodeConfig(
-            **{**self.decode.model_dump(), **{k: v for k, v in overrides.items() if v is not None}}
-        )
-        texts = [str(s) for s in sources]
-        return translate(self.model, self.tokenizer, texts, self.target_lang, cfg) if texts else []
+        deadline_s = self.deadline_s(overrides.pop("deadline_s", None))
+        cfg = self.settings(**overrides)
+        texts = self.check_sources(sources)
+        todo = [i for i, t in enumerate(texts) if t.strip()]
+        out = [""] * len(texts)
+        if not todo:
+            return out
+        try:
+            done = translate(
+                self.model,
+                self.tokenizer,
+                [texts[i] for i in todo],
+                self.target_lang,
+                cfg,
+                deadline=time.monotonic() + deadline_s,
+            )
+        except DeadlineExceeded:
+            raise DeadlineExceeded(
+                f"decoding {len(todo)} source(s) passed the deadline of {deadline_s:g} s "
+                "(serve.deadline_s) and was stopped; send fewer sources, or a smaller "
+                "beam_size or max_new_tokens"
+            ) from None
+        for i, text in zip(todo, done, strict=True):
+            out[i] = text
+        return out
 
 
-def sources_of(model_input: Any) -> list[str]:
+def sources_of(model_input: Any) -> list[Any]:
     """The sentences of a pyfunc input: a frame with a ``source`` column (or one column),
-    a series, a list of strings, or one string."""
+    a series, a list of strings, or one string. (Whether each is a string is
+    :meth:`Translator.check_sources`'s to say.)"""
     if isinstance(model_input, pd.DataFrame):
         if INPUT_COLUMN in model_input.columns:
-            return [str(s) for s in model_input[INPUT_COLUMN]]
+            return list(model_input[INPUT_COLUMN])
         if len(model_input.columns) == 1:
-            return [str(s) for s in model_input.iloc[:, 0]]
-        raise LmopsError(
+            return list(model_input.iloc[:, 0])
+        raise RequestError(
             f"input needs a {INPUT_COLUMN!r} column; got columns {list(model_input.columns)}"
         )
     if isinstance(model_input, pd.Series):
-        return [str(s) for s in model_input]
+        return list(model_input)
     if isinstance(model_input, str):
         return [model_input]
     if isinstance(model_input, Mapping) and INPUT_COLUMN in model_input:
         return sources_of(model_input[INPUT_COLUMN])
     if isinstance(model_input, Sequence):
-        return [str(s) for s in model_input]
-    raise LmopsError(
+        return list(model_input)
+    raise RequestError(
         f"cannot read sentences from a {type(model_input).__name__}; send a {INPUT_COLUMN!r} column"
     )
 
@@ -162,28 +278,40 @@ class TranslatorModel(PythonModel):
             context.artifacts[VOCAB_ARTIFACT],
             target_lang=config.get("target_lang"),
             decode=config.get("decode"),
+            limits=config.get("limits"),  # models logged before the bounds: the defaults
         )
 
-    # no type hints: MLflow would read them as a schema; the signature holds the schema
-    def predict(self, context, model_input, params=None):
+    # a DataFrame hint is one MLflow infers no schema from: the logged signature holds it
+    def predict(
+        self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
+    ) -> pd.DataFrame:
+        from mlflow.exceptions import MlflowException
+        from mlflow.protos.databricks_pb2 import DEADLINE_EXCEEDED, INVALID_PARAMETER_VALUE
+
         if self.translator is None:
             raise LmopsError("the translator is not loaded (load it with mlflow.pyfunc.load_model)")
-        overrides = {
-            k: int(v) for k, v in (params or {}).items() if k in REQUEST_PARAMS and v is not None
-        }
-        return pd.DataFrame(
-            {OUTPUT_COLUMN: self.translator.translate(sources_of(model_input), **overrides)}
-        )
+        overrides = {k: v for k, v in (params or {}).items() if k in REQUEST_PARAMS}
+        try:
+            out = self.translator.translate(sources_of(model_input), **overrides)
+        except RequestError as err:  # the scoring server answers these 400, with the message
+            raise MlflowException(str(err), error_code=INVALID_PARAMETER_VALUE) from None
+        except DeadlineExceeded as err:  # 504
+            raise MlflowException(str(err), error_code=DEADLINE_EXCEEDED) from None
+        return pd.DataFrame({OUTPUT_COLUMN: out})
 
 
-def signature(decode: DecodeConfig) -> Any:
+def signature(decode: DecodeConfig, limits: ServeConfig | None = None) -> Any:
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
+    limits = limits or ServeConfig()
     return ModelSignature(
         inputs=Schema([ColSpec("string", INPUT_COLUMN)]),
         outputs=Schema([ColSpec("string", OUTPUT_COLUMN)]),
-        params=ParamSchema([ParamSpec(k, "long", int(getattr(decode, k))) for k in REQUEST_PARAMS]),
+        params=ParamSchema(
+            [ParamSpec(k, "long", int(getattr(decode, k))) for k in DECODE_PARAMS]
+            + [ParamSpec("deadline_s", "double", float(limits.deadline_s))]
+        ),
     )
 
 
@@ -198,11 +326,17 @@ def requirements() -> list[str]:
     return out
 
 
-def settings(target_lang: str | None, decode: DecodeConfig) -> dict[str, Any]:
+def settings(
+    target_lang: str | None, decode: DecodeConfig, limits: ServeConfig | None = None
+) -> dict[str, Any]:
     """What ``load_context`` reads besides the directories; without a target language, the
     model's config.json names the one it was fine-tuned for. (A file, not MLflow's
     ``model_config``, which MLflow would also log as params of the run.)"""
-    return {**({"target_lang": target_lang} if target_lang else {}), "decode": decode.model_dump()}
+    return {
+        **({"target_lang": target_lang} if target_lang else {}),
+        "decode": decode.model_dump(),
+        "limits": (limits or ServeConfig()).model_dump(),
+    }
 
 
 def log_translator(
@@ -212,6 +346,7 @@ def log_translator(
     target_lang: str | None = None,
     decode: DecodeConfig | None = None,
     metadata: Mapping[str, Any] | None = None,
+    limits: ServeConfig | None = None,
 ) -> Any:
     """Log the translator as a pyfunc model to the active run; returns MLflow's ModelInfo.
 
@@ -225,7 +360,7 @@ def log_translator(
     for path in (model_dir, vocab_dir):
         if not path.is_dir():
             raise LmopsError(f"{path}: not found (run the pipeline up to evaluate first)")
-    config = settings(target_lang, decode)
+    config = settings(target_lang, decode, limits)
     with tempfile.TemporaryDirectory(prefix="lmops-pyfunc-") as tmp:
         code_file = Path(tmp) / "translator.py"
         code_file.write_text(MODEL_CODE, encoding="utf-8")
@@ -247,7 +382,7 @@ def log_translator(
             python_model=str(code_file),
             code_paths=[str(package)],
             artifacts={k: str(v) for k, v in staged.items()},
-            signature=signature(decode),
+            signature=signature(decode, limits),
             pip_requirements=requirements(),
             metadata={**(metadata or {}), tag.TRANSLATOR: config},
         )
@@ -263,6 +398,91 @@ def load_translator(model_uri: str) -> Any:
 
 def translate_with(model: Any, sources: Sequence[str], **overrides: Any) -> list[str]:
     """Translate with a loaded pyfunc translator; ``overrides`` are its decode params."""
-    params = {k: int(v) for k, v in overrides.items() if v is not None}
+    params = {k: v for k, v in overrides.items() if v is not None}
     out = model.predict(pd.DataFrame({INPUT_COLUMN: list(sources)}), params=params or None)
     return [str(t) for t in out[OUTPUT_COLUMN]]
+
+
+def pyfunc_translator(model: Any) -> Translator:
+    """The :class:`Translator` inside a loaded pyfunc translator, with its logged decode
+    settings and bounds."""
+    inner = model.unwrap_python_model()
+    if not isinstance(inner, TranslatorModel) or inner.translator is None:
+        raise LmopsError(f"{model.metadata.model_uuid}: not an lmops translator")
+    return inner.translator
+
+
+def _lines(stream: BinaryIO, limit: int) -> Iterator[tuple[bytes | None, int]]:
+    """``stream``'s lines without their line ends, and the bytes each took; ``None`` for a
+    line over ``limit`` bytes, which is skipped unread: memory stays within ``limit``."""
+    while chunk := stream.readline(limit + 1):
+        if chunk.endswith(b"\n") or len(chunk) <= limit:
+            yield chunk.rstrip(b"\r\n"), len(chunk)
+            continue
+        skipped = len(chunk)
+        while (rest := stream.readline(limit)) and not rest.endswith(b"\n"):
+            skipped += len(rest)
+        yield None, skipped + len(rest)
+
+
+def translate_stream(
+    translator: Translator,
+    source: BinaryIO,
+    sink: TextIO,
+    name: str,
+    report: Callable[[str], None],
+    total_bytes: int | None = None,
+    **overrides: Any,
+) -> int:
+    """Translate ``source`` line by line into ``sink``, in batches of the decode
+    ``batch_size``, with a progress bar over its bytes; returns how many lines were bad.
+
+    Output line N is the translation of input line N; a blank line stays blank. A bad line
+    (not UTF-8, over ``serve.max_source_chars``, or in a batch that passed the deadline) is
+    reported as ``name:N: reason`` and gives an empty line; the rest go on. Memory stays
+    flat whatever the file's size. Bad ``overrides`` stop it before any work."""
+    deadline_s = translator.deadline_s(overrides.pop("deadline_s", None))
+    translator.settings(**overrides)  # a bad setting fails here, not on every batch
+    size = translator.decode.batch_size
+    max_chars = translator.limits.max_source_chars
+    limit = 4 * max_chars  # UTF-8: a longer line is over max_chars however it decodes
+    bad = 0
+    bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"translate {name}")
+
+    def flush(batch: list[tuple[int, str | None]]) -> None:
+        nonlocal bad
+        good = [text for _, text in batch if text is not None]
+        try:
+            done = iter(translator.translate(good, deadline_s=deadline_s, **overrides))
+        except DeadlineExceeded as err:
+            first, last = batch[0][0], batch[-1][0]
+            report(f"{name}:{first}-{last}: {err}")
+            bad += len(good)
+            done = iter([""] * len(good))
+        for _, text in batch:
+            sink.write((next(done) if text is not None else "") + "\n")
+
+    with bar:
+        batch: list[tuple[int, str | None]] = []
+        for number, (raw, taken) in enumerate(_lines(source, limit), 1):
+            bar.update(taken)
+            text: str | None = None
+            try:
+                text = None if raw is None else raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                report(f"{name}:{number}: not UTF-8 (byte {err.start + 1}); left empty")
+                raw = b""
+            if raw is None or (text is not None and len(text) > max_chars):
+                report(
+                    f"{name}:{number}: over {max_chars:,} characters "
+                    "(serve.max_source_chars); left empty"
+                )
+                text = None
+            bad += text is None
+            batch.append((number, text))
+            if len(batch) == size:
+                flush(batch)
+                batch = []
+        if batch:
+            flush(batch)
+    return bad
