@@ -322,6 +322,18 @@ class DecodeConfig(_Section):
         return self
 
     batch_size: int = Field(default=32, ge=1, description="Sentences decoded together.")
+    no_repeat_ngram_size: int = Field(
+        default=0,
+        ge=0,
+        description="No n-gram of this size twice in one output (0 = off); only the "
+        "generated tokens count, not the source.",
+    )
+    repetition_penalty: float = Field(
+        default=1.0,
+        gt=0,
+        description="Logits of tokens already generated are divided by this where "
+        "positive, multiplied where negative (1 = off; as Hugging Face generate).",
+    )
 
 
 class EvaluateConfig(_Section):

@@ -212,7 +212,13 @@ def test_model_stages_learn_and_report(repo, first_run):
         )
     table = pd.read_csv(repo / "data/evaluate/translations.tsv", sep="\t")
     assert len(table) == ev["test_pairs"]
-    assert list(table.columns) == ["source", "reference", "hypothesis"]
+    assert list(table.columns) == ["source", "reference", "hypothesis", "degenerate"]
+    # the degenerate shares count the rows the table flags
+    flags = written["degenerate"]
+    assert set(flags) <= {"", "hit max_new_tokens", "loops", "hit max_new_tokens, loops"}
+    assert ev["degenerate_share"] == pytest.approx((flags != "").mean())
+    assert ev["hit_max_new_tokens_share"] == pytest.approx(flags.str.contains("hit").mean())
+    assert ev["looping_share"] == pytest.approx(flags.str.contains("loops").mean())
 
     shown = json.loads(
         subprocess.run(

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmops.config import ModelConfig
+from lmops.core.guards import apply_guards
 from lmops.errors import DeadlineExceeded
 
 INIT_STD = 0.02
@@ -349,14 +350,18 @@ class Transformer(nn.Module):
         pad_id: int,
         min_new_tokens: int = 0,
         deadline: float | None = None,
+        no_repeat_ngram_size: int = 0,
+        repetition_penalty: float = 1.0,
     ) -> list[list[int]]:
         """Greedy continuation of each prompt: the new tokens only, eos and after removed.
 
         A row leaves the batch (and the cache) as soon as it emits eos, which it cannot do
         before ``min_new_tokens``; the loop ends when no row is left or after
         ``max_new_tokens``. Past ``deadline`` (a ``time.monotonic()`` value) a step raises
-        :class:`~lmops.errors.DeadlineExceeded`.
+        :class:`~lmops.errors.DeadlineExceeded`. ``no_repeat_ngram_size`` and
+        ``repetition_penalty``: see :mod:`lmops.core.guards`.
         """
+        guarded = no_repeat_ngram_size > 0 or repetition_penalty != 1.0
         out: list[list[int]] = [[] for _ in prompts]
         with self._eval_mode():
             idx, positions, valid = self._left_pad(prompts, pad_id)
@@ -370,6 +375,9 @@ class Transformer(nn.Module):
                 check_deadline(deadline)
                 if step < min_new_tokens:
                     logits[:, eos_id] = -math.inf
+                if guarded:
+                    history = [out[i] for i in alive]
+                    apply_guards(logits, history, no_repeat_ngram_size, repetition_penalty)
                 tok = logits.argmax(-1)
                 going = []
                 for row, (i, t) in enumerate(zip(alive, tok.tolist(), strict=True)):
@@ -398,6 +406,8 @@ class Transformer(nn.Module):
         length_penalty: float = 1.0,
         min_new_tokens: int = 0,
         deadline: float | None = None,
+        no_repeat_ngram_size: int = 0,
+        repetition_penalty: float = 1.0,
     ) -> list[list[int]]:
         """Beam search; returns each prompt's best hypothesis (new tokens, eos removed).
 
@@ -408,7 +418,8 @@ class Transformer(nn.Module):
         no live beam can still beat (an exact bound, not a heuristic), and leaves the batch.
         No hypothesis ends before ``min_new_tokens`` (eos gets log-prob -inf until then).
         Past ``deadline`` (a ``time.monotonic()`` value) a step raises
-        :class:`~lmops.errors.DeadlineExceeded`.
+        :class:`~lmops.errors.DeadlineExceeded`. ``no_repeat_ngram_size`` and
+        ``repetition_penalty`` apply to each beam's own tokens (:mod:`lmops.core.guards`).
         """
         if beam_size < 1:
             raise ValueError(f"beam_size must be at least 1, got {beam_size}")
@@ -439,7 +450,11 @@ class Transformer(nn.Module):
                 check_deadline(deadline)
                 length, last = step + 1, step == max_new_tokens - 1
                 vocab = logits.shape[-1]
-                logp = logits.float().log_softmax(-1)
+                logits = logits.float()
+                if no_repeat_ngram_size > 0 or repetition_penalty != 1.0:
+                    history = seqs.tolist()
+                    apply_guards(logits, history, no_repeat_ngram_size, repetition_penalty)
+                logp = logits.log_softmax(-1)
                 if step < min_new_tokens:
                     logp[:, eos_id] = -math.inf
                 cand = scores.unsqueeze(-1) + logp.view(-1, k, vocab)

@@ -244,6 +244,8 @@ def generate(
                     tok.pad_id,
                     cfg.min_new_tokens,
                     deadline=deadline,
+                    no_repeat_ngram_size=cfg.no_repeat_ngram_size,
+                    repetition_penalty=cfg.repetition_penalty,
                 )
             else:
                 ids = model.generate_beam(
@@ -255,6 +257,8 @@ def generate(
                     length_penalty=cfg.length_penalty,
                     min_new_tokens=cfg.min_new_tokens,
                     deadline=deadline,
+                    no_repeat_ngram_size=cfg.no_repeat_ngram_size,
+                    repetition_penalty=cfg.repetition_penalty,
                 )
             for i, seq in zip(idx, ids, strict=True):
                 out[i] = seq

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from lmops.config import EvaluateConfig, Params
+from lmops.core.guards import degenerate, shares
 from lmops.core.hardware import (
     autocast_dtype,
     facts,
@@ -35,7 +36,7 @@ from lmops.core.hardware import (
     resolve_device,
 )
 from lmops.core.model import Transformer
-from lmops.core.translation import check_vocab, load_model, read_pairs, translate_ids
+from lmops.core.translation import check_vocab, generate, load_model, read_pairs
 from lmops.core.vocab import Tokenizer
 from lmops.data import layout
 from lmops.errors import DataError
@@ -157,7 +158,9 @@ def evaluate_model(
 ) -> tuple[dict[str, Any], pd.DataFrame]:
     """Score ``model``; write samples and all test translations to ``out_dir`` (atomically).
 
-    Returns the metrics and the table of sample translations (source, reference, hypothesis).
+    Returns the metrics and the table of sample translations (source, reference,
+    hypothesis, and what :func:`~lmops.core.guards.degenerate` found wrong with it). The
+    metrics include the shares of outputs that ran to ``max_new_tokens`` or loop.
     """
     device = resolve_device(cfg.device, key="evaluate.device")
     model = model.to(device).eval()
@@ -179,7 +182,7 @@ def evaluate_model(
     )
     with decoding, _autocast(model, cfg.precision):
         # encoded with the model's own vocabulary: a registered champion may carry another
-        hyps = translate_ids(
+        ids = generate(
             model,
             tok,
             tok.encode(list(pairs["src"])),
@@ -189,7 +192,10 @@ def evaluate_model(
             desc="translate test",
         )
     seconds = time.perf_counter() - started
+    hyps = tok.decode(ids)
+    flags = [degenerate(seq, cfg.decode.max_new_tokens) for seq in ids]
     metrics.update(bleu_chrf(hyps, list(pairs["tgt"])))
+    metrics.update(shares(flags))
     metrics.update(
         {
             "test_pairs": len(pairs),
@@ -201,7 +207,14 @@ def evaluate_model(
             ),
         }
     )
-    table = pd.DataFrame({"source": pairs["src"], "reference": pairs["tgt"], "hypothesis": hyps})
+    table = pd.DataFrame(
+        {
+            "source": pairs["src"],
+            "reference": pairs["tgt"],
+            "hypothesis": hyps,
+            "degenerate": flags,  # "hit max_new_tokens", "loops", both or ""
+        }
+    )
     samples = table.head(cfg.n_samples)
     with atomic_output(out_dir, is_dir=True) as tmp:
         samples.to_json(tmp / SAMPLES_FILE, orient="records", lines=True, force_ascii=False)
