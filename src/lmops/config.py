@@ -69,10 +69,31 @@ class SourceConfig(_Section):
     max_rows: int | None = Field(
         default=None, gt=0, description="Keep only the first N rows (quick runs, tests)."
     )
+    split: Literal["train", "valid", "test"] | None = Field(
+        default=None,
+        description="The split every row of this source goes to: a corpus's own train, "
+        "dev or test files (None: as clean.split says).",
+    )
+    split_column: str | None = Field(
+        default=None,
+        description="json/csv/parquet/hub: a column naming each row's split: train, valid "
+        "(or validation, dev) or test.",
+    )
 
     @model_validator(mode="after")
     def _check_kind(self) -> SourceConfig:
         where = f"clean.sources[{self.name}]"
+        if self.split and self.split_column:
+            raise ValueError(f"{where}: give 'split' or 'split_column', not both")
+        if (self.split or self.split_column) and self.group_column:
+            raise ValueError(
+                f"{where}: 'group_column' holds groups out by clean.split; with "
+                "'split' or 'split_column' the source names its splits itself: drop one"
+            )
+        if self.split_column and self.type in ("embedded", "text"):
+            raise ValueError(
+                f"{where}: 'split_column' needs a source with columns, not {self.type}"
+            )
         if self.type in ("embedded", "hub") and not self.dataset:
             raise ValueError(f"{where}: type '{self.type}' needs 'dataset'")
         if self.type in ("json", "csv", "parquet") and not self.path:

@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from lmops.config import CleanConfig, SourceConfig
+from lmops.data.split import source_splits
 from lmops.data.text import DROP_REASONS, check_binary_file, check_text_file, clean_batch
 from lmops.errors import DataError, DiskFullError
 from lmops.io import disk_full_reason
@@ -244,6 +245,8 @@ def load_source(
             columns[src.group_column] = "group"
     else:
         columns = {src.text_column: "text"}
+    if src.split_column:
+        columns[src.split_column] = "split"
     missing = [c for c in columns if c not in ds.column_names]
     if missing:
         raise DataError(
@@ -256,6 +259,9 @@ def load_source(
     if src.max_rows is not None and src.max_rows < len(ds):
         ds = ds.select(range(src.max_rows))
     ds = ds.rename_columns({k: v for k, v in columns.items() if k != v})
+    if src.split_column:  # train, valid or test, checked before any work
+        splits = source_splits(ds["split"], f"{origin} ({_where(src)})")
+        ds = ds.remove_columns("split").add_column("split", list(splits))
     if src.role == "parallel" and "group" not in ds.column_names:
         ds = ds.add_column("group", [""] * len(ds))
     elif src.role == "parallel" and ds.features["group"].dtype not in ("string", "large_string"):

@@ -49,8 +49,37 @@ def check_groups(known: set[str], valid_groups: list[str], test_groups: list[str
         )
 
 
+# the names a source's own split column may use, and the split each means
+SPLIT_NAMES = {
+    "train": "train",
+    "valid": "valid",
+    "validation": "valid",
+    "dev": "valid",
+    "test": "test",
+}
+
+
+def source_splits(values: Iterable[Any], where: str) -> np.ndarray:
+    """The split (train, valid or test) of each value of a source's ``split_column``; an
+    unknown value stops with the values it knows."""
+    values = list(values)
+    names = [SPLIT_NAMES.get(str(v).strip().lower()) for v in values]
+    if None in names:
+        bad = sorted({str(v) for v, n in zip(values, names, strict=True) if n is None})
+        raise DataError(
+            f"{where}: split column value(s) {', '.join(map(repr, bad[:5]))} are not a "
+            f"split; use one of {', '.join(SPLIT_NAMES)}"
+        )
+    return np.array(names, dtype=object)
+
+
 def split_labels(src: SourceConfig, rows: pd.DataFrame, cfg: CleanConfig, seed: int) -> np.ndarray:
-    """train/valid/test for each cleaned row of one source, as ``clean.split`` says."""
+    """train/valid/test for each cleaned row of one source: the source's own (``split``,
+    ``split_column``), or as ``clean.split`` says."""
+    if src.split:
+        return np.full(len(rows), src.split, dtype=object)
+    if src.split_column:
+        return source_splits(rows["split"], f"clean.sources[{src.name}]")
     split = cfg.split
     if src.role == "parallel" and src.group_column:
         return group_split(rows["group"], split.valid_groups, split.test_groups)

@@ -6,8 +6,11 @@ How :func:`run` gets there:
 2. load each through ``datasets`` into standard columns (``text`` or ``src``/``tgt``/``group``),
 3. clean every text (:func:`lmops.data.text.clean_text`) in a batched ``Dataset.map`` and drop
    rows that are empty, too short, too long, badly length-matched (pairs) or duplicates,
-4. split: monolingual text at random (seeded); parallel pairs by whole groups
-   (e.g. Bible books) when the source has a ``group_column``, else at random,
+4. split: as the source says (``split`` for all its rows, ``split_column`` for each: a
+   corpus's own train, dev and test files), else monolingual text at random (seeded) and
+   parallel pairs by whole groups (e.g. Bible books) when the source has a
+   ``group_column``, else at random; de-duplication sees the rows a source names held-out
+   first, so they keep their place,
 5. remove from the training text every row that equals or contains a held-out
    text, so evaluation never scores what the model has read.
 
@@ -18,12 +21,15 @@ from __future__ import annotations
 
 import logging
 import tempfile
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+import datasets
+import numpy as np
 import pandas as pd
 
-from lmops.config import CleanConfig, Params
+from lmops.config import CleanConfig, Params, SourceConfig
 from lmops.data.layout import MONO_COLUMNS, PARALLEL_COLUMNS, SPLITS, write_split
 from lmops.data.sources import check_source, clean_source, load_source, source_lang
 from lmops.data.split import check_groups, concat_rows, remove_leaks, split_labels
@@ -49,6 +55,29 @@ def _split_stats(name: str, df: pd.DataFrame) -> dict[str, int]:
             }
         )
     return stats
+
+
+def held_out_first(
+    loaded: list[tuple[SourceConfig, datasets.Dataset]],
+) -> list[tuple[int, SourceConfig, datasets.Dataset]]:
+    """The sources (by their index), in parts, in the order de-duplication sees them: the
+    rows a source itself names valid or test (``split``, ``split_column``) before all the
+    others, so a sentence that is also in the training data keeps its held-out copy.
+    Sources that leave splitting to ``clean.split`` keep their order."""
+    Part = tuple[int, SourceConfig, datasets.Dataset]
+    first: list[Part] = []
+    then: list[Part] = []
+    for i, (src, ds) in enumerate(loaded):
+        if src.split:
+            (then if src.split == "train" else first).append((i, src, ds))
+        elif src.split_column:
+            train = np.array(ds["split"]) == "train"
+            for rows, into in ((~train, first), (train, then)):
+                if rows.any():
+                    into.append((i, src, ds.select(np.flatnonzero(rows))))
+        else:
+            then.append((i, src, ds))
+    return first + then
 
 
 def build_clean(
@@ -79,8 +108,12 @@ def build_clean(
         }
         if grouped:
             check_groups(grouped, cfg.split.valid_groups, cfg.split.test_groups)
-        for src, ds in loaded:
-            kept, dropped = clean_source(ds, src.role, cfg, seen[src.role])
+        cleaned: dict[int, list[tuple[pd.DataFrame, Counter[str]]]] = {}
+        for i, src, part in held_out_first(loaded):
+            cleaned.setdefault(i, []).append(clean_source(part, src.role, cfg, seen[src.role]))
+        for i, (src, ds) in enumerate(loaded):
+            kept = pd.concat([k for k, _ in cleaned[i]], ignore_index=True)
+            dropped = sum((d for _, d in cleaned[i]), Counter())
             key = f"source.{src.name}"
             stats[f"{key}.loaded"] = len(ds)
             stats[f"{key}.kept"] = len(kept)

@@ -251,3 +251,100 @@ def test_unreachable_hub_dataset(workdir, capsys, monkeypatch):
         "clean.sources[h]: hub dataset 'someone/nothing' (config None, "
         "split 'train') could not be loaded: ConnectionError"
     )
+
+
+# ------------------------------------------------------------ a corpus's own splits
+
+
+def pairs_file(path: Path, rows: list[tuple[str, str]], **extra: list) -> None:
+    records = [
+        {"en": en, "fr": fr, **{k: v[i] for k, v in extra.items()}}
+        for i, (en, fr) in enumerate(rows)
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+
+
+def read_split(workdir: Path, name: str) -> list[tuple[str, str]]:
+    lines = (workdir / f"data/clean/{name}.jsonl").read_text().splitlines()
+    return [(r["src"], r["tgt"]) for r in map(json.loads, lines)]
+
+
+TRAIN = [
+    (f"The farmer sold {i} cows at the market.", f"Le fermier a vendu {i} vaches.")
+    for i in range(8)
+]
+DEV = [("The river is wide today.", "La riviere est large.")]
+TEST = [
+    ("My brother reads a book.", "Mon frere lit un livre."),
+    ("We sing together.", "Nous chantons."),
+]
+
+
+def test_a_corpus_with_its_own_train_dev_and_test_files(workdir):
+    # the training file also holds a test pair, and a sentence that contains a test one
+    leaky = [*TRAIN, TEST[0], (f"Yes. {TEST[1][0]}", "Oui, nous chantons.")]
+    pairs_file(workdir / "train.jsonl", leaky)
+    pairs_file(workdir / "dev.jsonl", DEV)
+    pairs_file(workdir / "test.jsonl", TEST)
+    source = {"type": "json", "role": "parallel"}
+    run_stage(
+        [
+            {**source, "name": "wmt_train", "path": "train.jsonl", "split": "train"},
+            {**source, "name": "wmt_dev", "path": "dev.jsonl", "split": "valid"},
+            {**source, "name": "wmt_test", "path": "test.jsonl", "split": "test"},
+        ]
+    )
+    # the test and dev files are the test and validation sets, whole, whatever the order
+    assert read_split(workdir, "parallel_test") == TEST
+    assert read_split(workdir, "parallel_valid") == DEV
+    # and the training pairs that repeat or contain them are gone
+    assert read_split(workdir, "parallel_train") == TRAIN
+    stats = json.loads((workdir / "data/metrics/clean.json").read_text())
+    assert stats["source.wmt_train.dropped.duplicate"] == 1
+    assert stats["leaked.parallel_train"] == 1
+
+
+def test_a_split_column_names_each_rows_split(workdir):
+    rows = [*TRAIN[:4], *DEV, *TEST, *TRAIN[4:]]
+    names = ["train"] * 4 + ["dev"] + ["test", "Test"] + ["train"] * 4
+    pairs_file(workdir / "all.jsonl", rows, split=names)
+    run_stage(
+        [
+            {
+                "name": "corpus",
+                "type": "json",
+                "role": "parallel",
+                "path": "all.jsonl",
+                "split_column": "split",
+            }
+        ]
+    )
+    assert read_split(workdir, "parallel_test") == TEST
+    assert read_split(workdir, "parallel_valid") == DEV
+    assert read_split(workdir, "parallel_train") == TRAIN
+
+
+def test_an_unknown_split_name_is_named(workdir, capsys):
+    pairs_file(workdir / "all.jsonl", TRAIN[:3], split=["train", "holdout", "tset"])
+    source = {"name": "c", "type": "json", "role": "parallel", "path": "all.jsonl"}
+    msg = assert_fails(capsys, [{**source, "split_column": "split"}])
+    assert msg.endswith(
+        "all.jsonl (clean.sources[c]): split column value(s) 'holdout', 'tset' are not a "
+        "split; use one of train, valid, validation, dev, test"
+    )
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"split": "test", "split_column": "s"}, "give 'split' or 'split_column', not both"),
+        ({"split": "test", "group_column": "book"}, "'group_column' holds groups out"),
+        ({"split": "holdout"}, "split: Input should be 'train', 'valid' or 'test'"),
+    ],
+)
+def test_split_settings_that_conflict_are_named(workdir, capsys, extra, message):
+    pairs_file(workdir / "all.jsonl", TRAIN[:3])
+    source = {"name": "c", "type": "json", "role": "parallel", "path": "all.jsonl"}
+    with pytest.raises(SystemExit):
+        run_stage([{**source, **extra}])
+    assert message in capsys.readouterr().err
