@@ -113,7 +113,9 @@ def build_clean(
             cleaned.setdefault(i, []).append(clean_source(part, src.role, cfg, seen[src.role]))
         for i, (src, ds) in enumerate(loaded):
             kept = pd.concat([k for k, _ in cleaned[i]], ignore_index=True)
-            dropped = sum((d for _, d in cleaned[i]), Counter())
+            dropped: Counter[str] = Counter()
+            for _, part_dropped in cleaned[i]:
+                dropped.update(part_dropped)  # unlike +, keeps the reasons counted 0
             key = f"source.{src.name}"
             stats[f"{key}.loaded"] = len(ds)
             stats[f"{key}.kept"] = len(kept)

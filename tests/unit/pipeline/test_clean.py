@@ -301,6 +301,7 @@ def test_a_corpus_with_its_own_train_dev_and_test_files(workdir):
     assert read_split(workdir, "parallel_train") == TRAIN
     stats = json.loads((workdir / "data/metrics/clean.json").read_text())
     assert stats["source.wmt_train.dropped.duplicate"] == 1
+    assert stats["source.wmt_test.dropped.duplicate"] == 0  # every reason counted, 0 too
     assert stats["leaked.parallel_train"] == 1
 
 
