@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+from pathlib import Path
 from typing import BinaryIO
 
 import yaml
@@ -50,7 +51,13 @@ def _translator(args: argparse.Namespace):  # -> serving.Translator
         return serving.pyfunc_translator(serving.load_translator(args.model_uri))
     if args.vocab is None:
         raise LmopsError("--model needs --vocab (the vocab stage's directory, data/vocab)")
-    return serving.Translator.from_dirs(args.model, args.vocab, target_lang=args.target_lang)
+    decode = limits = None  # without a params file: evaluate's and serve's defaults
+    if Path(args.params).is_file():  # decode as evaluate scored, within the same bounds
+        params = config.load_params(args.params)
+        decode, limits = params.evaluate.decode, params.serve
+    return serving.Translator.from_dirs(
+        args.model, args.vocab, target_lang=args.target_lang, decode=decode, limits=limits
+    )
 
 
 def _translate(args: argparse.Namespace) -> None:
@@ -173,6 +180,12 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--vocab", help="its vocabulary directory, e.g. data/vocab")
     tr.add_argument("--model-uri", help="an MLflow model, e.g. models:/lmops-translator@champion")
     tr.add_argument("--target-lang", help="target language (default: the model's own)")
+    tr.add_argument(
+        "--params",
+        default=config.DEFAULT_PARAMS,
+        help="with --model: decode with its evaluate.decode, within its serve bounds, "
+        "when the file exists (a logged model carries its own)",
+    )
     tr.add_argument("--beam-size", type=int, help="beam width (1 = greedy)")
     tr.add_argument("--max-new-tokens", type=int, help="longest translation, in tokens")
     tr.add_argument(

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lmops.errors import LmopsError
 
@@ -357,8 +357,26 @@ class DecodeConfig(_Section):
     )
 
 
+def _evaluate_decode() -> DecodeConfig:
+    # no 4-gram twice: the best validation BLEU of bench/decode_guards.py, and no test
+    # translation left running to max_new_tokens or looping (3.0% without it)
+    return DecodeConfig(no_repeat_ngram_size=4)
+
+
 class EvaluateConfig(_Section):
-    decode: DecodeConfig = Field(default_factory=DecodeConfig)
+    decode: DecodeConfig = Field(
+        default_factory=_evaluate_decode,
+        description="How test sentences are translated, and the served model's defaults.",
+    )
+
+    @field_validator("decode", mode="before")
+    @classmethod
+    def _decode_defaults(cls, value: Any) -> Any:
+        """Keys a params file leaves out take evaluate's defaults, not DecodeConfig's."""
+        if isinstance(value, dict):
+            return {**_evaluate_decode().model_dump(), **value}
+        return value
+
     max_test_pairs: int | None = Field(
         default=None, gt=0, description="Score only the first N test pairs (None = all)."
     )

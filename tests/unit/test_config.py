@@ -36,6 +36,19 @@ def test_the_default_params_file_parses():
     assert params.clean.source_lang == "en" and params.clean.target_lang == "fr"
 
 
+def test_evaluate_decodes_with_its_own_defaults_where_the_file_is_silent(raw):
+    shipped = parse_params(raw).evaluate.decode
+    assert shipped.no_repeat_ngram_size == raw["evaluate"]["decode"]["no_repeat_ngram_size"] == 4
+    del raw["evaluate"]["decode"]["no_repeat_ngram_size"]
+    assert parse_params(raw).evaluate.decode == shipped  # a key left out: evaluate's default
+    del raw["evaluate"]
+    assert parse_params(raw).evaluate.decode == shipped
+    raw["evaluate"] = {"decode": {"no_repeat_ngram_size": 0}}
+    assert parse_params(raw).evaluate.decode.no_repeat_ngram_size == 0  # the file's word wins
+    # the other decode sections keep the guards off unless asked
+    assert parse_params(raw).distil.sequence_decode.no_repeat_ngram_size == 0
+
+
 def test_unknown_key_is_named(raw):
     bad = copy.deepcopy(raw)
     bad["vocab"]["vocab_sise"] = 10

@@ -130,11 +130,11 @@ def _evaluated_settings() -> tuple[str | None, Any, Any]:
     """Target language and decode settings the candidate was evaluated with (the params
     file), so the served model decodes as it was scored, and the request bounds it is
     served with; defaults without one."""
-    from lmops.config import DecodeConfig, ServeConfig, load_params
+    from lmops.config import EvaluateConfig, ServeConfig, load_params
 
     path = tracking.params_file()
     if not path.is_file():
-        return None, DecodeConfig(), ServeConfig()
+        return None, EvaluateConfig().decode, ServeConfig()
     params = load_params(path)
     return params.clean.target_lang, params.evaluate.decode, params.serve
 

@@ -45,7 +45,7 @@ from mlflow.pyfunc import PythonModel
 from pydantic import ValidationError
 from tqdm.auto import tqdm
 
-from lmops.config import DecodeConfig, ServeConfig
+from lmops.config import DecodeConfig, EvaluateConfig, ServeConfig
 from lmops.errors import DeadlineExceeded, LmopsError, RequestError
 from lmops.tracking import tags as tag
 
@@ -94,7 +94,7 @@ class Translator:
     ):
         self.model, self.tokenizer = model, tokenizer
         self.target_lang = target_lang
-        self.decode = decode or DecodeConfig()
+        self.decode = decode or EvaluateConfig().decode
         self.limits = limits or ServeConfig()
 
     @property
@@ -355,7 +355,7 @@ def log_translator(
     """
     import lmops
 
-    decode = decode or DecodeConfig()
+    decode = decode or EvaluateConfig().decode
     model_dir, vocab_dir = Path(model_dir), Path(vocab_dir)
     for path in (model_dir, vocab_dir):
         if not path.is_dir():
