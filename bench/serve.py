@@ -1,6 +1,6 @@
 """Serving under load: the translator behind ``mlflow models serve``, driven by clients.
 
-Run with: make bench   (or: python bench/serve.py [--seconds 10] [--quick])
+Run with: make bench   (or: python bench/serve.py [--seconds 10] [--quick] [--root WORKSPACE])
 
 The served model is the pipeline's translator (``data/models/finetune`` and
 ``data/vocab``) when ``dvc repro evaluate`` has run here. Without one, it is a model of
@@ -62,11 +62,11 @@ def bible() -> tuple[list[str], list[str]]:
     return mark, [s for s in [*df["en"], *df["fr"]] if isinstance(s, str) and s.strip()]
 
 
-def translator_dirs(tmp: Path, params: Any, text: list[str]) -> tuple[Path, Path, str]:
+def translator_dirs(root: Path, tmp: Path, params: Any, text: list[str]) -> tuple[Path, Path, str]:
     """The model and vocab directories to serve, and what they are."""
-    model_dir, vocab_dir = ROOT / "data/models/finetune", ROOT / "data/vocab"
+    model_dir, vocab_dir = root / "data/models/finetune", root / "data/vocab"
     if (model_dir / "config.json").is_file() and (vocab_dir / "meta.json").is_file():
-        return model_dir, vocab_dir, "the pipeline's translator (data/models/finetune)"
+        return model_dir, vocab_dir, f"the pipeline's translator ({model_dir})"
     vocab_dir = tmp / "vocab"
     vocab_dir.mkdir()
     cfg = VocabConfig(**{**params.vocab.model_dump(), "input_sentence_size": 200_000})
@@ -221,17 +221,20 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=10.0, help="load per case")
     ap.add_argument("--beam-size", type=int, help="default: evaluate.decode.beam_size")
     ap.add_argument("--quick", action="store_true", help="1 worker, 3 s per case")
+    ap.add_argument("--root", type=Path, default=ROOT, help="a workspace after dvc repro")
     args = ap.parse_args()
     stop_on_signals()  # a kill stops the servers too (the finally blocks run)
-    params = load_params(ROOT / "params.yaml")
+    params = load_params(args.root / "params.yaml")
     cores = psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    torch.set_num_threads(cores)
+    info = machine(torch.device("cpu"))  # before the load: its load average is the machine's
     seconds = 3.0 if args.quick else args.seconds
     decode = {"beam_size": args.beam_size} if args.beam_size else {}
     mark, text = bible()
     rows = []
     with tempfile.TemporaryDirectory(prefix="lmops-serve-bench-") as tmp_name:
         tmp = Path(tmp_name)
-        model_dir, vocab_dir, what = translator_dirs(tmp, params, text)
+        model_dir, vocab_dir, what = translator_dirs(args.root, tmp, params, text)
         model_uri = log_model(tmp, model_dir, vocab_dir, params)
         for workers in (1,) if args.quick or cores == 1 else (1, cores):
             threads = max(1, cores // workers)
@@ -247,8 +250,6 @@ def main() -> None:
                         rows.append(row)
             finally:
                 server.stop()
-    torch.set_num_threads(cores)
-    info = machine(torch.device("cpu"))
     beam = args.beam_size or params.evaluate.decode.beam_size
     failed = sum(r["failed"] for r in rows)
     write_results(
