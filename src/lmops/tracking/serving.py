@@ -443,7 +443,7 @@ def translate_stream(
     flat whatever the file's size. Bad ``overrides`` stop it before any work."""
     deadline_s = translator.deadline_s(overrides.pop("deadline_s", None))
     translator.settings(**overrides)  # a bad setting fails here, not on every batch
-    size = translator.decode.batch_size
+    size = min(translator.decode.batch_size, translator.limits.max_rows)
     max_chars = translator.limits.max_source_chars
     limit = 4 * max_chars  # UTF-8: a longer line is over max_chars however it decodes
     bad = 0

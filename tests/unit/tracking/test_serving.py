@@ -281,6 +281,12 @@ def test_a_file_translates_line_for_line_and_bad_lines_are_named(dirs):
     ]
     with pytest.raises(RequestError, match="beam_size must be between"):
         serving.translate_stream(translator, io.BytesIO(b"a\n"), sink, "x", print, beam_size=0)
+    # batches never exceed the rows one request may hold
+    few = serving.Translator.from_dirs(*dirs, limits={"max_rows": 1})
+    sink = io.StringIO()
+    three = io.BytesIO(b"\n".join([lines[0], b"", lines[-1]]))
+    assert serving.translate_stream(few, three, sink, "y", print, beam_size=1) == 0
+    assert sink.getvalue().split("\n") == [PAIRS[0][1], "", PAIRS[1][1], ""]
 
 
 def test_lmops_translate_streams_a_file_and_names_its_bad_lines(dirs, tmp_path):
