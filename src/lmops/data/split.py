@@ -78,8 +78,8 @@ def split_labels(src: SourceConfig, rows: pd.DataFrame, cfg: CleanConfig, seed: 
     ``split_column``), or as ``clean.split`` says."""
     if src.split:
         return np.full(len(rows), src.split, dtype=object)
-    if src.split_column:
-        return source_splits(rows["split"], f"clean.sources[{src.name}]")
+    if src.split_column:  # already train/valid/test: load_source read them (source_splits)
+        return rows["split"].to_numpy(dtype=object)
     split = cfg.split
     if src.role == "parallel" and src.group_column:
         return group_split(rows["group"], split.valid_groups, split.test_groups)

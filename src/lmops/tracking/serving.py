@@ -181,11 +181,11 @@ class Translator:
             )
         return float(requested)
 
-    def check_sources(self, sources: Sequence[Any], first_line: int = 1) -> list[str]:
+    def check_sources(self, sources: Sequence[Any]) -> list[str]:
         """``sources`` as strings, or :class:`RequestError` naming the first one (by its
-        line, counting from ``first_line``) that is not a string or is too long."""
+        place, from 1) that is not a string or is too long."""
         texts = []
-        for line, text in enumerate(sources, first_line):
+        for line, text in enumerate(sources, 1):
             if not isinstance(text, str):
                 raise RequestError(
                     f"source {line}: expected a string, got {type(text).__name__} {text!r:.40}"
@@ -467,17 +467,17 @@ def translate_stream(
         for number, (raw, taken) in enumerate(_lines(source, limit), 1):
             bar.update(taken)
             text: str | None = None
-            try:
-                text = None if raw is None else raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                report(f"{name}:{number}: not UTF-8 (byte {err.start + 1}); left empty")
-                raw = b""
-            if raw is None or (text is not None and len(text) > max_chars):
-                report(
-                    f"{name}:{number}: over {max_chars:,} characters "
-                    "(serve.max_source_chars); left empty"
-                )
-                text = None
+            too_long = f"over {max_chars:,} characters (serve.max_source_chars)"
+            problem = too_long if raw is None else ""
+            if raw is not None:
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    problem = f"not UTF-8 (byte {err.start + 1})"
+            if text is not None and len(text) > max_chars:
+                text, problem = None, too_long
+            if problem:
+                report(f"{name}:{number}: {problem}; left empty")
             bad += text is None
             batch.append((number, text))
             if len(batch) == size:
