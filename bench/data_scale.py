@@ -205,6 +205,10 @@ def _bible_texts() -> list[str]:
 # ------------------------------------------------------------------ goals
 
 
+def _yes(met: bool) -> str:
+    return "yes" if met else "no"
+
+
 def goals(rows: list[dict[str, Any]], sizes: list[float]) -> list[dict[str, Any]]:
     done = {(r["size GB"], r["stage"]): r for r in rows if not r["note"]}
     small, big = min(sizes), max(sizes)
@@ -217,9 +221,7 @@ def goals(rows: list[dict[str, Any]], sizes: list[float]) -> list[dict[str, Any]
                 "check": f"{name}: peak memory at {big} GB / at {small} GB",
                 "measured": ratio if ratio is not None else "not measured",
                 "goal": f"<= {GOALS['memory_ratio']}",
-                "met": "n/a"
-                if ratio is None
-                else ("yes" if ratio <= GOALS["memory_ratio"] else "no"),
+                "met": "n/a" if ratio is None else _yes(ratio <= GOALS["memory_ratio"]),
             }
         )
         peak = max((r["peak anon GB"] for r in rows if r["stage"] == name), default=None)
@@ -229,9 +231,7 @@ def goals(rows: list[dict[str, Any]], sizes: list[float]) -> list[dict[str, Any]
                 "check": f"{name}: peak memory, any size",
                 "measured": "over the limit" if over else peak,
                 "goal": f"< {GOALS['memory_gb']} GB",
-                "met": "no"
-                if over
-                else ("yes" if peak is not None and peak < GOALS["memory_gb"] else "n/a"),
+                "met": "n/a" if peak is None else _yes(not over and peak < GOALS["memory_gb"]),
             }
         )
     per_mb = {
@@ -246,7 +246,7 @@ def goals(rows: list[dict[str, Any]], sizes: list[float]) -> list[dict[str, Any]
                 "check": f"clean..tokenise seconds per MB at {big} GB / at {small} GB",
                 "measured": ratio,
                 "goal": "<= 1",
-                "met": "yes" if ratio <= 1 else "no",
+                "met": _yes(ratio <= 1),
             }
         )
     clean = [done[(gb, "clean")]["MB/s"] for gb in sizes if (gb, "clean") in done]
@@ -255,7 +255,7 @@ def goals(rows: list[dict[str, Any]], sizes: list[float]) -> list[dict[str, Any]
             "check": "clean MB/s, slowest size (goal set for a 2-core AVX2 CPU)",
             "measured": min(clean) if clean else "not measured",
             "goal": f">= {GOALS['clean_mb_s']}",
-            "met": "n/a" if not clean else ("yes" if min(clean) >= GOALS["clean_mb_s"] else "no"),
+            "met": _yes(min(clean) >= GOALS["clean_mb_s"]) if clean else "n/a",
         }
     )
     return out
