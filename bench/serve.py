@@ -1,6 +1,7 @@
 """Serving under load: the translator behind ``mlflow models serve``, driven by clients.
 
-Run with: make bench   (or: python bench/serve.py [--seconds 10] [--quick] [--root WORKSPACE])
+Run with: make bench   (or: python bench/serve.py [--seconds 10] [--quick] [--root WORKSPACE]
+[--onnx-max-rows N])
 
 The served model is the pipeline's translator (``data/models/finetune`` and
 ``data/vocab``) when ``dvc repro evaluate`` has run here. Without one, it is a model of
@@ -222,9 +223,17 @@ def main() -> None:
     ap.add_argument("--beam-size", type=int, help="default: evaluate.decode.beam_size")
     ap.add_argument("--quick", action="store_true", help="1 worker, 3 s per case")
     ap.add_argument("--root", type=Path, default=ROOT, help="a workspace after dvc repro")
+    ap.add_argument(
+        "--onnx-max-rows",
+        type=int,
+        help="default: serve.onnx_max_rows; 0 decodes on torch alone (results/serve_torch.md)",
+    )
     args = ap.parse_args()
     stop_on_signals()  # a kill stops the servers too (the finally blocks run)
     params = load_params(args.root / "params.yaml")
+    if args.onnx_max_rows is not None:
+        serve = params.serve.model_copy(update={"onnx_max_rows": args.onnx_max_rows})
+        params = params.model_copy(update={"serve": serve})
     cores = psutil.cpu_count(logical=False) or os.cpu_count() or 1
     torch.set_num_threads(cores)
     info = machine(torch.device("cpu"))  # before the load: its load average is the machine's
@@ -252,16 +261,29 @@ def main() -> None:
                 server.stop()
     beam = args.beam_size or params.evaluate.decode.beam_size
     failed = sum(r["failed"] for r in rows)
+    onnx_rows = params.serve.onnx_max_rows
     write_results(
-        "serve",
-        "Serving the translator under load (mlflow models serve)",
+        "serve" if onnx_rows else "serve_torch",
+        "Serving the translator under load (mlflow models serve)"
+        + ("" if onnx_rows else ", on torch alone"),
         info,
         {"Concurrent clients, requests back to back": rows},
-        extra={"model": what, "beam_size": beam, "seconds_per_case": seconds},
+        extra={
+            "model": what,
+            "beam_size": beam,
+            "seconds_per_case": seconds,
+            "onnx_max_rows": onnx_rows,
+        },
         notes=[
             f"Model: {what}.",
             f"Decoding: beam_size {beam}, max_new_tokens "
-            f"{params.evaluate.decode.max_new_tokens}; English sentences of Mark.",
+            f"{params.evaluate.decode.max_new_tokens}; English sentences of Mark; "
+            + (
+                f"calls of up to {onnx_rows} rows (sentences x beams) on the model's fp32 "
+                "ONNX export (onnxruntime), larger ones on torch (serve.onnx_max_rows)."
+                if onnx_rows
+                else "every call on torch (serve.onnx_max_rows 0)."
+            ),
             f"Each case: the clients send requests back to back for {seconds:g} s; "
             "latency is a request's round trip, sentences/s counts answered sentences.",
             f"Failed requests: {failed}.",

@@ -445,6 +445,63 @@ class OrtTransformer(nn.Module):
         return torch.from_numpy(logits)
 
 
+# ------------------------------------------------------ small batches, fp32
+
+
+class SmallBatchOnnx:
+    """A :class:`Transformer` and its fp32 ONNX export behind the decoding interface.
+
+    Each call decodes on onnxruntime when it has at most ``max_rows`` rows (prompts times
+    beams), where its far smaller per-step overhead decides the speed, and on torch above,
+    where the matrix multiplies do. Both compute the same fp32 network (the tests hold
+    their logits to 1e-4 and their translations equal), and each call is decoded whole by
+    one of them, so the choice changes the speed, not the method.
+    """
+
+    def __init__(self, model: Transformer, onnx: OrtTransformer, max_rows: int):
+        self.model, self.onnx, self.max_rows = model, onnx, max_rows
+
+    @property
+    def cfg(self) -> ModelConfig:
+        return self.model.cfg
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.vocab_size
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    def num_params(self, exclude_embedding: bool = False) -> int:
+        return self.model.num_params(exclude_embedding)
+
+    def engine(self, rows: int) -> Transformer | OrtTransformer:
+        """The model that decodes a call of ``rows`` rows."""
+        return self.onnx if rows <= self.max_rows else self.model
+
+    def generate_greedy(
+        self, prompts: list[list[int]], *args: Any, **kwargs: Any
+    ) -> list[list[int]]:
+        """:meth:`Transformer.generate_greedy` on the engine for ``len(prompts)`` rows."""
+        return self.engine(len(prompts)).generate_greedy(prompts, *args, **kwargs)
+
+    def generate_beam(
+        self,
+        prompts: list[list[int]],
+        max_new_tokens: int,
+        eos_id: int,
+        pad_id: int,
+        beam_size: int = 4,
+        **kwargs: Any,
+    ) -> list[list[int]]:
+        """:meth:`Transformer.generate_beam` on the engine for ``len(prompts) * beam_size`` rows."""
+        model = self.engine(len(prompts) * beam_size)
+        return model.generate_beam(
+            prompts, max_new_tokens, eos_id, pad_id, beam_size=beam_size, **kwargs
+        )
+
+
 # ------------------------------------------------------------------- speed
 
 

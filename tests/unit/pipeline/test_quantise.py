@@ -96,6 +96,21 @@ def test_onnx_runtime_matches_torch_and_its_int8_agrees(tmp_path, int8_dir):
     assert config["format"] == "onnx-int8" and config["num_params"] == m.num_params()
 
 
+def test_small_batches_decode_on_onnxruntime_large_ones_on_torch_with_the_same_tokens(tmp_path):
+    m = peaky()
+    onnx = quantised.load_quantised(quantised.export_onnx(m, tmp_path / "onnx32", int8=False))
+    both = quantised.SmallBatchOnnx(m, onnx, max_rows=8)
+    assert both.engine(8) is onnx and both.engine(9) is m
+    assert both.cfg is m.cfg and both.vocab_size == m.vocab_size
+    assert both.num_params() == m.num_params()
+    for prompts in (PROMPTS[:8], PROMPTS):  # 8 rows: onnxruntime; 12: torch
+        assert both.generate_greedy(prompts, 10, 3, 0) == m.generate_greedy(prompts, 10, 3, 0)
+    for prompts in (PROMPTS[:2], PROMPTS[:3]):  # 2 x 4 beams: onnxruntime; 3 x 4: torch
+        assert both.generate_beam(prompts, 8, 3, 0, beam_size=4) == m.generate_beam(
+            prompts, 8, 3, 0, beam_size=4
+        )
+
+
 def test_the_int8_file_is_under_a_third_of_fp32(tmp_path):
     """Every matrix int8, the embedding read from the head's int8 matrix (no fp32 copy),
     nothing else of weight: on a model large enough that the graph itself is small."""

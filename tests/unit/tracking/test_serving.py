@@ -13,6 +13,7 @@ import torch
 
 from lmops.config import ModelConfig, ServeConfig, VocabConfig
 from lmops.core.model import Transformer
+from lmops.core.quantised import SmallBatchOnnx
 from lmops.core.translation import collate, example, save_model
 from lmops.core.vocab import Tokenizer
 from lmops.errors import DeadlineExceeded, LmopsError, RequestError
@@ -95,9 +96,12 @@ def test_the_logged_pyfunc_loads_and_translates(dirs, mlflow_store, tmp_path):
         json.loads((local / "artifacts/translator.json").read_text())["decode"]["beam_size"] == 4
     )  # the defaults; the target language comes from the model
     assert (local / "code/lmops/tracking/serving.py").is_file()
+    assert (local / "artifacts/onnx/model.onnx").is_file()  # the fp32 export, small requests
     assert not list(local.rglob("*.pkl"))  # nothing pickled: models from code
 
     model = mlflow.pyfunc.load_model(info.model_uri)
+    decoder = serving.pyfunc_translator(model).model
+    assert isinstance(decoder, SmallBatchOnnx) and decoder.max_rows == 16
     sources = [p[0] for p in PAIRS]
     out = model.predict(pd.DataFrame({"source": sources}), params={"beam_size": 1})
     assert list(out.columns) == ["translation"]
@@ -105,6 +109,17 @@ def test_the_logged_pyfunc_loads_and_translates(dirs, mlflow_store, tmp_path):
     assert serving.translate_with(model, sources) == serving.Translator.from_dirs(*dirs).translate(
         sources
     )
+
+
+def test_without_onnx_rows_the_pyfunc_decodes_on_torch_alone(dirs, mlflow_store, tmp_path):
+    with mlflow.start_run():
+        info = serving.log_translator(*dirs, limits=ServeConfig(onnx_max_rows=0))
+    local = Path(mlflow.artifacts.download_artifacts(info.model_uri, dst_path=str(tmp_path)))
+    assert not (local / "artifacts/onnx").exists()  # no export logged
+    model = mlflow.pyfunc.load_model(info.model_uri)
+    assert isinstance(serving.pyfunc_translator(model).model, Transformer)
+    sources = [p[0] for p in PAIRS]
+    assert serving.translate_with(model, sources, beam_size=1) == [p[1] for p in PAIRS]
 
 
 def test_inputs_are_read_or_named(dirs):
