@@ -166,7 +166,21 @@ class CleanConfig(_Section):
         default=3.0, gt=1, description="Drop pairs whose char-length ratio exceeds this."
     )
     dedup: bool = Field(default=True, description="Remove exact duplicates.")
-    format: Literal["parquet", "jsonl"] = Field(default="parquet", description="Output format.")
+    format: Literal["parquet", "jsonl"] = Field(
+        default="parquet", description="Shard format: parquet, or jsonl for small data."
+    )
+    batch_rows: int = Field(
+        default=10_000,
+        ge=1,
+        description="Rows cleaned, de-duplicated, split and leak-checked at a time: the "
+        "stage's memory is bounded by this (times max_chars), not by the corpus.",
+    )
+    shard_rows: int = Field(
+        default=100_000, ge=1, description="Rows per output shard of a split (the last shorter)."
+    )
+    num_proc: int = Field(
+        default=2, ge=1, description="Processes that clean text, threads that leak-check it."
+    )
 
     @model_validator(mode="after")
     def _check(self) -> CleanConfig:

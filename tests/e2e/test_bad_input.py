@@ -442,25 +442,28 @@ CASES = [
     Case(
         "validate",
         "missing-upstream",
-        ("data/nothing-here/mono_train.parquet: missing (did the clean stage run?)",),
+        ("data/nothing-here/mono_train: missing (did the clean stage run?)",),
         missing("--data"),
     ),
     Case(
         "validate",
         "corrupted-parquet",
-        ("mono_valid.parquet: cannot be read as parquet", "rerun the clean stage"),
-        clean_with(lambda d: garbage(d / "mono_valid.parquet")),
+        (
+            "mono_valid/part-00000.parquet: cannot be read as parquet",
+            "rerun the clean stage",
+        ),
+        clean_with(lambda d: garbage(d / "mono_valid/part-00000.parquet")),
     ),
     Case(
         "validate",
         "empty-parquet",
-        ("parallel_test.parquet: file is empty (0 bytes)",),
-        clean_with(lambda d: (d / "parallel_test.parquet").write_bytes(b"")),
+        ("parallel_test/part-00000.parquet: file is empty (0 bytes)",),
+        clean_with(lambda d: (d / "parallel_test/part-00000.parquet").write_bytes(b"")),
     ),
     Case(
         "validate",
         "missing-column",
-        ("parallel_train.parquet: missing column(s) ['group']",),
+        ("parallel_train: missing column(s) ['group']",),
         clean_with(
             lambda d: layout.write_split(
                 layout.read_split(d, "parallel_train").drop(columns="group"),
@@ -473,19 +476,19 @@ CASES = [
     Case(
         "vocab",
         "missing-upstream",
-        ("data/nothing-here/mono_train.parquet: missing",),
+        ("data/nothing-here/mono_train: missing",),
         missing("--data"),
     ),
     Case(
         "vocab",
         "truncated-parquet",
-        ("mono_train.parquet: cannot be read as parquet",),
-        clean_with(lambda d: truncate(d / "mono_train.parquet")),
+        ("mono_train/part-00000.parquet: cannot be read as parquet",),
+        clean_with(lambda d: truncate(d / "mono_train/part-00000.parquet")),
     ),
     Case(
         "vocab",
         "no-rows",
-        ("mono_train.parquet: no text to train the vocabulary on",),
+        ("mono_train: no text to train the vocabulary on",),
         clean_with(no_rows("mono_train")),
     ),
     Case(
@@ -503,19 +506,19 @@ CASES = [
     Case(
         "tokenise",
         "corrupted-parquet",
-        ("mono_train.parquet: cannot be read as parquet",),
-        clean_with(lambda d: garbage(d / "mono_train.parquet")),
+        ("mono_train/part-00000.parquet: cannot be read as parquet",),
+        clean_with(lambda d: garbage(d / "mono_train/part-00000.parquet")),
     ),
     Case(
         "tokenise",
         "no-rows",
-        ("mono_train.parquet: no rows, so no pretraining text",),
+        ("mono_train: no rows, so no pretraining text",),
         clean_with(no_rows("mono_train")),
     ),
     Case(
         "tokenise",
         "misaligned-pairs",
-        ("parallel_train.parquet: row 3: 'tgt' is missing",),
+        ("parallel_train: row 3: 'tgt' is missing",),
         clean_with(
             lambda d: layout.write_split(
                 layout.read_split(d, "parallel_train").assign(

@@ -481,7 +481,7 @@ def test_a_deployment_runs_the_pipeline_on_a_process_worker(flow_repo, prefect_s
     later = next(p for p in parents if p is not parent)
     assert parent.data.tags["lmops.stage_status.clean"] == "ran"
     assert later.data.tags["lmops.stage_status.clean"] == "skipped"  # found up to date
-    assert (flow_repo / "data/clean/parallel_test.parquet").is_file()
+    assert (flow_repo / "data/clean/parallel_test/part-00000.parquet").is_file()
     assert not (flow_repo / "data/validate").exists()  # the target stops at clean
     assert parent.info.run_id in link
     assert "| clean | ran |" in metrics and "mono_train.rows" in metrics
@@ -899,5 +899,5 @@ def test_the_flow_served_from_its_script_runs_a_triggered_run(flow_repo, prefect
     (stage,) = client.search_runs([exp.experiment_id], "tags.`lmops.kind` = 'stage'")
     assert stage.data.tags["lmops.stage"] == "clean" and stage.info.status == "FINISHED"
     assert stage.data.tags["mlflow.parentRunId"] == parent.info.run_id
-    assert (flow_repo / "data/clean/parallel_test.parquet").is_file()
+    assert (flow_repo / "data/clean/parallel_test/part-00000.parquet").is_file()
     assert not (flow_repo / "data/validate").exists()  # the target stops at clean

@@ -22,6 +22,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from lmops.core.train import curve_panels
+from lmops.data import layout
 from lmops.io import file_digest
 from lmops.orchestrate import repro
 from lmops.pipeline import quantise
@@ -67,7 +68,7 @@ def test_data_stages_build(repo, first_run):
         "parallel_valid",
         "parallel_test",
     ):
-        assert (repo / "data/clean" / f"{split}.parquet").is_file()
+        assert (repo / "data/clean" / split / "part-00000.parquet").is_file()
     assert (repo / "data/validate/index.html").is_file()
     meta = json.loads((repo / "data/vocab/meta.json").read_text())
     params = yaml.safe_load((repo / "params.yaml").read_text())
@@ -78,7 +79,7 @@ def test_data_stages_build(repo, first_run):
     )
     clean = json.loads((repo / "data/metrics/clean.json").read_text())
     for split in ("mono_train", "parallel_train", "parallel_test"):
-        rows = len(pd.read_parquet(repo / "data/clean" / f"{split}.parquet"))
+        rows = layout.split_rows(repo / "data/clean", split)
         assert rows > 0 and clean[f"{split}.rows"] == rows
     assert clean["leaked.total"] == 0
     metrics = dvc(repo, "metrics", "show", "--json")

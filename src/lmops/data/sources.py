@@ -1,5 +1,5 @@
 """Raw sources -> standard columns: the user's files, a hub dataset or an embedded corpus,
-loaded through ``datasets`` and cleaned in batches."""
+loaded through ``datasets`` (memory-mapped Arrow files) and cleaned batch by batch."""
 
 from __future__ import annotations
 
@@ -10,15 +10,18 @@ import json
 import re
 import sqlite3
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import datasets
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from lmops.config import CleanConfig, SourceConfig
+from lmops.data.dedup import Dedup
 from lmops.data.split import source_splits
 from lmops.data.text import DROP_REASONS, check_binary_file, check_text_file, clean_batch
 from lmops.errors import DataError, DiskFullError
@@ -183,7 +186,7 @@ def _load_files(builder: str, files: list[Path], cache_dir: str | None) -> datas
             data_files=[str(f) for f in files],
             split="train",
             cache_dir=cache_dir,
-            keep_in_memory=True,
+            keep_in_memory=False,  # memory-mapped from the Arrow cache: any size fits
         )
     except Exception as err:  # datasets wraps parser errors in many types; keep the cause
         reason = disk_full_reason(err)
@@ -219,7 +222,9 @@ def _load_raw(src: SourceConfig, cache_dir: str | None) -> tuple[datasets.Datase
                 f"{files[0]} has {len(src_ds)} lines but {files[1]} has "
                 f"{len(tgt_ds)}: parallel files must be aligned line by line"
             )
-        ds = datasets.Dataset.from_dict({"src": src_ds["text"], "tgt": tgt_ds["text"]})
+        ds = datasets.concatenate_datasets(
+            [src_ds.rename_column("text", "src"), tgt_ds.rename_column("text", "tgt")], axis=1
+        )
         return ds, f"{files[0]} + {files[1]}"
     return _load_files(src.type, files, cache_dir), ", ".join(map(str, files))
 
@@ -259,36 +264,53 @@ def load_source(
     if src.max_rows is not None and src.max_rows < len(ds):
         ds = ds.select(range(src.max_rows))
     ds = ds.rename_columns({k: v for k, v in columns.items() if k != v})
-    if src.split_column:  # train, valid or test, checked before any work
-        splits = source_splits(ds["split"], f"{origin} ({_where(src)})")
-        ds = ds.remove_columns("split").add_column("split", list(splits))
-    if src.role == "parallel" and "group" not in ds.column_names:
-        ds = ds.add_column("group", [""] * len(ds))
-    elif src.role == "parallel" and ds.features["group"].dtype not in ("string", "large_string"):
+    group = ds.features.get("group") if src.role == "parallel" else None
+    if group is not None and group.dtype not in ("string", "large_string"):
         # split.valid_groups / test_groups are strings, also for numbered groups
         ds = ds.cast_column("group", datasets.Value("string"))
+    if src.split_column or (src.role == "parallel" and "group" not in ds.column_names):
+        # batch by batch, so the new columns never sit in memory whole
+        ds = ds.map(
+            _standard_columns,
+            batched=True,
+            batch_size=cfg.batch_rows,
+            fn_kwargs={"where": f"{origin} ({_where(src)})", "group": src.role == "parallel"},
+            desc="columns",
+        )
     return ds
+
+
+def _standard_columns(batch: dict[str, list], where: str, group: bool) -> dict[str, list]:
+    out = {}
+    if "split" in batch:  # train, valid or test, checked before any work
+        out["split"] = source_splits(batch["split"], where).tolist()
+    if group and "group" not in batch:
+        out["group"] = [""] * len(next(iter(batch.values())))
+    return out
 
 
 # ---------------------------------------------------------------- filtering
 
 
-def clean_source(
-    ds: datasets.Dataset, role: str, cfg: CleanConfig, seen: dict[str, set[str]]
-) -> tuple[pd.DataFrame, Counter[str]]:
-    """Clean and filter one loaded source; returns the kept rows and drop counts by reason.
-
-    ``seen`` carries texts across sources so a duplicate is dropped wherever it
-    recurs. A pair is a duplicate when its source *or* its target sentence was
-    seen before: each sentence then has one translation, and a sentence can
-    never sit in train and in a held-out split through two different pairs.
-    """
+def clean_rows(
+    ds: datasets.Dataset,
+    role: str,
+    cfg: CleanConfig,
+    cache_file: str | None = None,
+) -> datasets.Dataset:
+    """``ds`` with every text cleaned and a ``drop`` column: why each row is dropped, ""
+    to keep it. Written to ``cache_file`` (memory-mapped back), on ``clean.num_proc``
+    processes when there are enough batches to share."""
     columns = ["text"] if role == "monolingual" else ["src", "tgt"]
-    ds = ds.map(
+    num_proc = min(cfg.num_proc, len(ds) // cfg.batch_rows)
+    return ds.map(
         clean_batch,
         batched=True,
-        batch_size=1000,
-        keep_in_memory=True,
+        batch_size=cfg.batch_rows,
+        num_proc=num_proc if num_proc > 1 else None,
+        cache_file_name=cache_file,
+        load_from_cache_file=False,
+        keep_in_memory=cache_file is None,
         fn_kwargs={
             "columns": columns,
             "min_chars": cfg.min_chars,
@@ -297,21 +319,37 @@ def clean_source(
         },
         desc="clean",
     )
-    df = ds.to_pandas()
-    if cfg.dedup:
-        dup = np.zeros(len(df), dtype=bool)
-        keep = (df["drop"] == "").to_numpy()
-        sets = [seen.setdefault(c, set()) for c in columns]
-        values = [df[c].tolist() for c in columns]
-        for i in np.flatnonzero(keep):
-            row = [v[i] for v in values]
-            if any(t in s for t, s in zip(row, sets, strict=True)):
-                dup[i] = True
-            else:
-                for t, s in zip(row, sets, strict=True):
-                    s.add(t)
-        df.loc[dup, "drop"] = "duplicate"
-    dropped = Counter({reason: 0 for reason in DROP_REASONS})
-    dropped.update(r for r in df["drop"] if r)
-    kept = df[df["drop"] == ""].drop(columns="drop").reset_index(drop=True)
-    return kept, dropped
+
+
+def kept_batches(
+    cleaned: datasets.Dataset,
+    role: str,
+    batch_rows: int,
+    dedup: Dedup | None,
+    dropped: Counter[str],
+    part: Literal["held_out", "train"] | None = None,
+) -> Iterator[pa.Table]:
+    """The rows of a :func:`clean_rows` dataset to keep, batch by batch (without the
+    ``drop`` column); counts every row dropped in ``dropped`` by reason.
+
+    ``dedup`` carries texts across batches and sources so a duplicate is dropped wherever it
+    recurs. A pair is a duplicate when its source *or* its target sentence was seen before:
+    each sentence then has one translation, and a sentence can never sit in train and in a
+    held-out split through two different pairs. ``part``: only the rows of a source's own
+    split column that are held out (valid or test), or only its train rows.
+    """
+    columns = ["text"] if role == "monolingual" else ["src", "tgt"]
+    for reason in DROP_REASONS:
+        dropped.setdefault(reason, 0)  # every reason counted, 0 included
+    for batch in cleaned.with_format("arrow").iter(batch_size=batch_rows):
+        if part is not None:
+            is_train = np.array(batch.column("split").to_pylist(), dtype=object) == "train"
+            batch = batch.filter(pa.array(is_train if part == "train" else ~is_train))
+        reasons = np.array(batch.column("drop").to_pylist(), dtype=object)
+        keep = reasons == ""
+        if dedup is not None and keep.any():
+            dup = dedup.duplicates({c: batch.column(c).to_pylist() for c in columns}, keep)
+            reasons[dup] = "duplicate"
+            keep &= ~dup
+        dropped.update(r for r in reasons.tolist() if r)
+        yield batch.filter(pa.array(keep)).drop_columns(["drop"])

@@ -1,19 +1,19 @@
-"""Train/valid/test splits, by whole groups or at random, and the leak check that keeps
-every held-out text out of the training text."""
+"""Train/valid/test splits, by whole groups or at random, batch by batch, and the leak check
+that keeps every held-out text out of the training text."""
 
 from __future__ import annotations
 
-import re
 import zlib
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
+import pyarrow as pa
+from ahocorasick_rs import AhoCorasick, MatchKind
 
 from lmops.config import CleanConfig, SourceConfig
-from lmops.data.layout import MONO_COLUMNS
 from lmops.errors import DataError
 
 # ---------------------------------------------------------------- splitting
@@ -73,149 +73,123 @@ def source_splits(values: Iterable[Any], where: str) -> np.ndarray:
     return np.array(names, dtype=object)
 
 
-def split_labels(src: SourceConfig, rows: pd.DataFrame, cfg: CleanConfig, seed: int) -> np.ndarray:
-    """train/valid/test for each cleaned row of one source: the source's own (``split``,
-    ``split_column``), or as ``clean.split`` says."""
-    if src.split:
-        return np.full(len(rows), src.split, dtype=object)
-    if src.split_column:  # already train/valid/test: load_source read them (source_splits)
-        return rows["split"].to_numpy(dtype=object)
-    split = cfg.split
-    if src.role == "parallel" and src.group_column:
-        return group_split(rows["group"], split.valid_groups, split.test_groups)
-    # One random stream per source: adding a source does not reshuffle the others.
-    rng = np.random.default_rng([seed, zlib.crc32(src.name.encode())])
-    if src.role == "parallel":
-        return random_split(
-            len(rows), split.parallel_valid_fraction, split.parallel_test_fraction, rng
-        )
-    return random_split(len(rows), split.valid_fraction, split.test_fraction, rng)
+def held_out_rows(
+    n: int, valid_fraction: float, test_fraction: float, rng: np.random.Generator, work_dir: Path
+) -> tuple[np.ndarray, np.ndarray]:
+    """The rows :func:`random_split` labels valid and test, as two sorted index arrays.
+
+    The same draw as ``rng.permutation(n)`` (``Generator.shuffle`` of ``arange(n)``), made
+    on a memory-mapped file under ``work_dir``, so that only the held-out indices stay in
+    memory however many rows the source has."""
+    n_valid, n_test = round(n * valid_fraction), round(n * test_fraction)
+    if n == 0 or n_valid + n_test == 0:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    path = work_dir / f"permutation-{id(rng)}.npy"
+    order = np.lib.format.open_memmap(path, mode="w+", dtype=np.int64, shape=(n,))
+    step = 1 << 20
+    for start in range(0, n, step):
+        order[start : start + step] = np.arange(start, min(n, start + step))
+    rng.shuffle(order)
+    valid = np.sort(order[:n_valid])
+    test = np.sort(order[n_valid : n_valid + n_test])
+    del order
+    path.unlink()
+    return valid, test
+
+
+class SourceSplit:
+    """train/valid/test for each cleaned row of one source, batch by batch: the source's own
+    (``split``, ``split_column``), or as ``clean.split`` says: whole groups, or at random."""
+
+    def __init__(self, src: SourceConfig, n_rows: int, cfg: CleanConfig, seed: int, work_dir: Path):
+        self.src, self.split = src, cfg.split
+        self.valid: np.ndarray | None = None
+        self.test: np.ndarray | None = None
+        if not (src.split or src.split_column or (src.role == "parallel" and src.group_column)):
+            # One random stream per source: adding a source does not reshuffle the others.
+            rng = np.random.default_rng([seed, zlib.crc32(src.name.encode())])
+            if src.role == "parallel":
+                shares = (self.split.parallel_valid_fraction, self.split.parallel_test_fraction)
+            else:
+                shares = (self.split.valid_fraction, self.split.test_fraction)
+            self.valid, self.test = held_out_rows(n_rows, *shares, rng, work_dir)
+
+    def labels(self, rows: pa.Table, start: int) -> np.ndarray:
+        """The split of each row of ``rows``, the source's rows ``start`` onwards."""
+        n = rows.num_rows
+        if self.src.split:
+            return np.full(n, self.src.split, dtype=object)
+        if self.src.split_column:  # already train/valid/test: load_source read them
+            return np.array(rows.column("split").to_pylist(), dtype=object)
+        if self.valid is None or self.test is None:  # whole groups
+            groups = rows.column("group").to_pandas()
+            return group_split(groups, self.split.valid_groups, self.split.test_groups)
+        labels = np.full(n, "train", dtype=object)
+        for name, index in (("valid", self.valid), ("test", self.test)):
+            lo, hi = np.searchsorted(index, [start, start + n])
+            labels[index[lo:hi] - start] = name
+        return labels
 
 
 # ------------------------------------------------------------------ leakage
 
 
-def _trie_regex(strings: set[str]) -> str:
-    """A regex matching any of ``strings``, shaped as a trie: at each position the
-    engine follows one branch instead of trying every string in turn (a flat
-    alternation of ~2k sentences is ~50x slower)."""
-    trie: dict[str, Any] = {}
-    for s in strings:
-        node = trie
-        for ch in s:
-            node = node.setdefault(ch, {})
-        node[""] = None
-
-    def render(node: dict[str, Any]) -> str:
-        branches = []
-        for ch, child in node.items():
-            if ch == "":
-                continue
-            chain = [ch]
-            # Follow single-child chains iteratively: recursion only at branch points.
-            while len(child) == 1 and "" not in child:
-                ((ch, child),) = child.items()
-                chain.append(ch)
-            branches.append(re.escape("".join(chain)) + render(child))
-        if not branches:
-            return ""
-        body = branches[0] if len(branches) == 1 else f"(?:{'|'.join(branches)})"
-        return f"(?:{body})?" if "" in node else body
-
-    return render(trie)
-
-
 class HeldOut:
     """Held-out texts; finds training texts that equal or contain any of them.
 
-    One regex over the first ``key_chars`` characters of every held-out text
-    finds the few places where one may start; only those are compared in full.
-    Keys keep the regex small however long the held-out documents are.
+    An Aho-Corasick automaton over the first ``key_chars`` characters of every held-out
+    text finds every place where one may start, in one pass over a batch of texts joined by
+    newlines (cleaned texts hold none); only where a key is shorter than its text is the
+    rest compared. Keys keep the automaton small however long the held-out documents are.
+    The search itself runs without the GIL, so threads share the work.
     """
+
+    SEP = "\n"
 
     def __init__(self, texts: Iterable[str], key_chars: int = 64):
         self.texts = {t for t in texts if t}
-        self._by_key: dict[str, list[str]] = {}
-        for t in self.texts:
-            self._by_key.setdefault(t[:key_chars], []).append(t)
-        self._key_lengths = sorted({len(k) for k in self._by_key})
-        self._search = re.compile(_trie_regex(set(self._by_key))).search if self.texts else None
+        by_key: dict[str, list[str]] = {}
+        for t in sorted(self.texts):
+            by_key.setdefault(t[:key_chars], []).append(t)
+        keys = list(by_key)
+        # a key that is a held-out text itself: every match is a leak
+        self._whole = np.array([k in self.texts for k in keys], dtype=bool)
+        self._longer = [[t for t in by_key[k] if len(t) > len(k)] for k in keys]
+        self._matcher = AhoCorasick(keys, matchkind=MatchKind.Standard) if keys else None
+        self._joinable = not any(self.SEP in t for t in self.texts)
 
     def contains_any(self, text: str) -> bool:
         """Whether ``text`` equals or contains a held-out text."""
-        if self._search is None:
-            return False
-        match = self._search(text)
-        while match is not None:
-            # The trie matched the longest key starting here; every other key that
-            # starts here is a prefix of it.
-            start, longest = match.start(), match.group()
-            for n in self._key_lengths:
-                if n > len(longest):
-                    break
-                if any(text.startswith(h, start) for h in self._by_key.get(longest[:n], ())):
-                    return True
-            match = self._search(text, start + 1)  # occurrences may overlap
-        return False
+        return bool(self.leaks([text])[0])
 
-    def leaks(self, texts: Iterable[str], desc: str = "leak check") -> np.ndarray:
+    def leaks(self, texts: Iterable[str]) -> np.ndarray:
         """Boolean mask: True where a text equals or contains a held-out text."""
         texts = list(texts)
-        return np.fromiter(
-            (self.contains_any(t) for t in tqdm(texts, desc=desc, unit="row")),
-            dtype=bool,
-            count=len(texts),
-        )
+        mask = np.zeros(len(texts), dtype=bool)
+        if self._matcher is None or not texts:
+            return mask
+        if self._joinable:
+            hay = self.SEP.join(texts)
+            if hay.count(self.SEP) == len(texts) - 1:  # no text holds the separator
+                starts = np.cumsum([0, *(len(t) + 1 for t in texts[:-1])])
+                self._mark(hay, starts, mask)
+                return mask
+        for i, t in enumerate(texts):
+            self._mark(t, np.zeros(1, dtype=np.int64), mask[i : i + 1])
+        return mask
 
-
-# ---------------------------------------------------------------- the stage
-
-
-def empty_frame(columns: tuple[str, ...]) -> pd.DataFrame:
-    return pd.DataFrame({c: pd.Series([], dtype=str) for c in columns})
-
-
-def concat_rows(frames: list[pd.DataFrame], columns: tuple[str, ...]) -> pd.DataFrame:
-    frames = [f for f in frames if len(f)]
-    if not frames:
-        return empty_frame(columns)
-    return pd.concat(frames, ignore_index=True)[list(columns)]
-
-
-def remove_leaks(out: dict[str, pd.DataFrame], cfg: CleanConfig) -> dict[str, int]:
-    """Build ``mono_train`` (mono train text + both sides of the train pairs) and remove
-    from it, and from ``parallel_train``, every row that equals or contains a held-out
-    text: a valid/test sentence in either language, or a valid/test monolingual text.
-    Changes ``out`` in place; returns the counts removed."""
-    held = HeldOut(
-        t
-        for s in ("valid", "test")
-        for t in (
-            *out[f"parallel_{s}"]["src"],
-            *out[f"parallel_{s}"]["tgt"],
-            *out[f"mono_{s}"]["text"],
-        )
-    )
-    train = out["parallel_train"]
-    leaked = held.leaks(train["src"], "leak check: parallel src") | held.leaks(
-        train["tgt"], "leak check: parallel tgt"
-    )
-    out["parallel_train"] = train[~leaked].reset_index(drop=True)
-    stats = {"leaked.parallel_train": int(leaked.sum())}
-
-    pairs = out["parallel_train"]
-    sides = [
-        pd.DataFrame({"text": pairs[col], "lang": lang, "source": pairs["source"]})
-        for col, lang in (("src", cfg.source_lang), ("tgt", cfg.target_lang))
-    ]
-    mono_train = concat_rows([out["mono_train"], *sides], MONO_COLUMNS)
-    leaked = held.leaks(mono_train["text"], "leak check: mono_train")
-    mono_train = mono_train[~leaked]
-    stats["leaked.mono_train"] = int(leaked.sum())
-    stats["leaked.total"] = stats["leaked.parallel_train"] + stats["leaked.mono_train"]
-    # A wiki text may equal a verse, or a verse read the same in both languages.
-    dup = mono_train["text"].duplicated() if cfg.dedup else np.zeros(len(mono_train), bool)
-    stats["mono_train.duplicates_removed"] = int(dup.sum())
-    mono_train = mono_train[~dup]
-    out["mono_train"] = mono_train.reset_index(drop=True)
-    return stats
+    def _mark(self, hay: str, starts: np.ndarray, mask: np.ndarray) -> None:
+        assert self._matcher is not None
+        found = self._matcher.find_matches_as_indexes(hay, overlapping=True)
+        if not found:
+            return
+        matches = np.array(found, dtype=np.int64)  # (key, start, end), in characters
+        rows = np.searchsorted(starts, matches[:, 1], side="right") - 1
+        whole = self._whole[matches[:, 0]]
+        mask[rows[whole]] = True
+        rest = matches[~whole]
+        for key, start, row in zip(
+            rest[:, 0].tolist(), rest[:, 1].tolist(), rows[~whole].tolist(), strict=True
+        ):
+            if not mask[row] and any(hay.startswith(t, start) for t in self._longer[key]):
+                mask[row] = True

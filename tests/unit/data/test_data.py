@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import json
 import random
+from collections import Counter
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 
 from lmops.config import CleanConfig
 from lmops.data import layout, sources, text
 from lmops.data import split as splits
+from lmops.data.dedup import Dedup
 from lmops.errors import DataError
 from lmops.pipeline import clean as clean_stage
 
@@ -249,8 +252,13 @@ def test_clean_source_counts_drops_and_dedups_pairs_on_either_side():
             "group": [""] * 7,
         }
     )
-    kept, dropped = sources.clean_source(ds, "parallel", cfg, seen={})
-    assert kept["src"].tolist() == ["Hello there.", "Yes", "Bye."]
+    cleaned = sources.clean_rows(ds, "parallel", cfg)
+    dropped: Counter[str] = Counter()
+    # batches of 2: duplicates and the texts they repeat fall in different batches
+    batches = sources.kept_batches(cleaned, "parallel", 2, Dedup(["src", "tgt"]), dropped)
+    kept = pa.concat_tables(batches)
+    assert kept.column("src").to_pylist() == ["Hello there.", "Yes", "Bye."]
+    assert kept.column_names == ["src", "tgt", "group"]
     assert dropped == {"duplicate": 2, "empty": 1, "length_ratio": 1, "too_short": 0, "too_long": 0}
 
 
@@ -357,8 +365,11 @@ def test_build_clean_on_files_removes_leaks(tmp_path):
         n: layout.read_split(tmp_path / "out", n)
         for n in ("mono_train", "parallel_train", "parallel_valid", "parallel_test")
     }
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
-        f"{k}_{s}.jsonl" for k in ("mono", "parallel") for s in ("test", "train", "valid")
+    assert sorted(str(p.relative_to(tmp_path / "out")) for p in (tmp_path / "out").rglob("*")) == [
+        f"{k}_{s}{part}"
+        for k in ("mono", "parallel")
+        for s in ("test", "train", "valid")
+        for part in ("", "/part-00000.jsonl")
     ]
     assert out["parallel_train"]["src"].tolist() == [
         "A train sentence one.",

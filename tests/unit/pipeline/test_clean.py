@@ -87,8 +87,11 @@ def test_good_input_writes_outputs_and_logs_metrics(workdir, shared_mlflow):
     run_stage([mono("docs.txt")])
     stats = json.loads((workdir / "data/metrics/clean.json").read_text())
     assert stats["mono_train.rows"] == 6 and stats["mono_valid.rows"] == 3
-    assert sorted(p.name for p in (workdir / "data/clean").iterdir()) == [
-        f"{k}_{s}.jsonl" for k in ("mono", "parallel") for s in ("test", "train", "valid")
+    assert sorted(str(p.relative_to("data/clean")) for p in Path("data/clean").rglob("*")) == [
+        f"{k}_{s}{part}"
+        for k in ("mono", "parallel")
+        for s in ("test", "train", "valid")
+        for part in ("", "/part-00000.jsonl")
     ]
 
     from mlflow.tracking import MlflowClient
@@ -109,7 +112,8 @@ def test_good_input_writes_outputs_and_logs_metrics(workdir, shared_mlflow):
 
 def test_failure_removes_previous_outputs(workdir, capsys):
     (workdir / "data/clean").mkdir(parents=True)
-    (workdir / "data/clean/mono_train.jsonl").write_text("{}\n")
+    (workdir / "data/clean/mono_train").mkdir()
+    (workdir / "data/clean/mono_train/part-00000.jsonl").write_text("{}\n")
     (workdir / "data/metrics").mkdir()
     (workdir / "data/metrics/clean.json").write_text("{}\n")
     msg = assert_fails(capsys, [mono("nowhere.txt")])
@@ -265,7 +269,7 @@ def pairs_file(path: Path, rows: list[tuple[str, str]], **extra: list) -> None:
 
 
 def read_split(workdir: Path, name: str) -> list[tuple[str, str]]:
-    lines = (workdir / f"data/clean/{name}.jsonl").read_text().splitlines()
+    lines = (workdir / f"data/clean/{name}/part-00000.jsonl").read_text().splitlines()
     return [(r["src"], r["tgt"]) for r in map(json.loads, lines)]
 
 

@@ -189,7 +189,7 @@ def test_unknown_language_fails_without_output(vocab_dir, tmp_path):
     (tmp_path / "tokens").mkdir()  # an older, complete output must not survive either
     with pytest.raises(
         DataError,
-        match=r"mono_valid.parquet: row 3: language 'de' has no tag "
+        match=r"clean/mono_valid: row 3: language 'de' has no tag "
         r"in the vocabulary \(languages: \['en', 'fr'\]\)",
     ):
         tokenise.tokenise(clean, vocab_dir, tmp_path / "tokens", CFG)
@@ -200,11 +200,11 @@ def test_missing_column_and_missing_split(vocab_dir, tmp_path):
     clean = make_clean(tmp_path / "clean", n=20, fmt="jsonl")
     pairs = layout.read_split(clean, "parallel_test").drop(columns=["tgt"])
     layout.write_split(pairs, clean, "parallel_test", "jsonl")
-    with pytest.raises(DataError, match=r"parallel_test.jsonl: no 'tgt' column"):
+    with pytest.raises(DataError, match=r"clean/parallel_test: no 'tgt' column"):
         tokenise.tokenise(clean, vocab_dir, tmp_path / "tokens", CFG)
     _no_leftovers(tmp_path)
-    (clean / "parallel_test.jsonl").unlink()
-    with pytest.raises(DataError, match=r"parallel_test.parquet: missing"):
+    shutil.rmtree(clean / "parallel_test")
+    with pytest.raises(DataError, match=r"clean/parallel_test: missing \(did the clean stage"):
         tokenise.tokenise(clean, vocab_dir, tmp_path / "tokens", CFG)
     _no_leftovers(tmp_path)
 

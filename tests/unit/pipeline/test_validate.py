@@ -150,13 +150,13 @@ FAILURES = [
     (
         "nulls",
         _set("parallel_train", "tgt", 3, None),
-        "parallel_train.parquet",
+        "parallel_train",
         "nulls: expect_column_values_to_not_be_null(column='tgt'): 1 of 40 rows unexpected",
     ),
     (
         "too long",
         _set("mono_valid", "text", 0, "word " * 50),
-        "mono_valid.parquet",
+        "mono_valid",
         "length: expect_column_value_lengths_to_be_between(column='text'): "
         "1 of 20 rows unexpected, e.g. 'word word",
     ),
@@ -165,7 +165,7 @@ FAILURES = [
         _many(
             *(_copy(("parallel_valid", "src", 0), ("parallel_valid", "src", i)) for i in (1, 2, 3))
         ),
-        "parallel_valid.parquet",
+        "parallel_valid",
         "duplicates: expect_column_proportion_of_unique_values_to_be_between(column='src'): "
         "observed 0.85, expected at least 0.99; 3 of 20 rows duplicate an earlier row, "
         "e.g. 'Verse 100: the king went home.'",
@@ -175,35 +175,35 @@ FAILURES = [
         _many(
             _set("mono_train", "text", 1, CYRILLIC), _set("mono_train", "text", 3, CYRILLIC + "!")
         ),
-        "mono_train.parquet",
+        "mono_train",
         "script (en): expect_column_values_to_match_regex(column='text'): 2 of 20 rows "
         "unexpected (at most 2.00% allowed), e.g. 'Привет, как дела",
     ),
     (
         "cjk in src",
         _set("parallel_test", "src", 5, CJK),
-        "parallel_test.parquet",
+        "parallel_test",
         "script (en): expect_column_values_to_match_regex(column='src'): 1 of 20 rows "
         "unexpected (at most 2.00% allowed), e.g. '東京は",
     ),
     (
         "mis-decoded",
         _set("mono_test", "text", 2, "Caf\ufffd au lait."),
-        "mono_test.parquet",
+        "mono_test",
         "bad characters: expect_column_values_to_not_match_regex(column='text'): "
         "1 of 20 rows unexpected (at most 2.00% allowed), e.g. 'Caf\ufffd au lait.'",
     ),
     (
         "length ratio",
         _set("parallel_train", "tgt", 7, "Un verset bien trop long. " * 4),
-        "parallel_train.parquet",
+        "parallel_train",
         "length ratio: expect_column_values_to_be_between(column='length_ratio'): "
         "1 of 40 rows unexpected (at most 2.00% allowed), e.g. '0.269'",
     ),
     (
         "leak valid->train",
         _copy(("parallel_train", "src", 5), ("parallel_valid", "src", 2)),
-        "parallel_valid.parquet",
+        "parallel_valid",
         "leakage into parallel_train: expect_column_values_to_be_null("
         "column='src_in_parallel_train'): 1 of 20 rows unexpected, "
         "e.g. 'Verse 5: the king went home.'",
@@ -211,27 +211,27 @@ FAILURES = [
     (
         "leak test->mono_train",
         _copy(("mono_train", "text", 4), ("mono_test", "text", 4)),
-        "mono_test.parquet",
+        "mono_test",
         "leakage into mono_train: expect_column_values_to_be_null(column='text_in_mono_train'): "
         '1 of 20 rows unexpected, e.g. "La phrase 4 du corpus',
     ),
     (
         "unknown language",
         _set("mono_valid", "lang", 6, "de"),
-        "mono_valid.parquet",
+        "mono_valid",
         "language: expect_column_values_to_be_in_set(column='lang'): 1 of 20 rows unexpected, "
         "e.g. 'de'",
     ),
     (
         "no language",
         _set("mono_train", "lang", 6, None),
-        "mono_train.parquet",
+        "mono_train",
         "language: expect_column_values_to_not_be_null(column='lang'): 1 of 40 rows unexpected",
     ),
     (
         "too few rows",
         _truncate("parallel_test", 5),
-        "parallel_test.parquet",
+        "parallel_test",
         "row count: expect_table_row_count_to_be_between: 5 rows, expected at least 10",
     ),
 ]
@@ -271,8 +271,8 @@ def test_failures_are_listed_one_per_line_and_jsonl_is_read(tmp_path):
         run(tmp_path, frames, fmt="jsonl")
     lines = str(err.value).splitlines()
     assert "2 of" in lines[0]
-    assert lines[1].strip().startswith(f"{tmp_path}/clean/mono_train.jsonl: nulls: ")
-    assert lines[2].strip().startswith(f"{tmp_path}/clean/mono_valid.jsonl: row count: ")
+    assert lines[1].strip().startswith(f"{tmp_path}/clean/mono_train: nulls: ")
+    assert lines[2].strip().startswith(f"{tmp_path}/clean/mono_valid: row count: ")
 
 
 def test_missing_column_is_a_data_error_and_leaves_no_output(tmp_path):
@@ -280,7 +280,7 @@ def test_missing_column_is_a_data_error_and_leaves_no_output(tmp_path):
     frames["parallel_valid"] = frames["parallel_valid"].drop(columns=["tgt"])
     with pytest.raises(
         DataError,
-        match=r"clean/parallel_valid\.parquet: missing column\(s\) "
+        match=r"clean/parallel_valid: missing column\(s\) "
         r"\['tgt'\]",
     ):
         run(tmp_path, frames)
@@ -296,12 +296,11 @@ def test_expectation_that_cannot_run_is_reported(tmp_path):
     results = quality.run_checks(frames, CFG, LANGS, tmp_path / "site")
     lines = quality.failures(results, frames, tmp_path)
     assert (
-        f"{tmp_path}/mono_valid.parquet: leakage into mono_train: expect_column_values_to_be_"
+        f"{tmp_path}/mono_valid: leakage into mono_train: expect_column_values_to_be_"
         "null(column='text_in_mono_train'): could not be evaluated: " in "\n".join(lines)
     )
     assert any(
-        line.startswith(f"{tmp_path}/mono_valid.parquet: language: ")
-        and "could not be evaluated" in line
+        line.startswith(f"{tmp_path}/mono_valid: language: ") and "could not be evaluated" in line
         for line in lines
     )
     assert (tmp_path / "site" / "index.html").is_file()
@@ -407,7 +406,7 @@ def test_stage_failure_exits_1_and_keeps_the_report(tmp_path, mlflow_store, caps
     err = capsys.readouterr().err
     assert f"lmops validate: error: {clean}: 1 of {N_EXPECTATIONS} data quality" in err
     assert (
-        f"{clean}/mono_valid.parquet: leakage into mono_train: expect_column_values_to_be_"
+        f"{clean}/mono_valid: leakage into mono_train: expect_column_values_to_be_"
         "null(column='text_in_mono_train'): 1 of 20 rows unexpected, e.g. 'Sentence 9 of"
     ) in err
     assert not (tmp_path / "metrics" / "validate.json").exists()
