@@ -141,7 +141,8 @@ def iter_split(
         if path.stat().st_size == 0:
             raise DataError(f"{path}: file is empty (0 bytes); rerun the clean stage")
         try:
-            shard = pq.ParquetFile(path)
+            # pre_buffer (the default) would read the whole shard into memory first
+            shard = pq.ParquetFile(path, pre_buffer=False)
             batches = shard.iter_batches(batch_size=batch_rows, columns=_present(path, columns))
             empty = True
             for batch in batches:

@@ -133,7 +133,8 @@ def _pending(cache: Path, name: str, cfg: CleanConfig) -> ShardWriter:
 
 def _batches(files: Iterable[Path], batch_rows: int) -> Iterator[pa.Table]:
     for file in files:
-        for batch in pq.ParquetFile(file).iter_batches(batch_size=batch_rows):
+        # pre_buffer (the default) reads every row group of the file into memory first
+        for batch in pq.ParquetFile(file, pre_buffer=False).iter_batches(batch_size=batch_rows):
             yield pa.Table.from_batches([batch])
 
 
