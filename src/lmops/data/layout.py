@@ -35,6 +35,8 @@ MONO_COLUMNS = ("text", "lang", "source")
 PARALLEL_COLUMNS = ("src", "tgt", "group", "source")
 FORMATS = ("parquet", "jsonl")
 SHARD_PREFIX = "part-"
+# rows a reader holds at a time unless told otherwise: a few MB of text
+READ_ROWS = 10_000
 
 
 def split_columns(name: str) -> tuple[str, ...]:
@@ -123,7 +125,7 @@ def read_split(data_dir: str | Path, name: str) -> pd.DataFrame:
 def iter_split(
     data_dir: str | Path,
     name: str,
-    batch_rows: int,
+    batch_rows: int = READ_ROWS,
     columns: Sequence[str] | None = None,
 ) -> Iterator[tuple[Path, int, pd.DataFrame]]:
     """Split ``name`` batch by batch, in row order: (shard, index of the batch's first row in

@@ -14,6 +14,7 @@ import pyarrow as pa
 from ahocorasick_rs import AhoCorasick, MatchKind
 
 from lmops.config import CleanConfig, SourceConfig
+from lmops.data.sample import permutation_head
 from lmops.errors import DataError
 
 # ---------------------------------------------------------------- splitting
@@ -76,25 +77,11 @@ def source_splits(values: Iterable[Any], where: str) -> np.ndarray:
 def held_out_rows(
     n: int, valid_fraction: float, test_fraction: float, rng: np.random.Generator, work_dir: Path
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The rows :func:`random_split` labels valid and test, as two sorted index arrays.
-
-    The same draw as ``rng.permutation(n)`` (``Generator.shuffle`` of ``arange(n)``), made
-    on a memory-mapped file under ``work_dir``, so that only the held-out indices stay in
-    memory however many rows the source has."""
+    """The rows :func:`random_split` labels valid and test, as two sorted index arrays,
+    without the whole permutation in memory (:func:`lmops.data.sample.permutation_head`)."""
     n_valid, n_test = round(n * valid_fraction), round(n * test_fraction)
-    if n == 0 or n_valid + n_test == 0:
-        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
-    path = work_dir / f"permutation-{id(rng)}.npy"
-    order = np.lib.format.open_memmap(path, mode="w+", dtype=np.int64, shape=(n,))
-    step = 1 << 20
-    for start in range(0, n, step):
-        order[start : start + step] = np.arange(start, min(n, start + step))
-    rng.shuffle(order)
-    valid = np.sort(order[:n_valid])
-    test = np.sort(order[n_valid : n_valid + n_test])
-    del order
-    path.unlink()
-    return valid, test
+    head = permutation_head(n, n_valid + n_test, rng, work_dir)
+    return np.sort(head[:n_valid]), np.sort(head[n_valid:])
 
 
 class SourceSplit:

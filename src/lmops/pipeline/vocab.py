@@ -10,7 +10,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, SupportsInt, cast
+from typing import Any
 
 import numpy as np
 import sentencepiece as spm
@@ -29,6 +29,7 @@ from lmops.core.vocab import (
     lang_tag,
 )
 from lmops.data import layout
+from lmops.data.sample import sample_texts
 from lmops.errors import DataError, LmopsError, QualityError
 from lmops.io import atomic_output, read_json, write_json
 from lmops.pipeline import Result, path
@@ -83,8 +84,10 @@ def train_vocab(
     languages: Sequence[str],
     seed: int,
     source: str | Path = TRAIN_SPLIT,
+    total: int | None = None,
 ) -> dict[str, Any]:
-    """Train SentencePiece on ``texts`` into ``out_dir`` (which must exist); returns meta."""
+    """Train SentencePiece on ``texts`` into ``out_dir`` (which must exist); returns meta.
+    ``total``: the training text's rows when ``texts`` is already a sample of them."""
     out_dir = Path(out_dir)
     if not texts:
         raise DataError(f"{source}: no text to train the vocabulary on")
@@ -141,7 +144,7 @@ def train_vocab(
         "model_type": cfg.model_type,
         "byte_fallback": cfg.byte_fallback,
         "character_coverage": cfg.character_coverage,
-        "train_sentences": len(texts),
+        "train_sentences": len(texts) if total is None else total,
         "sampled_sentences": len(sample),
         "seed": seed,
     }
@@ -152,16 +155,15 @@ def train_vocab(
 def build_vocab(
     data_dir: str | Path, out: str | Path, cfg: VocabConfig, languages: Sequence[str], seed: int
 ) -> dict[str, Any]:
-    """The vocab stage: ``mono_train`` from the clean stage's dir -> ``out`` (atomic)."""
+    """The vocab stage: ``mono_train`` from the clean stage's dir -> ``out`` (atomic).
+
+    The split is read batch by batch and only a seeded sample of ``vocab.input_sentence_size``
+    texts is kept (the same sample :func:`train_vocab` draws from a list), so memory is
+    bounded by that param, not by the corpus."""
     path = layout.split_path(data_dir, TRAIN_SPLIT)
-    df = layout.read_split(data_dir, TRAIN_SPLIT)
-    if "text" not in df.columns:
-        raise DataError(f"{path}: no 'text' column (columns: {list(df.columns)})")
-    missing = df["text"].isna()
-    if missing.any():
-        raise DataError(f"{path}: row {int(cast(SupportsInt, missing.idxmax()))}: text is missing")
+    texts, total = sample_texts(data_dir, TRAIN_SPLIT, cfg.input_sentence_size, seed)
     with atomic_output(out, is_dir=True) as tmp:
-        return train_vocab(df["text"].tolist(), tmp, cfg, languages, seed, source=path)
+        return train_vocab(texts, tmp, cfg, languages, seed, source=path, total=total)
 
 
 @dataclass(frozen=True)

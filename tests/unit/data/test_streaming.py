@@ -12,6 +12,7 @@ import pytest
 from lmops.data import layout
 from lmops.data import split as splits
 from lmops.data.dedup import Dedup, HashSet, text_hashes
+from lmops.data.sample import sample_texts
 from lmops.errors import DataError
 
 # ------------------------------------------------------------- de-duplication
@@ -156,3 +157,26 @@ def test_a_corrupted_shard_is_named(tmp_path):
     shard.write_bytes(shard.read_bytes()[:40])
     with pytest.raises(DataError, match=rf"{shard}: cannot be read as parquet .*rerun the clean"):
         list(layout.iter_split(tmp_path, "parallel_train", 5))
+
+
+@pytest.mark.parametrize("k", [5, 9, 10, 50])
+def test_a_sample_read_shard_by_shard_is_the_in_memory_sample(tmp_path, k):
+    texts = [f"text {i}" for i in range(23)]
+    frame = pd.DataFrame({"text": texts, "lang": "en", "source": "s"})
+    with layout.ShardWriter(tmp_path, "mono_train", "parquet", shard_rows=4) as out:
+        out.write(frame)
+    got, n = sample_texts(tmp_path, "mono_train", k, seed=11, batch_rows=3)
+    assert n == 23
+    if k >= n:
+        assert got == texts
+    else:  # what the vocab stage drew from the whole list before it streamed
+        assert got == [texts[i] for i in np.random.default_rng(11).permutation(23)[:k]]
+
+
+def test_a_missing_text_is_named_by_its_row_in_the_split(tmp_path):
+    frame = pd.DataFrame({"text": [f"t{i}" for i in range(10)], "lang": "en", "source": "s"})
+    frame.loc[7, "text"] = None
+    with layout.ShardWriter(tmp_path, "mono_train", "parquet", shard_rows=4) as out:
+        out.write(frame)
+    with pytest.raises(DataError, match=r"mono_train: row 7: text is missing"):
+        sample_texts(tmp_path, "mono_train", 100, seed=1, batch_rows=3)
