@@ -177,6 +177,27 @@ def split_rows(data_dir: str | Path, name: str) -> int:
     return rows
 
 
+def split_dataset(data_dir: str | Path, name: str, cache_dir: str | Path) -> Any:
+    """Split ``name`` as a ``datasets.Dataset``, memory-mapped from an Arrow copy that
+    ``datasets`` writes under ``cache_dir`` (so ``map`` can run on ``num_proc`` processes and
+    any size fits). A split with no rows has no columns to load: ask :func:`split_rows`
+    first."""
+    import datasets  # slow to import: only the stages that map a split need it
+
+    files = split_files(data_dir, name)
+    builder = "parquet" if files[0].suffix == ".parquet" else "json"
+    try:
+        return datasets.load_dataset(
+            builder, data_files=[str(f) for f in files], split="train", cache_dir=str(cache_dir)
+        )
+    except Exception as err:  # datasets wraps reader errors in its own types
+        cause = err.__cause__ or err
+        raise DataError(
+            f"{Path(data_dir) / name}: cannot be read as {builder} ({type(cause).__name__}: "
+            f"{cause}); rerun the clean stage"
+        ) from None
+
+
 # ------------------------------------------------------------------ writing
 
 

@@ -10,13 +10,15 @@ Output directory::
 
 from __future__ import annotations
 
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, SupportsInt, cast
+from typing import Any
 
 import datasets
 import pandas as pd
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
@@ -29,6 +31,8 @@ from lmops.io import atomic_output, write_json
 from lmops.pipeline import Result, path
 
 PARALLEL_SPLITS = ("parallel_train", "parallel_valid", "parallel_test")
+# pairs written a row group at a time: memory bounded, and the same bytes for the same pairs
+PAIRS_ROW_GROUP = 1 << 16
 PARALLEL_FEATURES = datasets.Features(
     {
         "src": datasets.Value("string"),
@@ -40,8 +44,7 @@ PARALLEL_FEATURES = datasets.Features(
 
 
 def utf8_bytes(texts: pd.Series) -> int:
-    # pandas-stubs allow .str.len() on str only; on bytes it counts bytes
-    return int(texts.str.encode("utf-8").str.len().sum())  # type: ignore[misc]
+    return int(pc.sum(pc.binary_length(pa.array(texts, type=pa.large_string()))).as_py() or 0)
 
 
 class _EncodeMono:
@@ -67,30 +70,53 @@ class _EncodePairs:
         return {"src_ids": self.tok.encode(batch["src"]), "tgt_ids": self.tok.encode(batch["tgt"])}
 
 
-def _check_columns(df: pd.DataFrame, path: Path, columns: tuple[str, ...]) -> None:
+def _check_columns(df: pd.DataFrame, path: Path, columns: tuple[str, ...], start: int) -> None:
     for col in columns:
         if col not in df.columns:
             raise DataError(f"{path}: no '{col}' column (columns: {list(df.columns)})")
-        missing = df[col].isna()
+        missing = df[col].isna().to_numpy()
         if missing.any():
-            raise DataError(
-                f"{path}: row {int(cast(SupportsInt, missing.idxmax()))}: '{col}' is missing"
-            )
+            raise DataError(f"{path}: row {start + int(missing.argmax())}: '{col}' is missing")
 
 
-def _read(data_dir: Path, name: str, columns: tuple[str, ...]) -> tuple[pd.DataFrame, Path]:
+def _check(
+    data_dir: Path,
+    name: str,
+    columns: tuple[str, ...],
+    text_columns: tuple[str, ...],
+    languages: list[str] | None = None,
+) -> tuple[int, int]:
+    """Read split ``name`` batch by batch: every column present, no value missing, every
+    language known. Returns its rows and the UTF-8 bytes of its ``text_columns``."""
     path = layout.split_path(data_dir, name)
-    df = layout.read_split(data_dir, name)
-    _check_columns(df, path, columns)
-    return df, path
+    rows = text_bytes = 0
+    for _, start, df in layout.iter_split(data_dir, name, columns=columns):
+        _check_columns(df, path, columns, start)
+        if languages is not None:
+            unknown = ~df["lang"].isin(languages).to_numpy()
+            if unknown.any():
+                row = int(unknown.argmax())
+                raise DataError(
+                    f"{path}: row {start + row}: language {df['lang'].iloc[row]!r} has no tag "
+                    f"in the vocabulary (languages: {languages})"
+                )
+        rows += len(df)
+        text_bytes += sum(utf8_bytes(df[c]) for c in text_columns)
+    return rows, text_bytes
 
 
 def _map(
-    df: pd.DataFrame, fn: Any, features: datasets.Features, cfg: TokeniseConfig, desc: str
+    data_dir: Path,
+    name: str,
+    rows: int,
+    fn: Any,
+    features: datasets.Features,
+    cfg: TokeniseConfig,
+    cache: Path,
 ) -> datasets.Dataset:
-    if df.empty:  # map never calls fn on no rows, so the new columns would be missing
-        return datasets.Dataset.from_dict({name: [] for name in features}, features=features)
-    ds = datasets.Dataset.from_pandas(df.reset_index(drop=True), preserve_index=False)
+    if rows == 0:  # map never calls fn on no rows, so the new columns would be missing
+        return datasets.Dataset.from_dict({col: [] for col in features}, features=features)
+    ds = layout.split_dataset(data_dir, name, cache)
     drop = [c for c in ds.column_names if c not in features]
     # Fewer batches than workers would only add process start-up time.
     num_proc = min(cfg.num_proc, max(1, len(ds) // cfg.batch_size))
@@ -101,28 +127,32 @@ def _map(
         num_proc=num_proc if num_proc > 1 else None,
         remove_columns=drop,
         features=features,
-        desc=desc,
+        desc=f"encode {name}",
     )
 
 
 def _encode_mono(
-    data_dir: Path, name: str, tok: Tokenizer, cfg: TokeniseConfig
+    data_dir: Path, name: str, tok: Tokenizer, cfg: TokeniseConfig, cache: Path
 ) -> tuple[datasets.Dataset, int]:
-    df, path = _read(data_dir, name, ("text", "lang"))
-    if df.empty and name == "mono_train":
+    rows, text_bytes = _check(data_dir, name, ("text", "lang"), ("text",), tok.languages)
+    if rows == 0 and name == "mono_train":
         raise DataError(
-            f"{path}: no rows, so no pretraining text to tokenise; check the "
-            "clean stage's sources and filters (data/metrics/clean.json)"
+            f"{layout.split_path(data_dir, name)}: no rows, so no pretraining text to tokenise; "
+            "check the clean stage's sources and filters (data/metrics/clean.json)"
         )
-    unknown = ~df["lang"].isin(tok.languages)
-    if unknown.any():
-        row = int(cast(SupportsInt, unknown.idxmax()))
-        raise DataError(
-            f"{path}: row {row}: language {df['lang'].iloc[row]!r} has no tag "
-            f"in the vocabulary (languages: {tok.languages})"
-        )
-    encoded = _map(df[["text", "lang"]], _EncodeMono(tok), STREAM_FEATURES, cfg, f"encode {name}")
-    return encoded, utf8_bytes(df["text"])
+    return _map(data_dir, name, rows, _EncodeMono(tok), STREAM_FEATURES, cfg, cache), text_bytes
+
+
+def _write_pairs(ds: datasets.Dataset, path: Path) -> None:
+    """The encoded pairs as parquet, a row group at a time, without the datasets
+    fingerprint: the bytes depend on the content alone, not on how map() batched it, so a
+    rerun that changes nothing stops DVC's cascade."""
+    schema = ds.features.arrow_schema.remove_metadata()
+    with pq.ParquetWriter(path, schema) as out:
+        if len(ds) == 0:
+            out.write_table(schema.empty_table())
+        for table in ds.with_format("arrow").iter(batch_size=PAIRS_ROW_GROUP):
+            out.write_table(table.replace_schema_metadata(None).cast(schema))
 
 
 def tokenise(
@@ -134,9 +164,13 @@ def tokenise(
     started = time.perf_counter()
     stats: dict[str, Any] = {"vocab_size": tok.vocab_size}
     tokens = text_bytes = 0
-    with atomic_output(out, is_dir=True) as tmp:
+    with (
+        atomic_output(out, is_dir=True) as tmp,
+        tempfile.TemporaryDirectory(prefix="lmops-tokenise-") as cache_dir,
+    ):
+        cache = Path(cache_dir)
         for split, stem in STREAM_SPLITS.items():
-            encoded, text = _encode_mono(data_dir, split, tok, cfg)
+            encoded, text = _encode_mono(data_dir, split, tok, cfg, cache)
             side = write_stream(encoded, tmp / f"{stem}.bin", tok.vocab_size, text)
             stats[stem] = {
                 "tokens": side["length"],
@@ -147,18 +181,14 @@ def tokenise(
             tokens += side["length"]
             text_bytes += side["bytes"]
         for split in PARALLEL_SPLITS:
-            df, _ = _read(data_dir, split, ("src", "tgt"))
-            ds = _map(df, _EncodePairs(tok), PARALLEL_FEATURES, cfg, f"encode {split}")
-            # one contiguous table without the datasets fingerprint: the bytes depend on the
-            # content alone, not on how map() batched it, so a rerun that changes nothing
-            # stops DVC's cascade
-            table = ds.with_format("arrow")[:].combine_chunks().replace_schema_metadata(None)
-            pq.write_table(table, tmp / f"{split}.parquet")
+            rows, pair_bytes = _check(data_dir, split, ("src", "tgt"), ("src", "tgt"))
+            ds = _map(data_dir, split, rows, _EncodePairs(tok), PARALLEL_FEATURES, cfg, cache)
+            _write_pairs(ds, tmp / f"{split}.parquet")
             src = int(pc.sum(pc.list_value_length(ds.data.column("src_ids"))).as_py() or 0)
             tgt = int(pc.sum(pc.list_value_length(ds.data.column("tgt_ids"))).as_py() or 0)
             stats[split] = {"pairs": len(ds), "src_tokens": src, "tgt_tokens": tgt}
             tokens += src + tgt
-            text_bytes += utf8_bytes(df["src"]) + utf8_bytes(df["tgt"])
+            text_bytes += pair_bytes
     wall = time.perf_counter() - started
     stats.update(
         {

@@ -268,3 +268,41 @@ def test_empty_splits_give_empty_outputs(vocab_dir, tmp_path):
     assert stats["parallel_valid"] == {"pairs": 0, "src_tokens": 0, "tgt_tokens": 0}
     assert load_stream(tmp_path / "tokens" / "pretrain_valid").size == 0
     assert pq.read_table(tmp_path / "tokens" / "parallel_valid.parquet").num_rows == 0
+
+
+def _reshard(src: Path, dst: Path, rows: int, fmt: str = "parquet") -> Path:
+    for kind in ("mono", "parallel"):
+        for split in layout.SPLITS:
+            name = f"{kind}_{split}"
+            with layout.ShardWriter(dst, name, fmt, shard_rows=rows) as out:
+                for _, _, df in layout.iter_split(src, name, batch_rows=rows + 3):
+                    out.write(df)
+    return dst
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "jsonl"])
+def test_many_shards_give_the_same_tokens_as_one(clean_dir, vocab_dir, tokens, tmp_path, fmt):
+    one, stats = tokens
+    sharded = _reshard(clean_dir, tmp_path / "clean", 37, fmt)
+    assert len(layout.split_files(sharded, "mono_train")) == 33  # 1,200 rows
+    cfg = TokeniseConfig(num_proc=2, batch_size=100)
+    again = tokenise.tokenise(sharded, vocab_dir, tmp_path / "tokens", cfg)
+    assert {k: v for k, v in again.items() if "second" not in k} == {
+        k: v for k, v in stats.items() if "second" not in k
+    }
+    for path in sorted(one.iterdir()):
+        assert (tmp_path / "tokens" / path.name).read_bytes() == path.read_bytes(), path.name
+
+
+def test_a_bad_row_in_a_later_shard_is_named_by_its_row_in_the_split(
+    clean_dir, vocab_dir, tmp_path
+):
+    sharded = _reshard(clean_dir, tmp_path / "clean", 37)
+    mono = layout.read_split(sharded, "mono_train")
+    mono.loc[250, "lang"] = "de"
+    shutil.rmtree(sharded / "mono_train")
+    with layout.ShardWriter(sharded, "mono_train", "parquet", shard_rows=37) as out:
+        out.write(mono)
+    with pytest.raises(DataError, match=r"clean/mono_train: row 250: language 'de' has no tag"):
+        tokenise.tokenise(sharded, vocab_dir, tmp_path / "tokens", CFG)
+    _no_leftovers(tmp_path)
