@@ -226,6 +226,23 @@ class ValidateConfig(_Section):
     min_length_ratio_fraction: float = Field(
         default=0.98, ge=0, le=1, description="Share of pairs that must be within the ratio."
     )
+    sample_rows: int = Field(
+        default=100_000,
+        ge=1,
+        description="The checks that need a whole split (row count, duplicate rate) run on a "
+        "seeded sample of this many rows (all rows of a smaller split); the others run on "
+        "every row, shard by shard.",
+    )
+    sample_seed: int = Field(default=0, description="Seed of that sample.")
+
+    @model_validator(mode="after")
+    def _check(self) -> ValidateConfig:
+        if self.sample_rows < self.min_rows:  # else the row count would fail on the sample
+            raise ValueError(
+                f"validate.sample_rows ({self.sample_rows}) must be at least "
+                f"validate.min_rows ({self.min_rows})"
+            )
+        return self
 
 
 class VocabConfig(_Section):

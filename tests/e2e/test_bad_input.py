@@ -463,7 +463,7 @@ CASES = [
     Case(
         "validate",
         "missing-column",
-        ("parallel_train: missing column(s) ['group']",),
+        ("parallel_train/part-00000.parquet: missing column(s) ['group']",),
         clean_with(
             lambda d: layout.write_split(
                 layout.read_split(d, "parallel_train").drop(columns="group"),

@@ -4,9 +4,11 @@ memory: what the whole-corpus steps (the vocabulary, whole-split checks) read.""
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from lmops.data import layout
 from lmops.errors import DataError
@@ -33,6 +35,36 @@ def permutation_head(n: int, k: int, rng: np.random.Generator, work_dir: str | P
     return head
 
 
+def sample_rows(
+    data_dir: str | Path,
+    name: str,
+    k: int,
+    seed: int,
+    columns: Sequence[str],
+    batch_rows: int = layout.READ_ROWS,
+) -> tuple[pd.DataFrame, int]:
+    """Up to ``k`` rows (``columns`` only) of split ``name`` drawn at random (seeded), in
+    the order drawn, and the split's row count; all of them, in order, when it has ``k`` or
+    fewer. The split is read batch by batch, so only the sample is held."""
+    n = layout.split_rows(data_dir, name)
+    if n <= k:
+        frames = [df for _, _, df in layout.iter_split(data_dir, name, batch_rows, columns)]
+        return pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0], n
+    with tempfile.TemporaryDirectory(prefix="lmops-sample-") as tmp:
+        rows = permutation_head(n, k, np.random.default_rng(seed), tmp)
+    by_row = np.argsort(rows, kind="stable")
+    wanted = rows[by_row]
+    picked = []
+    for _, start, df in layout.iter_split(data_dir, name, batch_rows, columns):
+        lo, hi = np.searchsorted(wanted, [start, start + len(df)])
+        picked.append(df.iloc[wanted[lo:hi] - start])
+    sample = pd.concat(picked, ignore_index=True)
+    # back from row order to the order drawn
+    order = np.empty(len(by_row), dtype=np.int64)
+    order[by_row] = np.arange(len(by_row))
+    return sample.iloc[order].reset_index(drop=True), n
+
+
 def sample_texts(
     data_dir: str | Path,
     name: str,
@@ -42,31 +74,14 @@ def sample_texts(
     batch_rows: int = layout.READ_ROWS,
 ) -> tuple[list[str], int]:
     """Up to ``k`` texts of split ``name`` drawn at random (seeded), in the order drawn,
-    and the split's row count; all of them, in order, when it has ``k`` or fewer. The split
-    is read batch by batch; a missing column or text is a DataError naming the split and
-    the row."""
-    n = layout.split_rows(data_dir, name)
+    and the split's row count (:func:`sample_rows`). A missing column or text is a
+    DataError naming the split and the row."""
     where = layout.split_path(data_dir, name)
-    if n <= k:
-        rows = None
-    else:
-        with tempfile.TemporaryDirectory(prefix="lmops-sample-") as tmp:
-            rows = permutation_head(n, k, np.random.default_rng(seed), tmp)
-        by_row = np.argsort(rows, kind="stable")
-        wanted = rows[by_row]
-    texts: list[str | None] = [None] * min(n, k)
-    for _, start, df in layout.iter_split(data_dir, name, batch_rows, columns=[column]):
+    for _, start, df in layout.iter_split(data_dir, name, batch_rows, [column]):
         if column not in df.columns:
             raise DataError(f"{where}: no '{column}' column (columns: {list(df.columns)})")
-        values = df[column]
-        missing = values.isna().to_numpy()
+        missing = df[column].isna().to_numpy()
         if missing.any():
             raise DataError(f"{where}: row {start + int(missing.argmax())}: {column} is missing")
-        if rows is None:
-            texts[start : start + len(values)] = values.tolist()
-            continue
-        lo, hi = np.searchsorted(wanted, [start, start + len(values)])
-        picked = values.to_numpy(dtype=object)[wanted[lo:hi] - start]
-        for slot, text in zip(by_row[lo:hi].tolist(), picked.tolist(), strict=True):
-            texts[slot] = text
-    return [t for t in texts if t is not None], n
+    sample, n = sample_rows(data_dir, name, k, seed, [column], batch_rows)
+    return sample[column].tolist(), n

@@ -1,11 +1,13 @@
 """Great Expectations checks on the clean stage's output (the ``validate`` stage).
 
-Each of the six splits (``mono_*``, ``parallel_*``) gets its own expectation
-suite and validation definition in an ephemeral GX context; the Data Docs site
-built from their results is the stage's HTML report. Rules that span two
-columns or two splits (length ratio, leakage) become derived columns first, so
-GX checks a plain per-row value and the Data Docs list only the offending rows,
-never the whole training set.
+Every split is checked shard by shard, so memory is bounded by a shard, not by the corpus:
+the rules that look at one row at a time (nulls, lengths, script, language, length ratio,
+leakage) run on every row of each shard (one GX validation named ``<split>.part-NNNNN``);
+the rules that need the whole split (row count, duplicate rate) run on a seeded sample of
+up to ``validate.sample_rows`` rows (``<split>.sample``: every row of a smaller split), and
+their Data Docs entries say so. Rules that span two columns or two splits (length ratio,
+leakage) become derived columns first, so GX checks a plain per-row value and the Data Docs
+list only the offending rows, never the whole training set.
 
 The regexes are RE2 syntax: pandas 3 stores text as pyarrow strings, and GX's
 pandas regex check runs through pyarrow's RE2 engine (linear time, and it knows
@@ -16,16 +18,18 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pandas as pd
 from tqdm.auto import tqdm
 
 from lmops.config import Params, ValidateConfig
-from lmops.data.layout import MONO_COLUMNS, PARALLEL_COLUMNS, SPLITS, read_split, split_path
+from lmops.data import layout
+from lmops.data.layout import MONO_COLUMNS, PARALLEL_COLUMNS, SPLITS
+from lmops.data.sample import sample_rows
 from lmops.errors import DataError, QualityError
 from lmops.io import atomic_output, write_json
 from lmops.pipeline import Result, path
@@ -96,20 +100,23 @@ def split_names(kind: str) -> list[str]:
     return [f"{kind}_{split}" for split in SPLITS]
 
 
-def load_splits(data_dir: str | Path) -> dict[str, pd.DataFrame]:
-    """Read all six splits, checking each has the columns of the clean layout."""
-    frames = {}
-    for kind in ("mono", "parallel"):
-        for name in split_names(kind):
-            df = read_split(data_dir, name)
-            missing = [c for c in REQUIRED_COLUMNS[kind] if c not in df.columns]
-            if missing:
-                raise DataError(
-                    f"{split_path(data_dir, name)}: missing column(s) {missing} "
-                    f"(expected {list(REQUIRED_COLUMNS[kind])})"
-                )
-            frames[name] = df
-    return frames
+@dataclass
+class Batch:
+    """What one GX validation checks: a shard's rows, or a split's sample."""
+
+    name: str  # the validation's name: <split>.part-NNNNN or <split>.sample
+    split: str
+    where: str  # for messages: the shard's path, or the split's and the sample's size
+    frame: pd.DataFrame
+    rules: Literal["rows", "sample"]
+
+
+def _check_columns(df: pd.DataFrame, where: Path | str, kind: str) -> None:
+    missing = [c for c in REQUIRED_COLUMNS[kind] if c not in df.columns]
+    if missing:
+        raise DataError(
+            f"{where}: missing column(s) {missing} (expected {list(REQUIRED_COLUMNS[kind])})"
+        )
 
 
 def _text(series: pd.Series) -> pd.Series:
@@ -117,51 +124,118 @@ def _text(series: pd.Series) -> pd.Series:
     return series.astype("str")
 
 
-def _matches(values: pd.Series, pool: pd.Series) -> pd.Series:
+def _matches(values: pd.Series, pool: set[str]) -> pd.Series:
     """The value where it also occurs in ``pool``, else missing."""
-    # pandas 3's isin on pyarrow strings converts value by value: ~30x slower than object.
-    found = values.astype(object).isin(pool.dropna().astype(object))
+    found = values.map(lambda v: isinstance(v, str) and v in pool).astype(bool)
     return values.where(found)
 
 
-def add_derived_columns(frames: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
+# the training split (and its column) a held-out text column must not occur in
+_LEAK_TARGETS = {
+    "mono": {"text": [("mono_train", "text")]},
+    "parallel": {
+        "src": [("parallel_train", "src"), ("mono_train", "text")],
+        "tgt": [("parallel_train", "tgt"), ("mono_train", "text")],
+    },
+}
+
+
+def leaked_texts(data_dir: str | Path) -> dict[tuple[str, str], set[str]]:
+    """For each training split and column, the held-out texts that occur in it: the held-out
+    texts are collected first, then each training split streams past them once."""
+    held: dict[tuple[str, str], set[str]] = {}
+    for kind, targets in _LEAK_TARGETS.items():
+        for split in SPLITS[1:]:
+            for col, trains in targets.items():
+                for _, _, df in layout.iter_split(data_dir, f"{kind}_{split}", columns=[col]):
+                    if col in df.columns:
+                        texts = set(df[col].dropna().astype(object))
+                        for target in trains:
+                            held.setdefault(target, set()).update(texts)
+    found: dict[tuple[str, str], set[str]] = {t: set() for t in held}
+    for (train, col), texts in held.items():
+        for _, _, df in layout.iter_split(data_dir, train, columns=[col]):
+            if col in df.columns:
+                found[(train, col)].update(texts.intersection(df[col].dropna().astype(object)))
+    return found
+
+
+def add_derived_columns(
+    name: str, df: pd.DataFrame, leaked: dict[tuple[str, str], set[str]]
+) -> pd.DataFrame:
     """Per-row columns for the rules that span two columns or two splits.
 
     ``length_ratio`` = len(src) / len(tgt). ``<col>_in_<train split>`` holds the
     text where a valid/test text also occurs in that training split, so a
     "values to be null" expectation lists exactly the leaked texts.
     """
-    out = {name: df.copy() for name, df in frames.items()}
-    for name, df in out.items():
-        for col in ("text", "src", "tgt"):
-            if col in df.columns:
-                df[col] = _text(df[col])
-        if name.startswith("parallel_"):
-            # pandas-stubs want an int for an int Series; NaN upcasts it to float
-            tgt_len = df["tgt"].str.len().replace(0, float("nan"))  # type: ignore[arg-type]
-            df["length_ratio"] = (df["src"].str.len() / tgt_len).round(3)
-    mono_train = out["mono_train"]["text"]
-    par_train = out["parallel_train"]
-    for split in SPLITS[1:]:
-        mono = out[f"mono_{split}"]
-        mono["text_in_mono_train"] = _matches(mono["text"], mono_train)
-        par = out[f"parallel_{split}"]
-        for col in ("src", "tgt"):
-            par[f"{col}_in_parallel_train"] = _matches(par[col], par_train[col])
-            par[f"{col}_in_mono_train"] = _matches(par[col], mono_train)
-    return out
+    df = df.copy()
+    for col in ("text", "src", "tgt"):
+        if col in df.columns:
+            df[col] = _text(df[col])
+    kind, split = name.split("_", 1)
+    if kind == "parallel":
+        # pandas-stubs want an int for an int Series; NaN upcasts it to float
+        tgt_len = df["tgt"].str.len().replace(0, float("nan"))  # type: ignore[arg-type]
+        df["length_ratio"] = (df["src"].str.len() / tgt_len).round(3)
+    if split != "train":
+        for col, trains in _LEAK_TARGETS[kind].items():
+            for train, train_col in trains:
+                df[f"{col}_in_{train}"] = _matches(df[col], leaked.get((train, train_col), set()))
+    return df
 
 
-def build_suite(name: str, cfg: ValidateConfig, languages: list[str]) -> Any:
-    """The expectation suite for split ``name`` (e.g. ``parallel_valid``)."""
+def batches(
+    data_dir: str | Path, cfg: ValidateConfig, leaked: dict[tuple[str, str], set[str]]
+) -> Iterator[Batch]:
+    """Every shard of every split (its columns checked, derived columns added), then each
+    split's sample."""
+    for kind in ("mono", "parallel"):
+        for name in split_names(kind):
+            for shard in layout.split_files(data_dir, name):
+                df = layout.read_shard(shard, name)
+                _check_columns(df, shard, kind)
+                frame = add_derived_columns(name, df, leaked)
+                yield Batch(f"{name}.{shard.stem}", name, str(shard), frame, "rows")
+            sample, n = sample_rows(
+                data_dir, name, cfg.sample_rows, cfg.sample_seed, TEXT_COLUMNS[kind]
+            )
+            where = f"{layout.split_path(data_dir, name)} (sample: {len(sample)} of {n} rows)"
+            frame = sample.assign(**{c: _text(sample[c]) for c in TEXT_COLUMNS[kind]})
+            yield Batch(f"{name}.sample", name, where, frame, "sample")
+
+
+def build_suite(
+    name: str, cfg: ValidateConfig, languages: list[str], rules: str = "rows", suite: str = ""
+) -> Any:
+    """The expectation suite for split ``name`` (e.g. ``parallel_valid``): the per-row rules
+    (``rows``, for each shard) or the whole-split ones (``sample``, for its sample)."""
     gx = _gx()
     from great_expectations.expectations.row_conditions import Column
 
     ex = gx.expectations
     kind, split = name.split("_", 1)
-    items: list[Any] = [
-        ex.ExpectTableRowCountToBeBetween(min_value=cfg.min_rows, meta={"rule": "row count"})
-    ]
+    if rules == "sample":
+        note = (
+            f"On a seeded sample of up to validate.sample_rows ({cfg.sample_rows}) rows of "
+            f"{name}: every row when the split is smaller."
+        )
+        sampled: list[Any] = [
+            ex.ExpectTableRowCountToBeBetween(
+                min_value=cfg.min_rows, meta={"rule": "row count"}, notes=note
+            )
+        ]
+        sampled += [
+            ex.ExpectColumnProportionOfUniqueValuesToBeBetween(
+                column=col,
+                min_value=1 - cfg.max_duplicate_rate,
+                meta={"rule": "duplicates"},
+                notes=note,
+            )
+            for col in TEXT_COLUMNS[kind]
+        ]
+        return gx.ExpectationSuite(name=suite or f"{name}.sample", expectations=sampled)
+    items: list[Any] = []
     for col in TEXT_COLUMNS[kind]:
         items += [
             ex.ExpectColumnValuesToNotBeNull(column=col, meta={"rule": "nulls"}),
@@ -170,9 +244,6 @@ def build_suite(name: str, cfg: ValidateConfig, languages: list[str]) -> Any:
                 min_value=cfg.min_chars,
                 max_value=cfg.max_chars,
                 meta={"rule": "length"},
-            ),
-            ex.ExpectColumnProportionOfUniqueValuesToBeBetween(
-                column=col, min_value=1 - cfg.max_duplicate_rate, meta={"rule": "duplicates"}
             ),
             ex.ExpectColumnValuesToNotMatchRegex(
                 column=col,
@@ -232,22 +303,22 @@ def build_suite(name: str, cfg: ValidateConfig, languages: list[str]) -> Any:
             for col in TEXT_COLUMNS[kind]
             for train in trains
         ]
-    return gx.ExpectationSuite(name=name, expectations=items)
+    return gx.ExpectationSuite(name=suite or name, expectations=items)
 
 
 def run_checks(
-    frames: dict[str, pd.DataFrame], cfg: ValidateConfig, languages: list[str], site_dir: str | Path
-) -> dict[str, Any]:
-    """Validate every split with GX and write the Data Docs site into ``site_dir``.
+    checks: Iterable[Batch], cfg: ValidateConfig, languages: list[str], site_dir: str | Path
+) -> dict[str, tuple[Batch, Any]]:
+    """Validate every batch with GX and write the Data Docs site into ``site_dir``.
 
-    ``frames`` must already carry :func:`add_derived_columns`. Returns the GX
-    validation result of each split, by split name.
+    Each shard's frame is let go once checked (only a failed sample's is kept, for its
+    examples). Returns each batch (by its name) with its GX validation result.
     """
     gx = _gx()
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
     context = gx.get_context(mode="ephemeral")
-    # One bar over the splits instead of GX's bar per metric batch.
+    # One bar over the batches instead of GX's bar per metric batch.
     context.variables.progress_bars = ProgressBarsConfig(globally=False)
     # The ephemeral context comes with a site in a fresh temp dir; use ours only.
     for site in list(context.list_data_docs_sites()):
@@ -266,30 +337,34 @@ def run_checks(
     )
     source = context.data_sources.add_pandas("clean")
     results = {}
-    for name, df in tqdm(frames.items(), desc="validate", unit="split"):
+    for check in tqdm(checks, desc="validate", unit=" batch"):
+        name = check.name
         batch = source.add_dataframe_asset(name).add_batch_definition_whole_dataframe(name)
-        suite = context.suites.add(build_suite(name, cfg, languages))
+        suite = context.suites.add(build_suite(check.split, cfg, languages, check.rules, name))
         definition = context.validation_definitions.add(
             gx.ValidationDefinition(name=name, data=batch, suite=suite)
         )
-        # Each split is its own DataFrame, passed at run time. (A Checkpoint gives all
-        # its definitions the same batch parameters, and one Checkpoint per split with
+        # Each batch is its own DataFrame, passed at run time. (A Checkpoint gives all
+        # its definitions the same batch parameters, and one Checkpoint per batch with
         # an UpdateDataDocsAction re-renders the site each time: twice as slow.)
-        results[name] = definition.run(batch_parameters={"dataframe": df})
+        result = definition.run(batch_parameters={"dataframe": check.frame})
+        if result.success or check.rules == "rows":
+            check.frame = check.frame.iloc[:0]  # its examples are in the result
+        results[name] = (check, result)
     context.build_data_docs(site_names=[SITE_NAME])
     return results
 
 
-def summarise(results: dict[str, Any]) -> dict[str, Any]:
-    """Numbers and flags for ``dvc metrics``: overall and per split."""
-    suites = {}
-    for name, result in results.items():
+def summarise(results: dict[str, tuple[Batch, Any]]) -> dict[str, Any]:
+    """Numbers and flags for ``dvc metrics``: overall and per split (its shards and its
+    sample together)."""
+    suites: dict[str, dict[str, Any]] = {}
+    for check, result in results.values():
         stats = result.statistics
-        suites[name] = {
-            "success": bool(result.success),
-            "evaluated": int(stats["evaluated_expectations"]),
-            "failed": int(stats["unsuccessful_expectations"]),
-        }
+        suite = suites.setdefault(check.split, {"success": True, "evaluated": 0, "failed": 0})
+        suite["success"] = suite["success"] and bool(result.success)
+        suite["evaluated"] += int(stats["evaluated_expectations"])
+        suite["failed"] += int(stats["unsuccessful_expectations"])
     return {
         "success": all(s["success"] for s in suites.values()),
         "evaluated": sum(s["evaluated"] for s in suites.values()),
@@ -353,18 +428,14 @@ def describe_failure(where: str, item: Any, frame: pd.DataFrame) -> str:
     return line
 
 
-def failures(
-    results: dict[str, Any], frames: dict[str, pd.DataFrame], data_dir: str | Path
-) -> list[str]:
-    lines = []
-    for name, result in results.items():
-        where = str(split_path(data_dir, name))
-        lines += [
-            describe_failure(where, item, frames[name])
-            for item in result.results
-            if not item.success
-        ]
-    return lines
+def failures(results: dict[str, tuple[Batch, Any]]) -> list[str]:
+    """One line per failed expectation, naming the shard (or the split's sample)."""
+    return [
+        describe_failure(check.where, item, check.frame)
+        for check, result in results.values()
+        for item in result.results
+        if not item.success
+    ]
 
 
 def validate_clean(
@@ -384,21 +455,21 @@ def validate_clean(
     # A summary left from an earlier, passing run must not outlive a failing one.
     Path(summary_path).unlink(missing_ok=True)
     with atomic_output(report_dir, is_dir=True) as site:
-        frames = add_derived_columns(load_splits(data_dir))
-        results = run_checks(frames, cfg, languages, site)
+        leaked = leaked_texts(data_dir)
+        results = run_checks(batches(data_dir, cfg, leaked), cfg, languages, site)
     summary = summarise(results)
     if not summary["success"]:
-        lines = failures(results, frames, data_dir)
         raise QualityError(
             f"{data_dir}: {summary['failed']} of {summary['evaluated']} data quality "
             f"expectations failed (report: {Path(report_dir) / 'index.html'}):\n  "
-            + "\n  ".join(lines)
+            + "\n  ".join(failures(results))
         )
     write_json(summary_path, summary)
+    rows = sum(layout.split_rows(data_dir, name) for name in summary["suites"])
     log.info(
         "%d expectations on %d rows passed; report: %s",
         summary["evaluated"],
-        sum(len(df) for df in frames.values()),
+        rows,
         Path(report_dir) / "index.html",
     )
     return summary

@@ -107,8 +107,12 @@ def test_good_data_passes_and_writes_report(tmp_path):
     assert read_json(tmp_path / "metrics" / "validate.json") == summary
     report = tmp_path / "report"
     assert (report / "index.html").is_file()
-    pages = sorted(p.parent.parent.parent.name for p in report.glob("validations/**/*.html"))
-    assert pages == sorted(SPLIT_NAMES)
+    pages = sorted(
+        p.relative_to(report / "validations").parts[:2]
+        for p in report.glob("validations/**/*.html")
+    )
+    # each shard's per-row rules, and each split's sample for the whole-split rules
+    assert pages == [(s, part) for s in sorted(SPLIT_NAMES) for part in ("part-00000", "sample")]
     assert "Привет" not in (report / "index.html").read_text()
     assert leftovers(tmp_path) == []
 
@@ -150,13 +154,13 @@ FAILURES = [
     (
         "nulls",
         _set("parallel_train", "tgt", 3, None),
-        "parallel_train",
+        "parallel_train/part-00000.parquet",
         "nulls: expect_column_values_to_not_be_null(column='tgt'): 1 of 40 rows unexpected",
     ),
     (
         "too long",
         _set("mono_valid", "text", 0, "word " * 50),
-        "mono_valid",
+        "mono_valid/part-00000.parquet",
         "length: expect_column_value_lengths_to_be_between(column='text'): "
         "1 of 20 rows unexpected, e.g. 'word word",
     ),
@@ -165,7 +169,7 @@ FAILURES = [
         _many(
             *(_copy(("parallel_valid", "src", 0), ("parallel_valid", "src", i)) for i in (1, 2, 3))
         ),
-        "parallel_valid",
+        "parallel_valid (sample: 20 of 20 rows)",
         "duplicates: expect_column_proportion_of_unique_values_to_be_between(column='src'): "
         "observed 0.85, expected at least 0.99; 3 of 20 rows duplicate an earlier row, "
         "e.g. 'Verse 100: the king went home.'",
@@ -175,35 +179,35 @@ FAILURES = [
         _many(
             _set("mono_train", "text", 1, CYRILLIC), _set("mono_train", "text", 3, CYRILLIC + "!")
         ),
-        "mono_train",
+        "mono_train/part-00000.parquet",
         "script (en): expect_column_values_to_match_regex(column='text'): 2 of 20 rows "
         "unexpected (at most 2.00% allowed), e.g. 'Привет, как дела",
     ),
     (
         "cjk in src",
         _set("parallel_test", "src", 5, CJK),
-        "parallel_test",
+        "parallel_test/part-00000.parquet",
         "script (en): expect_column_values_to_match_regex(column='src'): 1 of 20 rows "
         "unexpected (at most 2.00% allowed), e.g. '東京は",
     ),
     (
         "mis-decoded",
         _set("mono_test", "text", 2, "Caf\ufffd au lait."),
-        "mono_test",
+        "mono_test/part-00000.parquet",
         "bad characters: expect_column_values_to_not_match_regex(column='text'): "
         "1 of 20 rows unexpected (at most 2.00% allowed), e.g. 'Caf\ufffd au lait.'",
     ),
     (
         "length ratio",
         _set("parallel_train", "tgt", 7, "Un verset bien trop long. " * 4),
-        "parallel_train",
+        "parallel_train/part-00000.parquet",
         "length ratio: expect_column_values_to_be_between(column='length_ratio'): "
         "1 of 40 rows unexpected (at most 2.00% allowed), e.g. '0.269'",
     ),
     (
         "leak valid->train",
         _copy(("parallel_train", "src", 5), ("parallel_valid", "src", 2)),
-        "parallel_valid",
+        "parallel_valid/part-00000.parquet",
         "leakage into parallel_train: expect_column_values_to_be_null("
         "column='src_in_parallel_train'): 1 of 20 rows unexpected, "
         "e.g. 'Verse 5: the king went home.'",
@@ -211,27 +215,27 @@ FAILURES = [
     (
         "leak test->mono_train",
         _copy(("mono_train", "text", 4), ("mono_test", "text", 4)),
-        "mono_test",
+        "mono_test/part-00000.parquet",
         "leakage into mono_train: expect_column_values_to_be_null(column='text_in_mono_train'): "
         '1 of 20 rows unexpected, e.g. "La phrase 4 du corpus',
     ),
     (
         "unknown language",
         _set("mono_valid", "lang", 6, "de"),
-        "mono_valid",
+        "mono_valid/part-00000.parquet",
         "language: expect_column_values_to_be_in_set(column='lang'): 1 of 20 rows unexpected, "
         "e.g. 'de'",
     ),
     (
         "no language",
         _set("mono_train", "lang", 6, None),
-        "mono_train",
+        "mono_train/part-00000.parquet",
         "language: expect_column_values_to_not_be_null(column='lang'): 1 of 40 rows unexpected",
     ),
     (
         "too few rows",
         _truncate("parallel_test", 5),
-        "parallel_test",
+        "parallel_test (sample: 5 of 5 rows)",
         "row count: expect_table_row_count_to_be_between: 5 rows, expected at least 10",
     ),
 ]
@@ -271,8 +275,12 @@ def test_failures_are_listed_one_per_line_and_jsonl_is_read(tmp_path):
         run(tmp_path, frames, fmt="jsonl")
     lines = str(err.value).splitlines()
     assert "2 of" in lines[0]
-    assert lines[1].strip().startswith(f"{tmp_path}/clean/mono_train: nulls: ")
-    assert lines[2].strip().startswith(f"{tmp_path}/clean/mono_valid: row count: ")
+    assert lines[1].strip().startswith(f"{tmp_path}/clean/mono_train/part-00000.jsonl: nulls: ")
+    assert (
+        lines[2]
+        .strip()
+        .startswith(f"{tmp_path}/clean/mono_valid (sample: 3 of 3 rows): row count: ")
+    )
 
 
 def test_missing_column_is_a_data_error_and_leaves_no_output(tmp_path):
@@ -280,7 +288,7 @@ def test_missing_column_is_a_data_error_and_leaves_no_output(tmp_path):
     frames["parallel_valid"] = frames["parallel_valid"].drop(columns=["tgt"])
     with pytest.raises(
         DataError,
-        match=r"clean/parallel_valid: missing column\(s\) "
+        match=r"clean/parallel_valid/part-00000\.parquet: missing column\(s\) "
         r"\['tgt'\]",
     ):
         run(tmp_path, frames)
@@ -291,17 +299,16 @@ def test_missing_column_is_a_data_error_and_leaves_no_output(tmp_path):
 
 def test_expectation_that_cannot_run_is_reported(tmp_path):
     # A frame without the derived columns: GX cannot compute those metrics.
-    frames = {"mono_valid": good_splits()["mono_valid"].drop(columns=["lang"])}
-    layout.write_split(frames["mono_valid"], tmp_path, "mono_valid", "parquet")
-    results = quality.run_checks(frames, CFG, LANGS, tmp_path / "site")
-    lines = quality.failures(results, frames, tmp_path)
+    frame = good_splits()["mono_valid"].drop(columns=["lang"])
+    check = quality.Batch("mono_valid.part-00000", "mono_valid", "here", frame, "rows")
+    results = quality.run_checks([check], CFG, LANGS, tmp_path / "site")
+    lines = quality.failures(results)
     assert (
-        f"{tmp_path}/mono_valid: leakage into mono_train: expect_column_values_to_be_"
+        "here: leakage into mono_train: expect_column_values_to_be_"
         "null(column='text_in_mono_train'): could not be evaluated: " in "\n".join(lines)
     )
     assert any(
-        line.startswith(f"{tmp_path}/mono_valid: language: ") and "could not be evaluated" in line
-        for line in lines
+        line.startswith("here: language: ") and "could not be evaluated" in line for line in lines
     )
     assert (tmp_path / "site" / "index.html").is_file()
 
@@ -406,8 +413,9 @@ def test_stage_failure_exits_1_and_keeps_the_report(tmp_path, mlflow_store, caps
     err = capsys.readouterr().err
     assert f"lmops validate: error: {clean}: 1 of {N_EXPECTATIONS} data quality" in err
     assert (
-        f"{clean}/mono_valid: leakage into mono_train: expect_column_values_to_be_"
-        "null(column='text_in_mono_train'): 1 of 20 rows unexpected, e.g. 'Sentence 9 of"
+        f"{clean}/mono_valid/part-00000.parquet: leakage into mono_train: "
+        "expect_column_values_to_be_null(column='text_in_mono_train'): 1 of 20 rows "
+        "unexpected, e.g. 'Sentence 9 of"
     ) in err
     assert not (tmp_path / "metrics" / "validate.json").exists()
     (run,) = mlflow.search_runs(
@@ -419,3 +427,60 @@ def test_stage_failure_exits_1_and_keeps_the_report(tmp_path, mlflow_store, caps
     assert "leakage into mono_train" in run.data.tags["lmops.error"]
     names = [a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "gx_report")]
     assert "gx_report/index.html" in names
+
+
+def _write_sharded(frames: dict[str, pd.DataFrame], root: Path, shard_rows: int) -> Path:
+    out = root / "clean"
+    for name, df in frames.items():
+        with layout.ShardWriter(out, name, "parquet", shard_rows) as writer:
+            writer.write(df)
+    return out
+
+
+def test_every_shard_is_checked_and_a_failure_names_its_shard(tmp_path):
+    frames = good_splits()
+    _set("mono_train", "text", 33, None)(frames)  # the third shard's fourth row
+    clean = _write_sharded(frames, tmp_path, shard_rows=15)
+    assert len(layout.split_files(clean, "mono_train")) == 3
+    with pytest.raises(QualityError) as err:
+        quality.validate_clean(clean, tmp_path / "report", tmp_path / "v.json", CFG, LANGS)
+    first, *lines = str(err.value).splitlines()
+    # per-row rules (mono 7 or 8, parallel 9 or 13) once per shard; row count and duplicates
+    # once per split: every split here has one or two shards more than in N_EXPECTATIONS
+    assert f"1 of {N_EXPECTATIONS + 2 * 7 + 2 * 8 + 2 * 9 + 2 * 13} data quality" in first
+    assert [line.strip() for line in lines] == [
+        f"{clean}/mono_train/part-00002.parquet: nulls: expect_column_values_to_not_be_null"
+        "(column='text'): 1 of 10 rows unexpected"
+    ]
+
+
+def test_whole_split_rules_run_on_a_seeded_bounded_sample(tmp_path):
+    frames = good_splits()
+    for row in range(1, 9):  # 8 of 40 source sentences repeat the first
+        _copy(("parallel_train", "src", 0), ("parallel_train", "src", row))(frames)
+    clean = _write_sharded(frames, tmp_path, shard_rows=15)
+    cfg = CFG.model_copy(update={"sample_rows": 25})
+    messages = []
+    for attempt in ("a", "b"):
+        with pytest.raises(QualityError) as err:
+            quality.validate_clean(clean, tmp_path / attempt, tmp_path / "v.json", cfg, LANGS)
+        messages.append(str(err.value).replace(f"{tmp_path}/{attempt}", "REPORT"))
+    assert messages[0] == messages[1]  # the same sample every run
+    (line,) = messages[0].splitlines()[1:]
+    assert line.strip().startswith(
+        f"{clean}/parallel_train (sample: 25 of 40 rows): duplicates: "
+        "expect_column_proportion_of_unique_values_to_be_between(column='src'): observed "
+    )
+    assert "rows duplicate an earlier row, e.g. 'Verse 0: the king went home.'" in line
+    # the Data Docs name the sample's validation apart from the shards'
+    assert "parallel_train.sample" in (tmp_path / "a" / "index.html").read_text()
+    suite = quality.build_suite("parallel_train", cfg, LANGS, "sample")
+    assert {e.notes for e in suite.expectations} == {
+        "On a seeded sample of up to validate.sample_rows (25) rows of parallel_train: every "
+        "row when the split is smaller."
+    }
+
+
+def test_sample_rows_below_min_rows_is_refused():
+    with pytest.raises(ValueError, match=r"validate.sample_rows \(5\) must be at least"):
+        ValidateConfig(sample_rows=5, min_rows=10)
