@@ -348,8 +348,18 @@ def run_checks(
         # its definitions the same batch parameters, and one Checkpoint per batch with
         # an UpdateDataDocsAction re-renders the site each time: twice as slow.)
         result = definition.run(batch_parameters={"dataframe": check.frame})
+        # GX's execution engine keeps every batch's data and every metric it resolves
+        # (per-row Series included) for the rest of the run, keyed by batch: no later
+        # batch can use them, and kept they would grow the stage's memory by more than the
+        # corpus's size. GX 1.24 has no switch for either.
+        engine = source.get_execution_engine()
+        engine.batch_manager.batch_data_cache.clear()
+        engine.batch_manager.reset_batch_cache()
+        engine._metric_cache.clear()
+        result.meta.get("batch_spec", {}).pop("batch_data", None)  # the frame itself
         if result.success or check.rules == "rows":
-            check.frame = check.frame.iloc[:0]  # its examples are in the result
+            check.frame = pd.DataFrame()  # its examples are in the result (a slice would
+            # keep the shard's buffers alive)
         results[name] = (check, result)
     context.build_data_docs(site_names=[SITE_NAME])
     return results

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import re
+import weakref
 from pathlib import Path
 
 import pandas as pd
@@ -484,3 +486,23 @@ def test_whole_split_rules_run_on_a_seeded_bounded_sample(tmp_path):
 def test_sample_rows_below_min_rows_is_refused():
     with pytest.raises(ValueError, match=r"validate.sample_rows \(5\) must be at least"):
         ValidateConfig(sample_rows=5, min_rows=10)
+
+
+def test_a_checked_shard_is_not_kept_in_memory(tmp_path):
+    # GX caches each batch's data and metrics for the whole run unless told otherwise: the
+    # stage's memory would then grow with the corpus, shard after shard.
+    seen: list[weakref.ref] = []
+    alive_before = []
+
+    def checks():
+        for i in range(4):
+            gc.collect()
+            alive_before.append(sum(ref() is not None for ref in seen))
+            frame = quality.add_derived_columns("mono_train", _mono(40 * i, 40), {})
+            seen.append(weakref.ref(frame))
+            yield quality.Batch(f"mono_train.part-{i:05d}", "mono_train", "here", frame, "rows")
+            del frame
+
+    results = quality.run_checks(checks(), CFG, LANGS, tmp_path / "site")
+    assert all(result.success for _, result in results.values())
+    assert alive_before == [0, 0, 0, 0]
