@@ -805,8 +805,8 @@ def more_test_pairs(tmp: Path, up: Upstream) -> dict[str, str]:
 
 # stage -> the output its first write past the limit goes to, and what it needs for that
 DISK_FULL: dict[str, tuple[str, Setup, dict[str, Any]]] = {
-    # datasets' Arrow cache of the raw files: the first thing clean writes
-    "clean": ("/lmops-datasets-", lambda tmp, up: {}, {"clean": {"format": "jsonl"}}),
+    # datasets' Arrow cache of the raw files (in TMPDIR): the first thing clean writes
+    "clean": ("/lmops-clean-", lambda tmp, up: {}, {"clean": {"format": "jsonl"}}),
     "validate": ("data/validate", lambda tmp, up: {}, {}),
     "vocab": ("data/vocab", lambda tmp, up: {}, {}),
     "tokenise": ("data/tokens", lambda tmp, up: {}, {}),

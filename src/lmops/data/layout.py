@@ -28,7 +28,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from lmops.errors import DataError
+from lmops.errors import DataError, DiskFullError
+from lmops.io import disk_full_reason
 
 SPLITS = ("train", "valid", "test")
 MONO_COLUMNS = ("text", "lang", "source")
@@ -191,6 +192,9 @@ def split_dataset(data_dir: str | Path, name: str, cache_dir: str | Path) -> Any
             builder, data_files=[str(f) for f in files], split="train", cache_dir=str(cache_dir)
         )
     except Exception as err:  # datasets wraps reader errors in its own types
+        reason = disk_full_reason(err)
+        if reason is not None:  # its Arrow copy, not the shards, could not be written
+            raise DiskFullError(cache_dir, reason) from err
         cause = err.__cause__ or err
         raise DataError(
             f"{Path(data_dir) / name}: cannot be read as {builder} ({type(cause).__name__}: "

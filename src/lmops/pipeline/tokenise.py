@@ -10,7 +10,7 @@ Output directory::
 
 from __future__ import annotations
 
-import tempfile
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -164,11 +164,10 @@ def tokenise(
     started = time.perf_counter()
     stats: dict[str, Any] = {"vocab_size": tok.vocab_size}
     tokens = text_bytes = 0
-    with (
-        atomic_output(out, is_dir=True) as tmp,
-        tempfile.TemporaryDirectory(prefix="lmops-tokenise-") as cache_dir,
-    ):
-        cache = Path(cache_dir)
+    with atomic_output(out, is_dir=True) as tmp:
+        # datasets' Arrow copy of the splits: beside the output, on its disk (and a full disk
+        # is reported as the output's), removed before the output is moved into place
+        cache = tmp / ".datasets-cache"
         for split, stem in STREAM_SPLITS.items():
             encoded, text = _encode_mono(data_dir, split, tok, cfg, cache)
             side = write_stream(encoded, tmp / f"{stem}.bin", tok.vocab_size, text)
@@ -189,6 +188,7 @@ def tokenise(
             stats[split] = {"pairs": len(ds), "src_tokens": src, "tgt_tokens": tgt}
             tokens += src + tgt
             text_bytes += pair_bytes
+        shutil.rmtree(cache, ignore_errors=True)
     wall = time.perf_counter() - started
     stats.update(
         {

@@ -464,6 +464,9 @@ def validate_clean(
     """
     # A summary left from an earlier, passing run must not outlive a failing one.
     Path(summary_path).unlink(missing_ok=True)
+    for kind in ("mono", "parallel"):  # every split is there before any work starts
+        for name in split_names(kind):
+            layout.split_files(data_dir, name)
     with atomic_output(report_dir, is_dir=True) as site:
         leaked = leaked_texts(data_dir)
         results = run_checks(batches(data_dir, cfg, leaked), cfg, languages, site)
