@@ -7,20 +7,25 @@ Both sides are the default-size model with random weights (the HF side a
 ``--new-tokens`` new tokens per prompt: lmops gets an eos id the model can never emit (the
 vocab size), HF gets ``min_new_tokens = max_new_tokens``. Tokens/s counts the new tokens of
 the returned sequences (batch x new tokens; beam search's extra hypotheses are work, not
-output). fp32 eager on both sides, plus lmops with bf16 autocast (``lmops bf16``).
+output). Each lmops row is compared with the HF peer of its precision: fp32 eager on both
+sides, bf16 autocast on both sides where the CPU has native bf16; the same model exported
+to ONNX and run by onnxruntime, in fp32 and with int8 weights (which has no HF peer).
 
 Variants: :data:`VARIANTS` maps a row name to a function building the ``generate``
-callable from the shared lmops model, so another lmops variant (an int8-quantised model,
-say) is one more entry; every variant is interleaved with the HF peer and the rest.
+callable from the shared lmops model and to its precision, so another lmops variant is one
+more entry; every variant is interleaved with the HF peers and the rest.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import tempfile
 import time
+import weakref
 from collections.abc import Callable
-from typing import Any
+from pathlib import Path
+from typing import Any, cast
 
 import torch
 from common import (
@@ -36,6 +41,7 @@ from common import (
 from train_throughput import VOCAB, hf_llama
 
 from lmops.config import ModelConfig
+from lmops.core import hardware
 from lmops.core.model import Transformer
 
 PAD_ID = 0
@@ -57,22 +63,35 @@ def lmops_generate(model: Transformer) -> Generate:
     return generate
 
 
-def lmops_bf16_generate(model: Transformer) -> Generate:
-    """The same model with bf16 autocast: what the bf16 matmul peak buys decoding."""
-    generate = lmops_generate(model)
+def autocast_bf16(generate: Generate, device: torch.device) -> Generate:
+    """``generate`` under bf16 autocast: what the bf16 matmul peak buys decoding."""
 
     def bf16(prompts: list[list[int]], mode: str, new_tokens: int) -> list[list[int]]:
-        with torch.autocast(model.device.type, dtype=torch.bfloat16):
+        with torch.autocast(device.type, dtype=torch.bfloat16):
             return generate(prompts, mode, new_tokens)
 
     return bf16
 
 
-# name -> builder from the shared lmops model; add a variant here (e.g. "lmops int8")
-VARIANTS: dict[str, Callable[[Transformer], Generate]] = {
-    "lmops": lmops_generate,
-    "lmops bf16": lmops_bf16_generate,
+def lmops_onnx_generate(model: Transformer, int8: bool = False) -> Generate:
+    """The same model exported to ONNX and run by onnxruntime (fp32, or int8 weights)."""
+    from lmops.core.quantised import export_onnx, load_quantised
+
+    tmp = tempfile.TemporaryDirectory(prefix="lmops-decode-")
+    weakref.finalize(model, tmp.cleanup)
+    export_onnx(model, Path(tmp.name) / "model", int8=int8)
+    return lmops_generate(cast(Transformer, load_quantised(Path(tmp.name) / "model")))
+
+
+# name -> (builder from the shared lmops model, precision); add a variant here. Each row's
+# "x hf" is against the HF peer of its precision (PEERS), fp32 where there is none.
+VARIANTS: dict[str, tuple[Callable[[Transformer], Generate], str]] = {
+    "lmops": (lmops_generate, "fp32"),
+    "lmops bf16": (lambda m: autocast_bf16(lmops_generate(m), m.device), "bf16"),
+    "lmops onnx": (lmops_onnx_generate, "fp32"),
+    "lmops onnx int8": (functools.partial(lmops_onnx_generate, int8=True), "int8 weights"),
 }
+PEERS = {"fp32": "hf", "bf16": "hf bf16"}
 
 
 def hf_generate(cfg: ModelConfig, device: torch.device) -> Generate:
@@ -127,8 +146,16 @@ def main() -> None:
     cfg = ModelConfig()
     torch.manual_seed(0)
     model = Transformer(cfg, VOCAB).to(device).eval()
-    peers: dict[str, Generate] = {name: build(model) for name, build in VARIANTS.items()}
+    # bf16 only where the hardware has it: emulated, it is many times slower than fp32
+    with_bf16 = hardware.bf16_native(device)
+    variants = {n: v for n, v in VARIANTS.items() if with_bf16 or v[1] != "bf16"}
+    precision = {name: p for name, (_, p) in variants.items()}
+    peers: dict[str, Generate] = {name: build(model) for name, (build, _) in variants.items()}
     peers["hf"] = hf_generate(cfg, device)
+    precision["hf"] = "fp32"
+    if with_bf16:
+        peers["hf bf16"] = autocast_bf16(peers["hf"], device)
+        precision["hf bf16"] = "bf16"
     rows: list[dict[str, Any]] = []
     for mode in args.modes:
         for batch in args.batches:
@@ -146,15 +173,18 @@ def main() -> None:
                 args.rounds,
             )
             for name, values in results.items():
+                peer = PEERS.get(precision[name], "hf")
                 rows.append(
                     {
                         "mode": mode if mode == "greedy" else f"beam {BEAM}",
                         "batch": batch,
                         "impl": name,
+                        "precision": precision[name],
                         "new tokens/s": median(values),
                         "best": max(values),
                         "spread": spread(values),
-                        "x hf": paired_ratio(values, results["hf"]),
+                        "x hf": paired_ratio(values, results[peer]),
+                        "against": peer,
                     }
                 )
     goals = [
@@ -165,7 +195,8 @@ def main() -> None:
             "met": "yes" if r["x hf"] >= GOAL_AT_BATCH_16 else "no",
         }
         for r in rows
-        if r["batch"] == 16 and r["impl"] != "hf"
+        # at equal precision only: an int8 model has no HF peer here
+        if r["batch"] == 16 and r["impl"] not in PEERS.values() and r["precision"] in PEERS
     ]
     write_results(
         "decode",
@@ -179,11 +210,14 @@ def main() -> None:
             "vocab": VOCAB,
         },
         notes=[
-            f"default model size, random weights, fp32 (lmops bf16: bf16 autocast), "
+            f"default model size, random weights; fp32, or bf16 autocast on both sides where "
+            f"the CPU has native bf16 ('hf bf16'), or int8 weights through onnxruntime "
+            f"(no HF peer: its 'x hf' is against fp32 and it has no goal row); "
             f"prompt {args.prompt_len} tokens, "
             f"exactly {args.new_tokens} new tokens per prompt on both sides",
             "new tokens/s = batch x new tokens / wall time of one generate call; "
-            "best = the fastest round; x hf = median of the paired per-round ratios",
+            "best = the fastest round; x hf = median of the paired per-round ratios "
+            "against the HF row named in 'against'",
         ],
     )
 
