@@ -137,9 +137,6 @@ class Translator:
         if isinstance(limits, Mapping):
             limits = ServeConfig(**limits)
         limits = limits or ServeConfig()
-        decoder: Any = model
-        if onnx_dir is not None and limits.onnx_max_rows > 0:
-            decoder = SmallBatchOnnx(model, load_quantised(onnx_dir), limits.onnx_max_rows)
         lang = target_lang or config.get("target_lang")
         if not lang:
             raise LmopsError(
@@ -147,6 +144,9 @@ class Translator:
                 "fine-tuned translator?); name the target language"
             )
         tok.lang_id(lang)  # an unknown language fails here, with the vocabulary's languages
+        decoder: Any = model
+        if onnx_dir is not None and limits.onnx_max_rows > 0:  # a session only once all is well
+            decoder = SmallBatchOnnx(model, load_quantised(onnx_dir), limits.onnx_max_rows)
         return cls(decoder, tok, lang, decode, limits)
 
     def settings(self, **overrides: Any) -> DecodeConfig:
