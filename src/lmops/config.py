@@ -139,6 +139,13 @@ class SplitConfig(_Section):
         lt=0.5,
         description="Parallel sources without group_column: random share for test.",
     )
+    max_held_out_rows: int | None = Field(
+        default=5000,
+        ge=1,
+        description="Random splits: the most rows a source's valid share, and its test "
+        "share, hold (the fraction gives fewer on small corpora). Keeps held-out sets, "
+        "evaluation and the leak check's memory bounded on big corpora; null: no cap.",
+    )
 
     @model_validator(mode="after")
     def _disjoint(self) -> SplitConfig:

@@ -3,6 +3,7 @@ that keeps every held-out text out of the training text."""
 
 from __future__ import annotations
 
+import logging
 import zlib
 from collections.abc import Iterable
 from pathlib import Path
@@ -16,6 +17,8 @@ from ahocorasick_rs import AhoCorasick, MatchKind
 from lmops.config import CleanConfig, SourceConfig
 from lmops.data.sample import permutation_head
 from lmops.errors import DataError
+
+log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------- splitting
 
@@ -75,11 +78,19 @@ def source_splits(values: Iterable[Any], where: str) -> np.ndarray:
 
 
 def held_out_rows(
-    n: int, valid_fraction: float, test_fraction: float, rng: np.random.Generator, work_dir: Path
+    n: int,
+    valid_fraction: float,
+    test_fraction: float,
+    rng: np.random.Generator,
+    work_dir: Path,
+    max_rows: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The rows :func:`random_split` labels valid and test, as two sorted index arrays,
-    without the whole permutation in memory (:func:`lmops.data.sample.permutation_head`)."""
+    without the whole permutation in memory (:func:`lmops.data.sample.permutation_head`);
+    each share holds ``max_rows`` rows at most."""
     n_valid, n_test = round(n * valid_fraction), round(n * test_fraction)
+    if max_rows is not None:
+        n_valid, n_test = min(n_valid, max_rows), min(n_test, max_rows)
     head = permutation_head(n, n_valid + n_test, rng, work_dir)
     return np.sort(head[:n_valid]), np.sort(head[n_valid:])
 
@@ -99,7 +110,18 @@ class SourceSplit:
                 shares = (self.split.parallel_valid_fraction, self.split.parallel_test_fraction)
             else:
                 shares = (self.split.valid_fraction, self.split.test_fraction)
-            self.valid, self.test = held_out_rows(n_rows, *shares, rng, work_dir)
+            cap = self.split.max_held_out_rows
+            self.valid, self.test = held_out_rows(n_rows, *shares, rng, work_dir, cap)
+            if cap is not None and max(round(n_rows * f) for f in shares) > cap:
+                log.info(
+                    "%s: %d rows; valid and test hold %d and %d rows "
+                    "(clean.split.max_held_out_rows: %d)",
+                    src.name,
+                    n_rows,
+                    len(self.valid),
+                    len(self.test),
+                    cap,
+                )
 
     def labels(self, rows: pa.Table, start: int) -> np.ndarray:
         """The split of each row of ``rows``, the source's rows ``start`` onwards."""

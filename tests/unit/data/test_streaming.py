@@ -83,6 +83,22 @@ def test_held_out_rows_are_the_random_split(tmp_path, n):
     assert list(tmp_path.iterdir()) == []  # the memory-mapped permutation is gone
 
 
+def test_held_out_rows_are_capped(tmp_path):
+    # 2% and 5% of 20,000 rows would be 400 and 1,000: each share stops at the cap
+    draw = splits.held_out_rows(20_000, 0.02, 0.05, np.random.default_rng(3), tmp_path)
+    valid, test = splits.held_out_rows(
+        20_000, 0.02, 0.05, np.random.default_rng(3), tmp_path, max_rows=150
+    )
+    assert (len(draw[0]), len(draw[1]), len(valid), len(test)) == (400, 1000, 150, 150)
+    assert set(valid) <= set(draw[0]) and not set(valid) & set(test)  # the same draw, cut
+    assert (np.diff(valid) > 0).all() and (np.diff(test) > 0).all()
+    # a cap above both shares changes nothing
+    same = splits.held_out_rows(
+        20_000, 0.02, 0.05, np.random.default_rng(3), tmp_path, max_rows=1000
+    )
+    assert [a.tolist() for a in same] == [a.tolist() for a in draw]
+
+
 # ------------------------------------------------------------------- leakage
 
 

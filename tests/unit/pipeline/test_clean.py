@@ -110,6 +110,20 @@ def test_good_input_writes_outputs_and_logs_metrics(workdir, shared_mlflow):
     assert [a.path for a in client.list_artifacts(run.info.run_id, "clean")] == ["clean/clean.json"]
 
 
+def test_held_out_shares_stop_at_max_held_out_rows(workdir, caplog):
+    # 25% of 12 documents would be 3 each; the cap holds both shares to 2
+    (workdir / "docs.txt").write_text(DOCS, encoding="utf-8")
+    with caplog.at_level("INFO", logger="lmops.data.split"):
+        run_stage([mono("docs.txt")], {"max_held_out_rows": 2})
+    stats = json.loads((workdir / "data/metrics/clean.json").read_text())
+    assert (stats["mono_valid.rows"], stats["mono_test.rows"], stats["mono_train.rows"]) == (
+        2,
+        2,
+        8,
+    )
+    assert "docs: 12 rows; valid and test hold 2 and 2 rows" in caplog.text
+
+
 def test_failure_removes_previous_outputs(workdir, capsys):
     (workdir / "data/clean").mkdir(parents=True)
     (workdir / "data/clean/mono_train").mkdir()
