@@ -86,6 +86,8 @@ class Dedup:
         """A boolean mask over the batch: True for the duplicates among the ``candidates``
         (rows not already dropped for another reason); marks the others' texts seen."""
         hashes = [text_hashes(texts[c]) for c in self.columns]
+        if len(self.columns) == 1:  # one text a row: the first of each new text is kept
+            return self._duplicates_one(self.seen[self.columns[0]], hashes[0], candidates)
         before = [
             self.seen[c].contains(h).tolist() for c, h in zip(self.columns, hashes, strict=True)
         ]
@@ -100,4 +102,21 @@ class Dedup:
                     f.add(v[i])
         for c, f in zip(self.columns, fresh, strict=True):
             self.seen[c].add(np.fromiter(f, dtype=np.uint64, count=len(f)))
+        return dup
+
+    @staticmethod
+    def _duplicates_one(seen: HashSet, hashes: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+        """:meth:`duplicates` for one column, vectorised: a candidate is kept when its text
+        was not seen before and no earlier candidate holds it."""
+        rows = np.flatnonzero(candidates)
+        dup = np.zeros(len(candidates), dtype=bool)
+        if not len(rows):
+            return dup
+        values = hashes[rows]
+        _, first = np.unique(values, return_index=True)  # the first row of each text
+        is_first = np.zeros(len(rows), dtype=bool)
+        is_first[first] = True
+        fresh = ~seen.contains(values) & is_first
+        dup[rows[~fresh]] = True
+        seen.add(values[fresh])
         return dup

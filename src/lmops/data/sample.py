@@ -27,7 +27,9 @@ def permutation_head(n: int, k: int, rng: np.random.Generator, work_dir: str | P
         step = 1 << 20
         for start in range(0, n, step):
             order[start : start + step] = np.arange(start, min(n, start + step))
-        rng.shuffle(order)
+        # as a plain ndarray: Generator.shuffle swaps a memmap (a subclass) element by
+        # element in Python, 100x slower; the draws, and so the order, are the same
+        rng.shuffle(order.view(np.ndarray))
         head = np.array(order[:k])
         del order
     finally:

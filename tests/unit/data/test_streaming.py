@@ -71,6 +71,27 @@ def test_dedup_across_batches_matches_a_row_by_row_loop():
     assert 0 < sum(expected) < len(rows)
 
 
+def test_one_column_dedup_matches_a_row_by_row_loop():
+    # the vectorised path for one text a row; batches of 7 so repeats cross batches
+    rng = random.Random(4)
+    texts = [rng.choice("abcdefghijklmnopqrstuvwxyz") * rng.randint(1, 3) for _ in range(500)]
+    candidates = np.array([rng.random() > 0.2 for _ in texts])
+    seen: set[str] = set()
+    expected = []
+    for text, candidate in zip(texts, candidates, strict=True):
+        expected.append(bool(candidate) and text in seen)
+        if candidate:
+            seen.add(text)
+    dedup = Dedup(["text"])
+    found = []
+    for start in range(0, len(texts), 7):
+        batch = {"text": texts[start : start + 7]}
+        found.extend(dedup.duplicates(batch, candidates[start : start + 7]).tolist())
+    assert found == expected
+    assert 0 < sum(expected) < len(texts)
+    assert len(dedup.seen["text"]) == len(seen) == 78
+
+
 # ------------------------------------------------------------------ splitting
 
 
