@@ -363,6 +363,13 @@ class FinetuneConfig(TrainConfig):
         description="Share of each batch that is pretraining text (language-model replay), "
         "so the translator keeps its perplexity on plain text.",
     )
+    label_smoothing: float = Field(
+        default=0.0,
+        ge=0,
+        lt=1,
+        description="Share of each target's probability spread over the vocabulary in the "
+        "training loss (validation loss and perplexity stay plain cross-entropy).",
+    )
 
 
 class DecodeConfig(_Section):

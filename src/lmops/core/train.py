@@ -174,53 +174,61 @@ _CE_CHUNK = 256  # rows of logits upcast to fp32 at a time: 8 MB at vocab 8000
 
 
 class _ChunkedCrossEntropy(torch.autograd.Function):
-    """Mean cross-entropy of logits [N, V] (any float dtype) computed in fp32 row chunks.
+    """Mean cross-entropy of logits [N, V] (any float dtype) computed in fp32 row chunks,
+    with optional label smoothing.
 
-    Equal to ``F.cross_entropy(logits.float(), target, ignore_index=-100)`` to fp32
-    rounding, gradient included, without materialising an fp32 copy of all the logits,
-    their log-softmax and its gradient: under bf16 autocast on the CPU that memory traffic
-    cost more than the model's attention. The backward recomputes the softmax chunk by
-    chunk and writes the gradient straight into the logits' dtype.
+    Equal to ``F.cross_entropy(logits.float(), target, ignore_index=-100,
+    label_smoothing=smoothing)`` to fp32 rounding, gradient included, without
+    materialising an fp32 copy of all the logits, their log-softmax and its gradient:
+    under bf16 autocast on the CPU that memory traffic cost more than the model's
+    attention. The backward recomputes the softmax chunk by chunk and writes the gradient
+    straight into the logits' dtype.
     """
 
     @staticmethod
-    def forward(ctx: Any, logits: Tensor, target: Tensor) -> Tensor:
+    def forward(ctx: Any, logits: Tensor, target: Tensor, smoothing: float = 0.0) -> Tensor:
         valid = target != IGNORE_INDEX
         safe = target.masked_fill(~valid, 0)
         count = valid.sum()
-        lse = torch.cat(
-            [
-                logits[i : i + _CE_CHUNK].float().logsumexp(-1)
-                for i in range(0, logits.shape[0], _CE_CHUNK)
-            ]
-        )
+        chunks = [logits[i : i + _CE_CHUNK].float() for i in range(0, logits.shape[0], _CE_CHUNK)]
+        lse = torch.cat([c.logsumexp(-1) for c in chunks])
         picked = logits.gather(1, safe.unsqueeze(1)).squeeze(1).float()
+        # -log p(target) with weight 1 - smoothing, the mean of -log p over the vocabulary
+        # with weight smoothing
+        loss = lse - (1.0 - smoothing) * picked
+        if smoothing:
+            loss = loss - smoothing * torch.cat([c.mean(-1) for c in chunks])
         ctx.save_for_backward(logits, safe, valid, count)
-        return ((lse - picked) * valid).sum() / count
+        ctx.smoothing = smoothing
+        return (loss * valid).sum() / count
 
     @staticmethod
-    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor, None]:
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor, None, None]:
         logits, safe, valid, count = ctx.saved_tensors
+        smoothing = ctx.smoothing
         scale = (grad_out / count) * valid  # [N]: 0 on skipped rows
         grad = torch.empty_like(logits)
         for i in range(0, logits.shape[0], _CE_CHUNK):
             rows = slice(i, i + _CE_CHUNK)
             p = logits[rows].float().softmax(-1)
+            if smoothing:
+                p.sub_(smoothing / logits.shape[1])
             p.scatter_add_(
-                1, safe[rows].unsqueeze(1), p.new_full((p.shape[0], 1), -1.0)
-            )  # softmax - one_hot(target)
+                1, safe[rows].unsqueeze(1), p.new_full((p.shape[0], 1), smoothing - 1.0)
+            )  # softmax - smoothed one_hot(target)
             grad[rows] = p.mul_(scale[rows].unsqueeze(1))
-        return grad, None
+        return grad, None, None
 
 
-def lm_loss(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
+def lm_loss(model: nn.Module, batch: tuple[Tensor, Tensor], label_smoothing: float = 0.0) -> Tensor:
     """Next-token cross-entropy of ``(inputs, targets)``; targets equal to -100 are skipped.
 
-    Computed in fp32 whatever the logits' dtype (see :class:`_ChunkedCrossEntropy`).
+    Computed in fp32 whatever the logits' dtype (see :class:`_ChunkedCrossEntropy`);
+    ``label_smoothing`` as in :func:`torch.nn.functional.cross_entropy`.
     """
     inputs, targets = batch
     logits = model(inputs)
-    return _ChunkedCrossEntropy.apply(logits.flatten(0, 1), targets.flatten())
+    return _ChunkedCrossEntropy.apply(logits.flatten(0, 1), targets.flatten(), label_smoothing)
 
 
 def _map(batch: Batch, fn: Callable[[Tensor], Tensor]) -> Batch:

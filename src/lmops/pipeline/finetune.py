@@ -12,6 +12,7 @@ on held-out text climbs far above the pretrained model's.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -81,7 +82,7 @@ def finetune(
     result = fit(
         model,
         batches,
-        lm_loss,
+        functools.partial(lm_loss, label_smoothing=cfg.label_smoothing),
         cfg,
         work_dir,
         seed=params.seed,

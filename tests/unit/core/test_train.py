@@ -432,3 +432,38 @@ def test_two_ddp_processes_match_one_process(tmp_path):
     assert ddp_config == single_config
     for name, w in weights(single).items():
         torch.testing.assert_close(weights(ddp)[name], w, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1, 0.3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lm_loss_is_torch_cross_entropy_with_label_smoothing(smoothing, dtype):
+    # 600 rows: three chunks of the fp32 computation, a fifth of them skipped
+    gen = torch.Generator().manual_seed(0)
+    logits = 3 * torch.randn(600, 50, generator=gen)
+    targets = torch.randint(0, 50, (600,), generator=gen)
+    logits[torch.arange(600), targets] += 8  # a confident model: smoothing costs it
+    logits = logits.to(dtype)
+    targets[torch.rand(600, generator=gen) < 0.2] = -100
+
+    class Logits(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.z = torch.nn.Parameter(logits.clone())
+
+        def forward(self, _inputs):
+            return self.z[None]
+
+    ours, ref = Logits(), Logits()
+    loss = lm_loss(ours, (None, targets[None]), label_smoothing=smoothing)
+    expected = torch.nn.functional.cross_entropy(
+        ref.z.float(), targets, ignore_index=-100, label_smoothing=smoothing
+    )
+    loss.backward()
+    expected.backward()
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
+    assert ours.z.grad.dtype == dtype
+    tol = {"rtol": 1e-2, "atol": 1e-4} if dtype == torch.bfloat16 else {}
+    torch.testing.assert_close(ours.z.grad, ref.z.grad, **tol)
+    if smoothing:  # the smoothing term moved the loss: the test can tell them apart
+        plain = torch.nn.functional.cross_entropy(ref.z.float(), targets, ignore_index=-100)
+        assert loss.item() - plain.item() > 0.5
