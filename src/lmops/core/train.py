@@ -190,14 +190,18 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         valid = target != IGNORE_INDEX
         safe = target.masked_fill(~valid, 0)
         count = valid.sum()
-        chunks = [logits[i : i + _CE_CHUNK].float() for i in range(0, logits.shape[0], _CE_CHUNK)]
-        lse = torch.cat([c.logsumexp(-1) for c in chunks])
+        lse, mean = [], []
+        for i in range(0, logits.shape[0], _CE_CHUNK):  # one fp32 chunk alive at a time
+            chunk = logits[i : i + _CE_CHUNK].float()
+            lse.append(chunk.logsumexp(-1))
+            if smoothing:
+                mean.append(chunk.mean(-1))
         picked = logits.gather(1, safe.unsqueeze(1)).squeeze(1).float()
         # -log p(target) with weight 1 - smoothing, the mean of -log p over the vocabulary
         # with weight smoothing
-        loss = lse - (1.0 - smoothing) * picked
+        loss = torch.cat(lse) - (1.0 - smoothing) * picked
         if smoothing:
-            loss = loss - smoothing * torch.cat([c.mean(-1) for c in chunks])
+            loss = loss - smoothing * torch.cat(mean)
         ctx.save_for_backward(logits, safe, valid, count)
         ctx.smoothing = smoothing
         return (loss * valid).sum() / count
