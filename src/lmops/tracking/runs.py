@@ -161,8 +161,24 @@ def _dvc_process() -> psutil.Process | None:
 
 
 def _dvc_process_key(proc: psutil.Process) -> str:
-    """The key that ties the stage runs of one ``dvc`` process: its pid and start time."""
-    return f"dvc-{proc.pid}-{int(proc.create_time())}"
+    """The key that ties the stage runs of one ``dvc`` process: its pid and start."""
+    return f"dvc-{proc.pid}-{start_stamp(proc)}"
+
+
+def start_stamp(proc: psutil.Process) -> str:
+    """When ``proc`` started, as a value that stays the same for as long as it runs.
+
+    On Linux it is the kernel's own count, clock ticks since boot (``/proc/PID/stat``).
+    psutil's ``create_time()`` adds the boot time to it, which the kernel derives from the
+    wall clock: when the clock is adjusted (NTP), every process seems to have started that
+    much earlier or later, seen here as 2 s within one ``dvc repro``. Elsewhere the OS keeps
+    the start time itself, and ``create_time()`` is that.
+    """
+    try:
+        stat = Path(f"/proc/{proc.pid}/stat").read_text()
+    except OSError:
+        return f"{proc.create_time():.2f}"
+    return stat.rsplit(")", 1)[1].split()[19]  # field 22, after the command name
 
 
 def process_tags(proc: psutil.Process | None = None) -> dict[str, str]:
@@ -172,6 +188,7 @@ def process_tags(proc: psutil.Process | None = None) -> dict[str, str]:
         tag.HOST: socket.gethostname(),
         tag.PID: str(proc.pid),
         tag.PID_START: f"{proc.create_time():.2f}",
+        tag.PID_STAMP: start_stamp(proc),
     }
 
 
@@ -572,12 +589,16 @@ def _process_state(tags: Mapping[str, str], host: str) -> bool | None:
     if tags.get(tag.HOST) != host or not tags.get(tag.PID, "").isdigit():
         return None
     try:
-        started = psutil.Process(int(tags[tag.PID])).create_time()
+        proc = psutil.Process(int(tags[tag.PID]))
+        started, stamp = proc.create_time(), start_stamp(proc)
     except psutil.NoSuchProcess:
         return False
     except psutil.Error:  # exists, but not ours to look at
         return True
-    try:  # the same pid with another start time is another process
+    # the same pid with another start is another process
+    if tags.get(tag.PID_STAMP):
+        return tags[tag.PID_STAMP] == stamp
+    try:  # a run recorded before lmops.pid_stamp: its start time, which the clock can move
         return abs(started - float(tags.get(tag.PID_START, started))) < 1.0
     except ValueError:
         return True

@@ -30,3 +30,4 @@ TRANSLATOR = "lmops.translator"  # logged model metadata: the decode settings it
 HOST = "lmops.host"
 PID = "lmops.pid"
 PID_START = "lmops.pid_start"  # the process's start time (s since the epoch): pids are reused
+PID_STAMP = "lmops.pid_stamp"  # its start as the OS counts it, which the clock cannot move

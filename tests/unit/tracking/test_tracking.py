@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import mlflow
 import pytest
 import yaml
@@ -173,6 +175,27 @@ def _gone_process_tags() -> dict[str, str]:
     return tags
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="psutil derives start times so on Linux")
+def test_a_wall_clock_adjustment_moves_no_process_start(monkeypatch):
+    """On Linux psutil's create_time() is boot time + ticks since boot, and the kernel's boot
+    time follows the wall clock: an NTP adjustment of 2 s between two stages of one
+    `dvc repro` split it into two pipeline runs, and a live run looked vanished."""
+    import psutil
+    import psutil._pslinux as pslinux
+
+    from lmops.tracking import tags as tag
+
+    before = psutil.Process()
+    key, tags = tracking._dvc_process_key(before), tracking.process_tags(before)
+    real = pslinux.boot_time
+    monkeypatch.setattr(pslinux, "boot_time", lambda: real() + 2.0)
+    after = psutil.Process()
+    assert after.create_time() == pytest.approx(before.create_time() + 2.0)  # it moved
+    assert tracking._dvc_process_key(after) == key
+    assert tracking._process_state(tags, tags[tag.HOST]) is True
+    assert tracking._process_state({**tags, tag.PID_STAMP: "1"}, tags[tag.HOST]) is False
+
+
 def test_reconcile_ends_only_runs_whose_process_vanished(mlflow_store):
     from lmops.tracking import tags as tag
 
@@ -180,6 +203,8 @@ def test_reconcile_ends_only_runs_whose_process_vanished(mlflow_store):
     gone, alive = _gone_process_tags(), tracking.process_tags()
     other_host = {**alive, tag.HOST: "elsewhere"}
     reused_pid = {**alive, tag.PID_START: f"{float(alive[tag.PID_START]) - 3600:.2f}"}
+    legacy = {k: v for k, v in reused_pid.items() if k != tag.PID_STAMP}  # before the stamp
+    reused_pid[tag.PID_STAMP] = "1"
 
     def make(name, tags, parent=None):
         more = {"mlflow.parentRunId": parent} if parent else {}
@@ -190,17 +215,19 @@ def test_reconcile_ends_only_runs_whose_process_vanished(mlflow_store):
     held_parent = make("held-pipeline", gone)  # its owner is gone, a stage of it lives
     live_stage = make("live-stage", alive, held_parent)
     reused = make("reused-pid", reused_pid)
+    reused_legacy = make("reused-pid-legacy", legacy)
     remote = make("remote", other_host)
     untagged = make("untagged", {})
 
     dry = tracking.reconcile(dry_run=True)
-    assert len(dry) == 3 and all("would end as FAILED" in line for line in dry)
+    assert len(dry) == 4 and all("would end as FAILED" in line for line in dry)
     assert client.get_run(dead_stage).info.status == "RUNNING"
 
     lines = tracking.reconcile()
-    ended = {run_id for run_id in (dead_parent, dead_stage, reused) if run_id in "".join(lines)}
-    assert ended == {dead_parent, dead_stage, reused} and len(lines) == 3
-    for run_id in (dead_parent, dead_stage, reused):
+    gone_runs = {dead_parent, dead_stage, reused, reused_legacy}
+    ended = {run_id for run_id in gone_runs if run_id in "".join(lines)}
+    assert ended == gone_runs and len(lines) == 4
+    for run_id in gone_runs:
         run = client.get_run(run_id)
         assert run.info.status == "FAILED" and run.info.end_time is not None
         assert run.data.tags[tag.ERROR].startswith(tracking.VANISHED)
