@@ -46,6 +46,37 @@ def naive_greedy(model: Transformer, prompt: list[int], max_new: int, eos: int) 
     return seq[len(prompt) :]
 
 
+def naive_beam(
+    model: Transformer, prompt: list[int], max_new: int, eos: int, k: int, alpha: float
+) -> list[int]:
+    """Beam search by the book, one prompt, no cache: every step scores each beam's whole
+    sequence afresh. The k best of the top 2k continuations go on; an eos among the top k
+    finishes its hypothesis; at the end the best by GNMT-normalised log-prob wins."""
+
+    def norm(score: float, length: int) -> float:
+        return score / ((5 + length) / 6) ** alpha
+
+    beams: list[tuple[float, list[int]]] = [(0.0, [])]
+    finished: list[tuple[float, list[int]]] = []
+    for step in range(max_new):
+        cands = []
+        for score, seq in beams:
+            logp = model(torch.tensor([prompt + seq]))[0, -1].log_softmax(-1).tolist()
+            cands += [(score + lp, seq, t) for t, lp in enumerate(logp)]
+        cands.sort(key=lambda c: -c[0])
+        beams = []
+        for rank, (score, seq, t) in enumerate(cands[: 2 * k]):
+            if t == eos:
+                if rank < k:
+                    finished.append((norm(score, step + 1), seq))
+            elif len(beams) < k:
+                beams.append((score, seq + [t]))
+        if not beams:
+            break
+    finished += [(norm(score, max_new), seq) for score, seq in beams]
+    return max(finished, key=lambda f: f[0])[1]
+
+
 def log_prob(
     model: Transformer, prompt: list[int], new: list[int], eos: int, max_new: int
 ) -> float:
@@ -134,23 +165,27 @@ def test_kv_cache_incremental_logits_equal_full_pass():
 
 
 def test_kv_cache_under_bf16_autocast_tracks_full_pass():
-    """Under bf16 the cached pass rounds differently from the full one. It must stay as close
-    to the fp32 logits as the full bf16 pass does, give or take one bf16 rounding step
-    (2^-8 of the logits' scale), and pick the same tokens: a cache that lost or misplaced a
-    position is off by the logits' whole scale."""
+    """Under bf16 the cached pass rounds differently from the full one. Over 16 x 12
+    positions it must be as close to the fp32 logits as the full bf16 pass is, on average
+    and at its worst (give or take one bf16 rounding step, 2^-8 of the logits' scale), and
+    pick the same tokens about as often: a cache that lost or misplaced a position is off
+    by the logits' whole scale."""
     model = tiny(peaky=True)  # confident logits, some 20 in size, not near-ties at 0
-    idx = torch.randint(2, VOCAB, (2, 12))
+    idx = torch.randint(2, VOCAB, (16, 12), generator=torch.Generator().manual_seed(0))
     ref = model(idx)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         full = model(idx).float()
-        cache = model.new_cache(2, 12)
+        cache = model.new_cache(16, 12)
         steps = [model(idx[:, :4], cache)] + [model(idx[:, t : t + 1], cache) for t in range(4, 12)]
     assert cache.keys[0].dtype == torch.bfloat16
     got = torch.cat(steps, 1).float()
     scale = ref.abs().max().item()
     assert scale > 5
-    assert (got - ref).abs().max() <= (full - ref).abs().max() + scale * 2**-8
-    assert torch.equal(got.argmax(-1), ref.argmax(-1))
+    got_err, full_err = (got - ref).abs(), (full - ref).abs()
+    assert got_err.mean() <= 1.1 * full_err.mean()
+    assert got_err.max() <= full_err.max() + scale * 2**-8
+    same = (got.argmax(-1) == ref.argmax(-1)).float().mean()
+    assert same >= (full.argmax(-1) == ref.argmax(-1)).float().mean() - 0.02
 
 
 def test_greedy_with_cache_equals_naive_full_recomputation():
@@ -207,6 +242,18 @@ def test_beam_size_one_equals_greedy():
     greedy = model.generate_greedy(batch, 12, eos_id=EOS, pad_id=PAD)
     beam = model.generate_beam(batch, 12, eos_id=EOS, pad_id=PAD, beam_size=1, length_penalty=0.0)
     assert beam == greedy
+
+
+@pytest.mark.parametrize("alpha", [0.0, 1.0])
+def test_beam_search_equals_naive_beam_search(alpha):
+    """Batched, cached beam search (left padding, beams reshuffled in the cache, prompts
+    leaving the batch as they finish) returns what the uncached, one-prompt-at-a-time
+    search does."""
+    model = tiny(peaky=True)
+    batch = prompts(6)
+    got = model.generate_beam(batch, 10, EOS, PAD, beam_size=3, length_penalty=alpha)
+    assert got == [naive_beam(model, p, 10, EOS, 3, alpha) for p in batch]
+    assert len({len(g) for g in got}) > 1 and min(map(len, got)) < 10  # some stopped early
 
 
 def test_beam_search_log_prob_at_least_greedy():
