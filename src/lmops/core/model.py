@@ -15,8 +15,10 @@ rotary embeddings only distances matter, so decoding past ``block_size`` is a sl
 
 from __future__ import annotations
 
+import functools
 import math
 import time
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import cast
@@ -131,6 +133,76 @@ class KVCache:
         self.valid = self.valid.index_select(0, rows)
 
 
+# ------------------------------------------------------------ prepacked weights
+
+# id(weight) -> {dtype: ((weight version, data pointer), its oneDNN-prepacked copy)}, an
+# entry dropped with its weight (tensors compare elementwise: no WeakKeyDictionary)
+_prepacked: dict[int, dict[torch.dtype, tuple[tuple[int, int], Tensor]]] = {}
+_decoding = 0  # > 0 while a decoding method runs: see Linear
+
+
+@functools.cache
+def _onednn_linear(dtype: torch.dtype) -> bool:
+    """Whether this torch multiplies ``dtype`` with oneDNN-prepacked weights correctly."""
+    if dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return False
+    if dtype not in (torch.float32, torch.bfloat16) or not torch.backends.mkldnn.is_available():
+        return False
+    g = torch.Generator().manual_seed(0)  # not the global generator: training draws from it
+    w, x = torch.randn(24, 16, generator=g).to(dtype), torch.randn(3, 16, generator=g).to(dtype)
+    with torch.autocast("cpu", enabled=False):
+        try:
+            packed = torch.ops.mkldnn._reorder_linear_weight(w)
+            y = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+        except (AttributeError, RuntimeError):  # built without oneDNN, or another signature
+            return False
+        return torch.allclose(y.float(), x.float() @ w.float().T, atol=0.05)
+
+
+@contextmanager
+def _prepacked_weights() -> Iterator[None]:
+    """While decoding, :class:`Linear` layers on the CPU multiply with prepacked weights."""
+    global _decoding
+    _decoding += 1
+    try:
+        yield
+    finally:
+        _decoding -= 1
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` that, while a decoding method runs on the CPU, multiplies with a copy
+    of its weight prepacked for oneDNN (the kernels ``torch.compile`` uses on the CPU).
+
+    ``F.linear`` on the CPU goes to MKL, which repacks the weight on every call and, on AMD
+    CPUs, runs far from the matmul peak: on the 2-core AVX-512 EPYC, [64, 256] x [256,
+    8000] took 1.9 ms in fp32 against 0.6 ms prepacked, and 0.55 against 0.30 ms in bf16.
+    The copy is made once per weight, dtype and weight version (an optimiser step makes a
+    new one), and freed with the weight. Training, GPUs and compiled code use ``F.linear``.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not _decoding or x.device.type != "cpu" or torch.compiler.is_compiling():
+            return super().forward(x)
+        if torch.is_autocast_enabled("cpu"):
+            x = x.to(torch.get_autocast_dtype("cpu"))
+        if self.bias is not None or not _onednn_linear(x.dtype):
+            return super().forward(x)
+        return torch.ops.mkldnn._linear_pointwise(x, self._prepacked(x.dtype), None, "none", [], "")
+
+    def _prepacked(self, dtype: torch.dtype) -> Tensor:
+        weight = self.weight
+        key = (weight._version, weight.data_ptr())
+        if id(weight) not in _prepacked:
+            _prepacked[id(weight)] = {}
+            weakref.finalize(weight, _prepacked.pop, id(weight), None)
+        packs = _prepacked[id(weight)]
+        if dtype not in packs or packs[dtype][0] != key:
+            w = weight.detach().to(dtype)
+            packs[dtype] = (key, torch.ops.mkldnn._reorder_linear_weight(w))
+        return packs[dtype][1]
+
+
 def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotary embedding (half-split layout) in x's dtype; cos and sin come in that dtype.
 
@@ -190,8 +262,8 @@ class Attention(nn.Module):
         super().__init__()
         self.n_head = cfg.n_head
         self.dropout = cfg.dropout
-        self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=False)
-        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
+        self.qkv = Linear(cfg.n_embd, 3 * cfg.n_embd, bias=False)
+        self.proj = Linear(cfg.n_embd, cfg.n_embd, bias=False)
         self.resid_drop = nn.Dropout(cfg.dropout)
 
     def forward(
@@ -204,8 +276,8 @@ class Attention(nn.Module):
         mask: Tensor | None,
     ) -> Tensor:
         b, t, c = x.shape
-        q, k, v = self.qkv(x).view(b, t, 3, self.n_head, c // self.n_head).permute(2, 0, 3, 1, 4)
-        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        qkv = self.qkv(x).view(b, t, 3, self.n_head, c // self.n_head).permute(2, 0, 3, 1, 4)
+        (q, k), v = rotate(qkv[:2], cos, sin), qkv[2]  # q and k in one pass: half the ops
         if cache is not None:
             k, v = cache.update(layer, k, v)
         dropout = self.dropout if self.training else 0.0
@@ -224,8 +296,8 @@ class SwiGLU(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         hidden = mlp_hidden(cfg)
-        self.gate_up = nn.Linear(cfg.n_embd, 2 * hidden, bias=False)
-        self.down = nn.Linear(hidden, cfg.n_embd, bias=False)
+        self.gate_up = Linear(cfg.n_embd, 2 * hidden, bias=False)
+        self.down = Linear(hidden, cfg.n_embd, bias=False)
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -267,7 +339,7 @@ class Transformer(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.norm = nn.RMSNorm(cfg.n_embd, eps=NORM_EPS)
-        self.lm_head = nn.Linear(cfg.n_embd, vocab_size, bias=False)
+        self.lm_head = Linear(cfg.n_embd, vocab_size, bias=False)
         self.lm_head.weight = self.tok_emb.weight
         head_dim = cfg.n_embd // cfg.n_head
         inv_freq = cfg.rope_theta ** (-torch.arange(0, head_dim, 2).float() / head_dim)
@@ -399,7 +471,7 @@ class Transformer(nn.Module):
         """
         guarded = no_repeat_ngram_size > 0 or repetition_penalty != 1.0
         out: list[list[int]] = [[] for _ in prompts]
-        with self._eval_mode():
+        with self._eval_mode(), _prepacked_weights():
             idx, positions, valid = self._left_pad(prompts, pad_id)
             if max_new_tokens <= 0:
                 return out
@@ -465,7 +537,7 @@ class Transformer(nn.Module):
             return score / gnmt_length_penalty(length, length_penalty)
 
         out: list[list[int]] = [[] for _ in prompts]
-        with self._eval_mode():
+        with self._eval_mode(), _prepacked_weights():
             idx, positions, valid = self._left_pad(prompts, pad_id)
             if max_new_tokens <= 0:
                 return out

@@ -325,3 +325,44 @@ def test_attention_window_is_block_size_past_the_trained_context():
     cache = model.new_cache(1, 30)
     steps = [model(idx[:, :5], cache)] + [model(idx[:, t : t + 1], cache) for t in range(5, 30)]
     torch.testing.assert_close(torch.cat(steps, 1), runs[0], rtol=0, atol=1e-5)
+
+
+def test_decoding_multiplies_with_prepacked_weights_that_follow_updates():
+    """Decoding on the CPU multiplies with oneDNN-prepacked copies of the weights: the same
+    tokens as the plain forward pass, a copy remade when a weight changes (an optimiser
+    step between validation decodes), and freed with its weight."""
+    import gc
+
+    from lmops.core import model as model_module
+
+    model = tiny(peaky=True)
+    batch = prompts(6)
+    assert model.generate_greedy(batch, 8, EOS, PAD) == [
+        naive_greedy(model, p, 8, EOS) for p in batch
+    ]
+    head = model.lm_head.weight
+    assert torch.float32 in model_module._prepacked[id(head)]  # the packed path ran
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(-1.3)
+    assert model.generate_greedy(batch, 8, EOS, PAD) == [
+        naive_greedy(model, p, 8, EOS) for p in batch
+    ]
+    weights = {id(w) for w in model.parameters()}
+    del model, p, head
+    gc.collect()
+    assert not weights & set(model_module._prepacked)
+
+
+def test_bf16_decoding_with_prepacked_weights_picks_the_tokens_autocast_does(monkeypatch):
+    from lmops.core import model as model_module
+
+    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        pytest.skip("no native bf16 on this CPU: bf16 decoding multiplies with F.linear")
+    model = tiny(peaky=True)
+    batch = prompts(6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        packed = model.generate_beam(batch, 10, EOS, PAD, beam_size=3)
+        monkeypatch.setattr(model_module, "_onednn_linear", lambda dtype: False)
+        plain = model.generate_beam(batch, 10, EOS, PAD, beam_size=3)
+    assert packed == plain
