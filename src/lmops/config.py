@@ -591,11 +591,11 @@ class ServeConfig(_Section):
         description="Seconds a request may decode; past it the work stops and the request "
         "fails (keep it under MLflow's 60 s request timeout).",
     )
-    # on the default model size, fp32: onnxruntime decodes one sentence 2.6-3.3x as fast as
-    # torch (greedy, beam 4), 16 greedy rows 1.3x; at 64 beam rows torch is 1.2x as fast
-    # (bench/results/decode.md)
+    # on the default model size, fp32, with torch's prepacked weights: onnxruntime decodes
+    # one sentence 1.8x as fast as torch greedy, 1.2x at beam 4 (4 rows), 4 greedy rows
+    # 1.3x; from 8 rows on torch is as fast or faster (bench/results/decode.md)
     onnx_max_rows: int = Field(
-        default=16,
+        default=4,
         ge=0,
         description="The served model decodes up to this many rows at a time (sentences x "
         "beams) on its fp32 ONNX export with onnxruntime, faster there, and larger batches "

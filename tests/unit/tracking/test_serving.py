@@ -101,7 +101,7 @@ def test_the_logged_pyfunc_loads_and_translates(dirs, mlflow_store, tmp_path):
 
     model = mlflow.pyfunc.load_model(info.model_uri)
     decoder = serving.pyfunc_translator(model).model
-    assert isinstance(decoder, SmallBatchOnnx) and decoder.max_rows == 16
+    assert isinstance(decoder, SmallBatchOnnx) and decoder.max_rows == 4
     sources = [p[0] for p in PAIRS]
     out = model.predict(pd.DataFrame({"source": sources}), params={"beam_size": 1})
     assert list(out.columns) == ["translation"]
