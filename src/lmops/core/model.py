@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 import time
 import weakref
 from collections.abc import Iterator
@@ -138,7 +139,7 @@ class KVCache:
 # id(weight) -> {dtype: ((weight version, data pointer), its oneDNN-prepacked copy)}, an
 # entry dropped with its weight (tensors compare elementwise: no WeakKeyDictionary)
 _prepacked: dict[int, dict[torch.dtype, tuple[tuple[int, int], Tensor]]] = {}
-_decoding = 0  # > 0 while a decoding method runs: see Linear
+_decoding = threading.local()  # .depth > 0 while a decoding method runs in this thread
 
 
 @functools.cache
@@ -161,13 +162,16 @@ def _onednn_linear(dtype: torch.dtype) -> bool:
 
 @contextmanager
 def _prepacked_weights() -> Iterator[None]:
-    """While decoding, :class:`Linear` layers on the CPU multiply with prepacked weights."""
-    global _decoding
-    _decoding += 1
+    """While decoding, :class:`Linear` layers on the CPU multiply with prepacked weights.
+
+    Per thread: a served model's concurrent requests, or training beside a decode, each
+    see only their own state.
+    """
+    _decoding.depth = getattr(_decoding, "depth", 0) + 1
     try:
         yield
     finally:
-        _decoding -= 1
+        _decoding.depth -= 1
 
 
 class Linear(nn.Linear):
@@ -182,7 +186,10 @@ class Linear(nn.Linear):
     """
 
     def forward(self, x: Tensor) -> Tensor:
-        if not _decoding or x.device.type != "cpu" or torch.compiler.is_compiling():
+        # is_compiling first: compiled code never reads the thread-local state
+        if torch.compiler.is_compiling() or x.device.type != "cpu":
+            return super().forward(x)
+        if not getattr(_decoding, "depth", 0):
             return super().forward(x)
         if torch.is_autocast_enabled("cpu"):
             x = x.to(torch.get_autocast_dtype("cpu"))

@@ -366,3 +366,32 @@ def test_bf16_decoding_with_prepacked_weights_picks_the_tokens_autocast_does(mon
         monkeypatch.setattr(model_module, "_onednn_linear", lambda dtype: False)
         plain = model.generate_beam(batch, 10, EOS, PAD, beam_size=3)
     assert packed == plain
+
+
+def test_decoding_in_one_thread_leaves_training_in_another_on_plain_linear():
+    """The prepacked path is per thread: a request decoding beside a training step (or a
+    second request) does not switch the other thread's layers, whose gradients flow."""
+    import threading
+
+    from lmops.core import model as model_module
+
+    model = tiny()
+    inside, release = threading.Event(), threading.Event()
+
+    def decode_and_hold():
+        with model_module._prepacked_weights():
+            inside.set()
+            release.wait()
+
+    thread = threading.Thread(target=decode_and_hold)
+    thread.start()
+    try:
+        assert inside.wait(timeout=60)
+        model(torch.randint(2, VOCAB, (2, 6))).sum().backward()
+        assert (
+            model.lm_head.weight.grad is not None
+            and model.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+        )
+    finally:
+        release.set()
+        thread.join()
