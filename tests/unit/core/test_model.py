@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from lmops.config import ModelConfig
+from lmops.core import model as model_module
 from lmops.core.model import Transformer, flops_per_token, mlp_hidden
 
 VOCAB = 37
@@ -333,8 +334,6 @@ def test_decoding_multiplies_with_prepacked_weights_that_follow_updates():
     step between validation decodes), and freed with its weight."""
     import gc
 
-    from lmops.core import model as model_module
-
     model = tiny(peaky=True)
     batch = prompts(6)
     assert model.generate_greedy(batch, 8, EOS, PAD) == [
@@ -355,14 +354,14 @@ def test_decoding_multiplies_with_prepacked_weights_that_follow_updates():
 
 
 def test_bf16_decoding_with_prepacked_weights_picks_the_tokens_autocast_does(monkeypatch):
-    from lmops.core import model as model_module
-
-    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        pytest.skip("no native bf16 on this CPU: bf16 decoding multiplies with F.linear")
+    """Where the CPU has native bf16, bf16 decoding multiplies with bf16-prepacked weights
+    and picks autocast's tokens; elsewhere it packs nothing in bf16 and is autocast."""
     model = tiny(peaky=True)
     batch = prompts(6)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         packed = model.generate_beam(batch, 10, EOS, PAD, beam_size=3)
+        packs = model_module._prepacked.get(id(model.lm_head.weight), {})
+        assert (torch.bfloat16 in packs) == torch.ops.mkldnn._is_mkldnn_bf16_supported()
         monkeypatch.setattr(model_module, "_onednn_linear", lambda dtype: False)
         plain = model.generate_beam(batch, 10, EOS, PAD, beam_size=3)
     assert packed == plain
@@ -372,8 +371,6 @@ def test_decoding_in_one_thread_leaves_training_in_another_on_plain_linear():
     """The prepacked path is per thread: a request decoding beside a training step (or a
     second request) does not switch the other thread's layers, whose gradients flow."""
     import threading
-
-    from lmops.core import model as model_module
 
     model = tiny()
     inside, release = threading.Event(), threading.Event()
