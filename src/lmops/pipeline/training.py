@@ -43,16 +43,18 @@ def bleu_validation(
     """``fit``'s evaluate callback for translation training, and the decoding it uses.
 
     The callback returns the teacher-forced loss on the first ``eval_batches`` batches of
-    the validation pairs and the BLEU of greedy translations of the first ``bleu_samples``.
+    the validation pairs and the BLEU of greedy translations of the first ``bleu_samples``,
+    decoded with ``decode``'s guards (``no_repeat_ngram_size``, ``repetition_penalty``,
+    ``min_new_tokens``): the checkpoint kept is chosen on outputs like those ``evaluate``
+    scores, not on loops that the guards would have cut (docs/performance.md,
+    "Translation quality").
     """
     valid = read_pairs(valid_path)
     valid_batches = fixed_batches(
         valid, tok, tgt_lang, block_size, cfg.batch_size, cfg.eval_batches
     )
     bleu_pairs = valid.iloc[: cfg.bleu_samples]
-    greedy = DecodeConfig(
-        beam_size=1, max_new_tokens=decode.max_new_tokens, batch_size=decode.batch_size
-    )
+    greedy = decode.model_copy(update={"beam_size": 1})
 
     def evaluate(model: torch.nn.Module, step: int) -> dict[str, float]:
         hyps = translate_ids(
