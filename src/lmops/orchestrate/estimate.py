@@ -150,6 +150,7 @@ def compile_cost(device: torch.device) -> tuple[float, float]:
     return COMPILE_COST["amx" if amx else "other"]
 
 
+@_memo
 def train_step_seconds(
     cfg: ModelConfig,
     vocab: int,
