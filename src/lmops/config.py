@@ -354,7 +354,9 @@ class FinetuneConfig(TrainConfig):
     """Fine-tuning; each evaluation (every eval_interval steps) also scores validation BLEU."""
 
     bleu_samples: int = Field(
-        default=64, ge=1, description="Validation pairs translated (greedy) for BLEU."
+        default=64,
+        ge=1,
+        description="Validation pairs translated (greedy, evaluate.decode's guards) for BLEU.",
     )
     lm_mix: float = Field(
         default=0.1,
@@ -446,7 +448,8 @@ class DistilConfig(TrainConfig):
     ``word``: the loss is ``(1 - alpha) * CE + alpha * T^2 * KL(teacher_T || student_T)`` on
     the target tokens, both distributions softened by the temperature T. ``sequence``: plain
     cross-entropy on the teacher's beam-search translations of the training sources.
-    Each evaluation scores validation BLEU (greedy); the best-BLEU weights are kept.
+    Each evaluation scores validation BLEU (greedy, with evaluate.decode's guards); the
+    best-BLEU weights are kept.
     """
 
     model: ModelConfig = Field(
@@ -493,7 +496,7 @@ class DistilConfig(TrainConfig):
     bleu_samples: int = Field(
         default=64,
         ge=1,
-        description="Validation pairs translated (greedy) for BLEU.",
+        description="Validation pairs translated (greedy, evaluate.decode's guards) for BLEU.",
     )
 
     @model_validator(mode="after")

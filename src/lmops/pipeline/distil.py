@@ -19,7 +19,8 @@ The student starts from random weights or as a copy of the teacher pruned to its
 neurons the teacher uses most (Minitron-style activation importance). Training goes
 through the shared loop (:func:`lmops.core.train.fit`: resume, checkpoints, divergence guard,
 curves); as in finetune, each evaluation scores the validation BLEU of greedy
-translations and the best-BLEU weights are the stage's output.
+translations (with ``evaluate.decode``'s guards) and the best-BLEU weights are the stage's
+output.
 The student is then scored by the same :func:`lmops.pipeline.evaluate.evaluate_model` as the
 teacher, on the same test pairs, and compared with the teacher's figures.
 """

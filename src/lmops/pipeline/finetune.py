@@ -3,7 +3,8 @@
 Each pair is ``<2tgt> source <sep> target </s>`` with the loss on the target side only
 (:mod:`lmops.core.translation`). At every evaluation the stage measures the teacher-forced
 validation loss and the BLEU of greedy translations of the first ``bleu_samples``
-validation pairs; the weights with the best validation BLEU are the stage's output.
+validation pairs, cut by ``evaluate.decode``'s guards as the test translations are; the
+weights with the best validation BLEU are the stage's output.
 
 A share ``lm_mix`` of every batch is plain pretraining text scored as a language model
 (replay): without it the translator forgets how to model plain text and its perplexity
