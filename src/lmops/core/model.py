@@ -19,7 +19,6 @@ import functools
 import math
 import threading
 import time
-import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import cast
@@ -136,10 +135,9 @@ class KVCache:
 
 # ------------------------------------------------------------ prepacked weights
 
-# id(weight) -> {dtype: ((weight version, data pointer), its oneDNN-prepacked copy)}, an
-# entry dropped with its weight (tensors compare elementwise: no WeakKeyDictionary)
-_prepacked: dict[int, dict[torch.dtype, tuple[tuple[int, int], Tensor]]] = {}
-_decoding = threading.local()  # .depth > 0 while a decoding method runs in this thread
+# .packs, while a decoding method runs in this thread: {(id(weight), dtype): the weight's
+# oneDNN-prepacked copy}, made on first use and dropped when the outermost call ends
+_decoding = threading.local()
 
 
 @functools.cache
@@ -164,14 +162,21 @@ def _onednn_linear(dtype: torch.dtype) -> bool:
 def _prepacked_weights() -> Iterator[None]:
     """While decoding, :class:`Linear` layers on the CPU multiply with prepacked weights.
 
+    The copies last one decoding call (the outermost, where calls nest): weights cannot
+    change during one, but can between two, and not every change shows. The fused AdamW
+    step updates a weight in place without bumping its version counter, so copies kept
+    from one validation decode to the next multiplied with the weights of the first.
     Per thread: a served model's concurrent requests, or training beside a decode, each
-    see only their own state.
+    see only their own copies.
     """
-    _decoding.depth = getattr(_decoding, "depth", 0) + 1
+    outermost = getattr(_decoding, "packs", None) is None
+    if outermost:
+        _decoding.packs = {}
     try:
         yield
     finally:
-        _decoding.depth -= 1
+        if outermost:
+            _decoding.packs = None
 
 
 class Linear(nn.Linear):
@@ -181,33 +186,25 @@ class Linear(nn.Linear):
     ``F.linear`` on the CPU goes to MKL, which repacks the weight on every call and, on AMD
     CPUs, runs far from the matmul peak: on the 2-core AVX-512 EPYC, [64, 256] x [256,
     8000] took 1.9 ms in fp32 against 0.6 ms prepacked, and 0.55 against 0.30 ms in bf16.
-    The copy is made once per weight, dtype and weight version (an optimiser step makes a
-    new one), and freed with the weight. Training, GPUs and compiled code use ``F.linear``.
+    The copy is made once per weight and dtype in each decoding call, which multiplies
+    with it at every step. Training, GPUs and compiled code use ``F.linear``.
     """
 
     def forward(self, x: Tensor) -> Tensor:
         # is_compiling first: compiled code never reads the thread-local state
         if torch.compiler.is_compiling() or x.device.type != "cpu":
             return super().forward(x)
-        if not getattr(_decoding, "depth", 0):
+        packs = getattr(_decoding, "packs", None)
+        if packs is None:
             return super().forward(x)
         if torch.is_autocast_enabled("cpu"):
             x = x.to(torch.get_autocast_dtype("cpu"))
         if self.bias is not None or not _onednn_linear(x.dtype):
             return super().forward(x)
-        return torch.ops.mkldnn._linear_pointwise(x, self._prepacked(x.dtype), None, "none", [], "")
-
-    def _prepacked(self, dtype: torch.dtype) -> Tensor:
-        weight = self.weight
-        key = (weight._version, weight.data_ptr())
-        if id(weight) not in _prepacked:
-            _prepacked[id(weight)] = {}
-            weakref.finalize(weight, _prepacked.pop, id(weight), None)
-        packs = _prepacked[id(weight)]
-        if dtype not in packs or packs[dtype][0] != key:
-            w = weight.detach().to(dtype)
-            packs[dtype] = (key, torch.ops.mkldnn._reorder_linear_weight(w))
-        return packs[dtype][1]
+        key = (id(self.weight), x.dtype)
+        if key not in packs:
+            packs[key] = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach().to(x.dtype))
+        return torch.ops.mkldnn._linear_pointwise(x, packs[key], None, "none", [], "")
 
 
 def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:

@@ -328,29 +328,35 @@ def test_attention_window_is_block_size_past_the_trained_context():
     torch.testing.assert_close(torch.cat(steps, 1), runs[0], rtol=0, atol=1e-5)
 
 
-def test_decoding_multiplies_with_prepacked_weights_that_follow_updates():
-    """Decoding on the CPU multiplies with oneDNN-prepacked copies of the weights: the same
-    tokens as the plain forward pass, a copy remade when a weight changes (an optimiser
-    step between validation decodes), and freed with its weight."""
-    import gc
+def test_decoding_multiplies_with_prepacked_weights_made_in_each_call():
+    """Decoding on the CPU multiplies with oneDNN-prepacked copies of the weights, made in
+    each decoding call and dropped after it: after fused AdamW steps between two decodes
+    (which leave the weights' version counters as they were, as in training with
+    validation decodes) the tokens are still those of the plain forward pass."""
+    from lmops.config import TrainConfig
+    from lmops.core.train import lm_loss, make_optimizer
 
     model = tiny(peaky=True)
     batch = prompts(6)
-    assert model.generate_greedy(batch, 8, EOS, PAD) == [
-        naive_greedy(model, p, 8, EOS) for p in batch
-    ]
-    head = model.lm_head.weight
-    assert torch.float32 in model_module._prepacked[id(head)]  # the packed path ran
-    with torch.no_grad():
-        for p in model.parameters():
-            p.mul_(-1.3)
-    assert model.generate_greedy(batch, 8, EOS, PAD) == [
-        naive_greedy(model, p, 8, EOS) for p in batch
-    ]
-    weights = {id(w) for w in model.parameters()}
-    del model, p, head
-    gc.collect()
-    assert not weights & set(model_module._prepacked)
+    opt = make_optimizer(model, TrainConfig(lr=0.05, min_lr=0.0), torch.device("cpu"))
+    ids = torch.randint(2, VOCAB, (4, 10), generator=torch.Generator().manual_seed(1))
+    before = None
+    for _ in range(3):
+        with model_module._prepacked_weights():  # the outermost call: its copies are seen
+            out = model.generate_greedy(batch, 8, EOS, PAD)
+            packs = dict(model_module._decoding.packs)
+        assert (id(model.lm_head.weight), torch.float32) in packs  # the packed path ran
+        assert model_module._decoding.packs is None  # dropped with the call
+        assert out == [naive_greedy(model, p, 8, EOS) for p in batch]
+        if before is not None:
+            assert out != before  # the steps changed the translations
+        before = out
+        versions = [p._version for p in model.parameters()]
+        for _ in range(5):
+            lm_loss(model, (ids[:, :-1], ids[:, 1:])).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        assert [p._version for p in model.parameters()] == versions  # no version to go by
 
 
 def test_bf16_decoding_with_prepacked_weights_picks_the_tokens_autocast_does(monkeypatch):
@@ -359,9 +365,11 @@ def test_bf16_decoding_with_prepacked_weights_picks_the_tokens_autocast_does(mon
     model = tiny(peaky=True)
     batch = prompts(6)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        packed = model.generate_beam(batch, 10, EOS, PAD, beam_size=3)
-        packs = model_module._prepacked.get(id(model.lm_head.weight), {})
-        assert (torch.bfloat16 in packs) == torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        with model_module._prepacked_weights():
+            packed = model.generate_beam(batch, 10, EOS, PAD, beam_size=3)
+            packs = dict(model_module._decoding.packs)
+        key = (id(model.lm_head.weight), torch.bfloat16)
+        assert (key in packs) == torch.ops.mkldnn._is_mkldnn_bf16_supported()
         monkeypatch.setattr(model_module, "_onednn_linear", lambda dtype: False)
         plain = model.generate_beam(batch, 10, EOS, PAD, beam_size=3)
     assert packed == plain
