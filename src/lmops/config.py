@@ -372,6 +372,11 @@ class FinetuneConfig(TrainConfig):
         description="Share of each target's probability spread over the vocabulary in the "
         "training loss (validation loss and perplexity stay plain cross-entropy).",
     )
+    freeze_unused_embeddings: bool = Field(
+        default=True,
+        description="Keep the embedding rows of tokens that occur in no training pair as "
+        "pretrained, so the translator keeps modelling the plain text those tokens come from.",
+    )
 
 
 class DecodeConfig(_Section):

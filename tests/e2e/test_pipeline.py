@@ -18,10 +18,13 @@ import pandas as pd
 import psutil
 import pytest
 import sacrebleu
+import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
 from lmops.core.train import curve_panels
+from lmops.core.translation import load_model, pair_vocab, read_pairs
+from lmops.core.vocab import Tokenizer
 from lmops.data import layout
 from lmops.io import file_digest
 from lmops.orchestrate import repro
@@ -193,6 +196,20 @@ def test_model_stages_learn_and_report(repo, first_run):
     assert fine["best_valid_bleu"] == max(
         pd.read_csv(repo / "data/plots/finetune.csv")["valid_bleu"].dropna()
     )
+    # embedding rows of the tokens in no training pair stay the pretrained ones, bit for bit
+    used = torch.from_numpy(
+        pair_vocab(
+            read_pairs(repo / "data/tokens/parallel_train.parquet"),
+            Tokenizer.load(repo / "data/vocab"),
+        )
+    )
+    pre_emb, fine_emb = (
+        load_model(repo / "data/models" / stage)[0].tok_emb.weight.detach()
+        for stage in ("pretrain", "finetune")
+    )
+    assert 0 < int(used.sum()) < vocab_size
+    assert torch.equal(fine_emb[~used], pre_emb[~used])
+    assert (fine_emb[used] != pre_emb[used]).any(dim=1).all()
 
     ev = json.loads((repo / "data/metrics/evaluate.json").read_text())
     assert ev["test_pairs"] == params["evaluate"]["max_test_pairs"]

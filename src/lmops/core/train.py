@@ -44,7 +44,7 @@ import random
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol, cast
@@ -53,6 +53,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 from tqdm import tqdm
 
 from lmops.config import TrainConfig, flatten
@@ -126,12 +127,22 @@ def _step_seed(seed: int, step: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed % 2**64, step, rank]).generate_state(1)[0])
 
 
-def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (not on norms, biases or other vectors)."""
+def make_optimizer(
+    model: nn.Module,
+    cfg: TrainConfig,
+    device: torch.device,
+    no_decay: Collection[nn.Parameter] = (),
+) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not on norms, biases or other vectors,
+    nor on the parameters in ``no_decay``)."""
     params = [p for p in model.parameters() if p.requires_grad]
+
+    def decays(p: nn.Parameter) -> bool:
+        return p.dim() >= 2 and not any(p is q for q in no_decay)
+
     groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        {"params": [p for p in params if decays(p)], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if not decays(p)], "weight_decay": 0.0},
     ]
     return torch.optim.AdamW(
         [g for g in groups if g["params"]],
@@ -437,6 +448,7 @@ def fit(
     select_mode: Literal["max", "min"] = "max",
     curve_path: str | Path | None = None,
     log: TrainLog | None = None,
+    trainable_rows: Mapping[str, Tensor] | None = None,
 ) -> TrainResult:
     """Train ``model`` in place for ``cfg.max_steps`` optimiser steps, resuming if possible.
 
@@ -446,7 +458,9 @@ def fit(
     every ``cfg.eval_interval`` steps and at the end, in eval mode without gradients; with
     ``select_metric`` the weights with its best value (``select_mode``) are kept as well.
     ``curve_path`` (.csv or .json) receives the loss curve for ``dvc plots``; ``log``
-    receives the metrics as they come and the loss plot at the end.
+    receives the metrics as they come and the loss plot at the end. ``trainable_rows`` maps
+    a parameter name to a bool mask over its first dimension: only the marked rows learn,
+    the others keep their values (the parameter is left out of weight decay for that).
     Raises LmopsError when the loss is NaN/inf or above ``cfg.max_loss``; the last
     checkpoint written before that stays intact.
     """
@@ -458,7 +472,10 @@ def fit(
     if cfg.num_threads > 0:
         torch.set_num_threads(cfg.num_threads)
     device = resolve_device(cfg.device, env.local_rank, key=f"{stage}.device")
-    with _process_group(env, device):
+    frozen = _freeze_rows(model, trainable_rows or {}, device)
+    with _process_group(env, device), contextlib.ExitStack() as hooks:
+        for _, handle in frozen:
+            hooks.callback(handle.remove)
         trainer = _Trainer(
             model,
             get_batch,
@@ -475,8 +492,29 @@ def fit(
             env,
             device,
             log or NoLog(),
+            no_decay=[p for p, _ in frozen],
         )
         return trainer.run()
+
+
+def _freeze_rows(
+    model: nn.Module, trainable_rows: Mapping[str, Tensor], device: torch.device
+) -> list[tuple[nn.Parameter, RemovableHandle]]:
+    """A gradient hook per named parameter that zeroes the rows its mask leaves out."""
+    named = dict(model.named_parameters())
+    frozen = []
+    for name, rows in trainable_rows.items():
+        if name not in named:
+            raise ValueError(f"trainable_rows: the model has no parameter {name!r}")
+        param = named[name]
+        if rows.dtype != torch.bool or tuple(rows.shape) != tuple(param.shape[:1]):
+            raise ValueError(
+                f"trainable_rows[{name!r}]: need a bool mask of shape ({param.shape[0]},), "
+                f"not {rows.dtype} {tuple(rows.shape)}"
+            )
+        keep = rows.to(device).view(-1, *[1] * (param.dim() - 1))
+        frozen.append((param, param.register_hook(lambda grad, keep=keep: grad * keep)))
+    return frozen
 
 
 class _Trainer:
@@ -497,6 +535,7 @@ class _Trainer:
         env: DistEnv,
         device: torch.device,
         log: TrainLog,
+        no_decay: Collection[nn.Parameter] = (),
     ):
         self.log = log
         self.cfg, self.seed, self.stage, self.env, self.device = cfg, seed, stage, env, device
@@ -522,7 +561,7 @@ class _Trainer:
             )
         )
         self.raw = model.to(device)
-        self.optimizer = make_optimizer(self.raw, cfg, device)
+        self.optimizer = make_optimizer(self.raw, cfg, device, no_decay)
         dtype = autocast_dtype(cfg.precision, device, key=f"{stage}.precision")
         compiled = compile_enabled(cfg.compile, device, dtype)
         self.hardware = facts(device, dtype, compiled, env.world_size)

@@ -93,6 +93,15 @@ def example(
     return seq[:-1], targets
 
 
+def pair_vocab(pairs: pd.DataFrame, tok: Tokenizer) -> np.ndarray:
+    """A bool per vocabulary id: whether it is a special token or occurs in ``pairs``."""
+    used = np.zeros(tok.vocab_size, dtype=bool)
+    for column in ("src_ids", "tgt_ids"):
+        used[np.concatenate([np.asarray(ids, dtype=np.int64) for ids in pairs[column]])] = True
+    used[sorted(tok.special_ids)] = True
+    return used
+
+
 def collate(rows: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[Tensor, Tensor]:
     """Right-pad to a common length (a multiple of PAD_MULTIPLE); padding is not scored."""
     longest = max(len(x) for x, _ in rows)

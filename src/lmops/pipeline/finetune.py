@@ -8,7 +8,9 @@ weights with the best validation BLEU are the stage's output.
 
 A share ``lm_mix`` of every batch is plain pretraining text scored as a language model
 (replay): without it the translator forgets how to model plain text and its perplexity
-on held-out text climbs far above the pretrained model's.
+on held-out text climbs far above the pretrained model's. With ``freeze_unused_embeddings``
+the embedding rows of tokens that occur in no pair keep their pretrained values: the
+pairs would otherwise teach the tied output layer that those tokens never come.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from lmops.config import Params
 from lmops.core.train import TrainLog, fit, lm_loss, seed_everything, window_batches
 from lmops.core.translation import (
@@ -25,6 +29,7 @@ from lmops.core.translation import (
     load_model,
     mix_batches,
     pair_batches,
+    pair_vocab,
     read_pairs,
 )
 from lmops.core.vocab import Tokenizer
@@ -94,6 +99,11 @@ def finetune(
         select_mode="max",
         curve_path=curve_path,
         log=log,
+        trainable_rows=(
+            {"tok_emb.weight": torch.from_numpy(pair_vocab(train, tok))}
+            if cfg.freeze_unused_embeddings
+            else None
+        ),
     )
     return keep_best(model, result, out_model, {"stage": "finetune"}, tgt_lang)
 

@@ -64,6 +64,43 @@ def test_weight_decay_applies_to_matrices_only():
     # the tied embedding/head matrix once; LayerNorm weight+bias and the head bias
     assert [p.shape for p in decay["params"]] == [(VOCAB, 16)]
     assert sorted(p.numel() for p in no_decay["params"]) == [16, 16, VOCAB]
+    # a parameter named in no_decay (one whose frozen rows must not shrink) joins the rest
+    (group,) = make_optimizer(
+        model, TrainConfig(weight_decay=0.1), torch.device("cpu"), no_decay=[model.emb.weight]
+    ).param_groups
+    assert group["weight_decay"] == 0.0
+    assert sorted(p.numel() for p in group["params"]) == [16, 16, VOCAB, VOCAB * 16]
+
+
+def test_trainable_rows_learn_and_the_other_rows_keep_their_values(tmp_path):
+    """Rows a mask leaves out keep their values bit for bit, weight decay included, while
+    every row changes in the same run without the mask; the hook is gone after the run."""
+    seed_everything(SEED)
+    before = weights(TinyLM())["emb.weight"]
+    plain, _ = run(tmp_path / "plain", config())
+    assert (weights(plain)["emb.weight"] != before).any(dim=1).all()
+    rows = torch.arange(VOCAB) % 3 != 0
+    model, result = run(tmp_path / "masked", config(), trainable_rows={"emb.weight": rows})
+    after = weights(model)["emb.weight"]
+    assert torch.equal(after[~rows], before[~rows])
+    assert (after[rows] != before[rows]).any(dim=1).all()
+    assert losses(result)[-1] < losses(result)[0] - 0.5
+    model.zero_grad()
+    model(torch.arange(VOCAB)[None]).logsumexp(-1).sum().backward()
+    assert (model.emb.weight.grad[~rows] != 0).any(dim=1).all()
+
+
+@pytest.mark.parametrize(
+    ("rows", "message"),
+    [
+        ({"emb.bias": torch.ones(VOCAB, dtype=torch.bool)}, "no parameter 'emb.bias'"),
+        ({"emb.weight": torch.ones(VOCAB)}, r"bool mask of shape \(32,\), not torch.float32"),
+        ({"emb.weight": torch.ones(3, dtype=torch.bool)}, r"not torch.bool \(3,\)"),
+    ],
+)
+def test_a_bad_trainable_rows_mask_names_the_parameter(tmp_path, rows, message):
+    with pytest.raises(ValueError, match=message):
+        run(tmp_path, config(), trainable_rows=rows)
 
 
 def test_window_batches_are_a_pure_function_of_the_step():
