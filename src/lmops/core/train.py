@@ -389,8 +389,8 @@ class TrainResult:
     best_metric: float | None
     best_step: int | None
     tokens_seen: int  # over the whole run, resumed steps included
-    wall_seconds: float  # this call only
-    tokens_per_sec: float  # this call only
+    wall_seconds: float  # training time over the whole run, resumed calls included
+    tokens_per_sec: float  # tokens_seen / wall_seconds
     history: list[dict[str, float]]  # one row per logged or evaluated step
     checkpoint: Path | None  # the last training checkpoint
     best_checkpoint: Path | None  # weights with the best selected metric
@@ -406,11 +406,13 @@ class _State:
     best_step: int | None = None
     history: dict[int, dict[str, float]] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)  # the last evaluation
+    seconds: float = 0.0  # wall time of the calls that did these steps, up to this one
 
     def to_json(self) -> dict[str, Any]:
         return {
             "step": self.step,
             "tokens_seen": self.tokens_seen,
+            "seconds": self.seconds,
             "best_metric": self.best_metric,
             "best_step": self.best_step,
             "history": list(self.history.values()),
@@ -427,6 +429,7 @@ class _State:
             data.get("best_step"),
             history,
             dict(data.get("metrics", {})),
+            float(data.get("seconds", 0.0)),
         )
 
     def record(self, step: int, values: dict[str, float]) -> None:
@@ -732,7 +735,7 @@ class _Trainer:
         cfg, env = self.cfg, self.env
         self.resume()
         state = self.state
-        start = state.step
+        start, earlier = state.step, state.seconds  # a resumed run counts its calls' time
         self.raw.train()
         started = time.perf_counter()
         run_tokens, window_tokens, window_losses = 0, 0, []
@@ -779,6 +782,7 @@ class _Trainer:
                     with self._memory_guard(step, "the evaluation at step"):
                         self.evaluate(step)
                 if env.is_main and (step % cfg.checkpoint_interval == 0 or final):
+                    state.seconds = earlier + time.perf_counter() - started
                     self.save(step)
                 elapsed = time.perf_counter() - started
                 bar.set_postfix(
@@ -788,7 +792,7 @@ class _Trainer:
                     refresh=False,
                 )
                 bar.update(1)
-        wall = time.perf_counter() - started
+        wall = earlier + time.perf_counter() - started
         history = list(state.history.values())
         if env.is_main:
             if self.curve_path is not None:
@@ -805,7 +809,7 @@ class _Trainer:
             best_step=state.best_step,
             tokens_seen=state.tokens_seen,
             wall_seconds=wall,
-            tokens_per_sec=run_tokens / wall if wall > 0 else 0.0,
+            tokens_per_sec=state.tokens_seen / wall if wall > 0 else 0.0,
             history=history,
             checkpoint=self.last_ckpt or checkpoint.latest(self.root),
             best_checkpoint=self.best_ckpt or checkpoint.latest(self.root, "best"),

@@ -205,6 +205,7 @@ def test_resume_after_a_crash_replays_the_uninterrupted_run(tmp_path, caplog):
     with pytest.raises(Crash):
         run(tmp_path / "resumed", config(), loss_fn=crash_at(4))  # checkpointed at step 3
     assert checkpoint.latest(tmp_path / "resumed" / "ckpt").name == "step-00000003"
+    crashed = checkpoint.load(checkpoint.latest(tmp_path / "resumed" / "ckpt"), TinyLM())
     # a differently initialised model: everything must come from the checkpoint
     torch.manual_seed(999)
     with caplog.at_level(logging.INFO, logger="lmops.core.train"):
@@ -213,6 +214,9 @@ def test_resume_after_a_crash_replays_the_uninterrupted_run(tmp_path, caplog):
     assert r_resumed.resumed_from == 3 and r_resumed.step == 6
     assert losses(r_resumed) == losses(r_straight)  # all six, the first three restored
     assert r_resumed.tokens_seen == r_straight.tokens_seen
+    # the time of the crashed call, up to its checkpoint, counts in the run's
+    assert 0 < crashed["seconds"] < r_resumed.wall_seconds
+    assert r_resumed.tokens_per_sec == pytest.approx(r_resumed.tokens_seen / r_resumed.wall_seconds)
     for name, w in weights(straight).items():
         assert torch.equal(weights(resumed)[name], w), name
 
@@ -255,6 +259,10 @@ def test_rerunning_a_finished_run_does_no_more_steps(tmp_path):
     assert again.resumed_from == 3 and again.step == 3 and losses(again) == losses(first)
     assert evals == [2, 3]  # none on the rerun, yet it reports the last evaluation
     assert again.metrics == first.metrics and first.metrics[VALID_LOSS] > 0
+    # it reports the run's time, not its own few milliseconds
+    finished = checkpoint.load(first.checkpoint, TinyLM())["seconds"]
+    assert 0 < finished <= first.wall_seconds and again.wall_seconds >= finished
+    assert again.tokens_per_sec == pytest.approx(again.tokens_seen / again.wall_seconds)
 
 
 @pytest.mark.parametrize("bad", [math.inf, math.nan, 25.0])
