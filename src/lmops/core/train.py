@@ -265,10 +265,21 @@ def _first(batch: Batch) -> Tensor:
 # ------------------------------------------------------------------- output
 
 
+# what the loop records itself at each log interval; everything else in a history row
+# came from the stage's evaluate(): its validation metrics
+LOGGED_KEYS = ("train_loss", "lr", "grad_norm")
+
+
 def write_curve(history: list[dict[str, float]], path: str | Path) -> None:
-    """Loss curve for ``dvc plots``: ``.csv`` (empty cell = not measured) or ``.json`` rows."""
+    """Loss curve for ``dvc plots``: ``.csv`` (empty cell = not measured) or ``.json`` rows.
+
+    CSV columns: ``step``, what the loop logs (:data:`LOGGED_KEYS`), then the validation
+    metrics by name, so a resumed run's file (its rows read back from a checkpoint) has the
+    columns of an uninterrupted one's."""
     path = Path(path)
-    keys = list(dict.fromkeys(k for row in history for k in row))
+    seen = {k for row in history for k in row}
+    first = ("step", *LOGGED_KEYS)
+    keys = [k for k in first if k in seen] + sorted(seen - set(first))
     with atomic_output(path) as tmp:
         if path.suffix == ".json":
             tmp.write_text(json.dumps(history, indent=1) + "\n")
@@ -279,11 +290,6 @@ def write_curve(history: list[dict[str, float]], path: str | Path) -> None:
                 writer.writerows(history)
         else:
             raise ValueError(f"{path}: loss curve must be .csv or .json")
-
-
-# what the loop records itself at each log interval; everything else in a history row
-# came from the stage's evaluate(): its validation metrics
-LOGGED_KEYS = ("train_loss", "lr", "grad_norm")
 
 
 def curve_panels(history: list[dict[str, float]]) -> dict[str, list[str]]:

@@ -201,19 +201,25 @@ def crash_at(step: int):
 
 
 def test_resume_after_a_crash_replays_the_uninterrupted_run(tmp_path, caplog):
-    straight, r_straight = run(tmp_path / "straight", config())
-    with pytest.raises(Crash):
-        run(tmp_path / "resumed", config(), loss_fn=crash_at(4))  # checkpointed at step 3
+    curves = {name: tmp_path / f"{name}.csv" for name in ("straight", "resumed")}
+    straight, r_straight = run(tmp_path / "straight", config(), curve_path=curves["straight"])
+    with pytest.raises(Crash):  # checkpointed at step 3
+        run(tmp_path / "resumed", config(), loss_fn=crash_at(4), curve_path=curves["resumed"])
     assert checkpoint.latest(tmp_path / "resumed" / "ckpt").name == "step-00000003"
     crashed = checkpoint.load(checkpoint.latest(tmp_path / "resumed" / "ckpt"), TinyLM())
     # a differently initialised model: everything must come from the checkpoint
     torch.manual_seed(999)
     with caplog.at_level(logging.INFO, logger="lmops.core.train"):
-        resumed, r_resumed = run(tmp_path / "resumed", config(), model=TinyLM())
+        resumed, r_resumed = run(
+            tmp_path / "resumed", config(), model=TinyLM(), curve_path=curves["resumed"]
+        )
     assert "resuming from" in caplog.text and "at step 3" in caplog.text
     assert r_resumed.resumed_from == 3 and r_resumed.step == 6
     assert losses(r_resumed) == losses(r_straight)  # all six, the first three restored
     assert r_resumed.tokens_seen == r_straight.tokens_seen
+    # the curve too, its columns in the same order though the first rows came back from JSON
+    assert curves["resumed"].read_text() == curves["straight"].read_text()
+    assert curves["straight"].read_text().startswith("step,train_loss,lr,grad_norm\n")
     # the time of the crashed call, up to its checkpoint, counts in the run's
     assert 0 < crashed["seconds"] < r_resumed.wall_seconds
     assert r_resumed.tokens_per_sec == pytest.approx(r_resumed.tokens_seen / r_resumed.wall_seconds)
