@@ -89,10 +89,11 @@ def keep_best(
     out_model: str | Path,
     meta: dict[str, Any],
     target_lang: str,
+    metric: str = SELECT_METRIC,
 ) -> dict[str, Any] | None:
-    """The tail of a BLEU-selected stage: the best checkpoint's weights go into ``model``,
-    rank 0 writes them to ``out_model`` (``meta`` first in its config, ``target_lang``
-    last) and gets the summary; another rank gets None."""
+    """The tail of a stage that keeps its best checkpoint (by ``metric``): those weights go
+    into ``model``, rank 0 writes them to ``out_model`` (``meta`` first in its config,
+    ``target_lang`` last) and gets the summary; another rank gets None."""
     model.cpu()
     if result.best_checkpoint is not None:
         load_weights(model, result.best_checkpoint)
@@ -105,10 +106,10 @@ def keep_best(
             **meta,
             "steps": result.step,
             "best_step": result.best_step,
-            SELECT_METRIC: result.best_metric,
+            metric: result.best_metric,
             "target_lang": target_lang,
         },
     )
     out = summary(result, model)
-    out.update({"best_step": result.best_step, f"best_{SELECT_METRIC}": result.best_metric})
+    out.update({"best_step": result.best_step, f"best_{metric}": result.best_metric})
     return out
