@@ -53,7 +53,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.utils.hooks import RemovableHandle
 from tqdm import tqdm
 
 from lmops.config import TrainConfig, flatten
@@ -481,10 +480,8 @@ def fit(
     if cfg.num_threads > 0:
         torch.set_num_threads(cfg.num_threads)
     device = resolve_device(cfg.device, env.local_rank, key=f"{stage}.device")
-    frozen = _freeze_rows(model, trainable_rows or {}, device)
     with _process_group(env, device), contextlib.ExitStack() as hooks:
-        for _, handle in frozen:
-            hooks.callback(handle.remove)
+        frozen = _freeze_rows(model, trainable_rows or {}, device, hooks)
         trainer = _Trainer(
             model,
             get_batch,
@@ -501,15 +498,19 @@ def fit(
             env,
             device,
             log or NoLog(),
-            no_decay=[p for p, _ in frozen],
+            no_decay=frozen,
         )
         return trainer.run()
 
 
 def _freeze_rows(
-    model: nn.Module, trainable_rows: Mapping[str, Tensor], device: torch.device
-) -> list[tuple[nn.Parameter, RemovableHandle]]:
-    """A gradient hook per named parameter that zeroes the rows its mask leaves out."""
+    model: nn.Module,
+    trainable_rows: Mapping[str, Tensor],
+    device: torch.device,
+    hooks: contextlib.ExitStack,
+) -> list[nn.Parameter]:
+    """A gradient hook per named parameter that zeroes the rows its mask leaves out, removed
+    when ``hooks`` closes; returns those parameters."""
     named = dict(model.named_parameters())
     frozen = []
     for name, rows in trainable_rows.items():
@@ -522,7 +523,8 @@ def _freeze_rows(
                 f"not {rows.dtype} {tuple(rows.shape)}"
             )
         keep = rows.to(device).view(-1, *[1] * (param.dim() - 1))
-        frozen.append((param, param.register_hook(lambda grad, keep=keep: grad * keep)))
+        hooks.callback(param.register_hook(lambda grad, keep=keep: grad * keep).remove)
+        frozen.append(param)
     return frozen
 
 
