@@ -789,6 +789,22 @@ def test_each_training_stage_printed_its_estimate_first(repo, first_run):
         ), stage
 
 
+def test_a_stage_run_with_another_work_dir_is_estimated_from_there(
+    repo, first_run, tmp_path, monkeypatch, capsys
+):
+    """The estimate a training stage prints as it starts counts the checkpoints of its own
+    ``--work``: run by hand into an empty dir, it is a whole run, not dvc.yaml's finished one."""
+    from lmops.orchestrate import estimate
+
+    steps = params_of(repo)["distil"]["max_steps"]
+    monkeypatch.chdir(repo)
+    for argv, resumed in (([], True), (["--work", str(tmp_path / "elsewhere")], False)):
+        estimate.training_stage_start("distil", "params.yaml", argv)
+        printed = capsys.readouterr().err
+        assert (f"resuming at step {steps}" in printed) is resumed, printed
+        assert re.search(rf": {0 if resumed else steps} steps x ", printed), printed
+
+
 def test_estimate_names_what_repro_would_run_and_its_time(repo, first_run):
     from lmops.orchestrate import estimate
     from lmops.orchestrate.dag import stages_to_run

@@ -22,6 +22,7 @@ each was measured; ``bench/estimate.py`` checks predictions against measured sta
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import math
@@ -334,6 +335,11 @@ class _Context:
     sizes: dict[str, float]
     cpu_factor: float
     vocab: int
+    work_dirs: dict[str, Path] = dataclasses.field(default_factory=dict)
+
+    def work_dir(self, stage: str) -> Path:
+        """Where ``stage`` keeps its checkpoints: its ``--work``, else dvc.yaml's."""
+        return self.work_dirs.get(stage, self.root / "data" / "train" / stage)
 
     def device(self, name: str) -> torch.device:
         return hardware.resolve_device(name)
@@ -366,7 +372,7 @@ def _training(
     compiled = hardware.compile_enabled(cfg.compile, device, dtype)
     factor, compile_s = compile_cost(device) if compiled else (1.0, 0.0)
     step *= cfg.grad_accum / nproc * factor
-    done = steps_done(ctx.root / "data" / "train" / stage, cfg, model)
+    done = steps_done(ctx.work_dir(stage), cfg, model)
     left = max(0, cfg.max_steps - done)
     evals = sum(
         1
@@ -507,13 +513,15 @@ def estimate(
     root: str | Path = ".",
     params_path: str | Path = "params.yaml",
     params: Params | None = None,
+    work_dirs: dict[str, Path] | None = None,
 ) -> list[StageEstimate]:
     """An estimate for each of ``stages`` (:func:`lmops.orchestrate.stages_to_run` says
-    which ``dvc repro`` would run), with ``params`` or those of ``params_path``."""
+    which ``dvc repro`` would run), with ``params`` or those of ``params_path``; a
+    training stage resumes from the checkpoints in ``work_dirs[stage]`` where given."""
     root = Path(root)
     params = params or load_params(root / params_path)
     todo = list(stages)
-    ctx = _Context(root, params, data_sizes(root), 1.0, params.vocab.vocab_size)
+    ctx = _Context(root, params, data_sizes(root), 1.0, params.vocab.vocab_size, work_dirs or {})
     # the probe between measurements, its best time kept: one probe can fall in a slow
     # moment of a shared machine; the second pass reuses the (memoised) measurements
     probes = [scalar_probe()]
@@ -551,10 +559,14 @@ def render(estimates: list[StageEstimate]) -> str:
     return text
 
 
-def log_stage_estimate(stage: str, params_path: str | Path) -> None:
-    """A training stage's own estimate, printed as it starts (a few seconds to measure)."""
+def log_stage_estimate(
+    stage: str, params_path: str | Path, work_dir: str | Path | None = None
+) -> None:
+    """A training stage's own estimate, printed as it starts (a few seconds to measure);
+    ``work_dir``: the stage's checkpoint dir, where it resumes from."""
+    work_dirs = {stage: Path(work_dir)} if work_dir is not None else None
     try:
-        est = estimate([stage], Path.cwd(), params_path)[0]
+        est = estimate([stage], Path.cwd(), params_path, work_dirs=work_dirs)[0]
     except (LmopsError, OSError, RuntimeError) as err:  # never stops the stage itself
         print(f"[{stage}] no estimate: {err}", file=sys.stderr)
         return
@@ -575,5 +587,7 @@ def training_stage_start(stage: str, params_path: str, argv: list[str]) -> None:
         load_params(params_path)
     except LmopsError:
         return  # the stage reports it, with a FAILED run
-    log_stage_estimate(stage, params_path)
+    work = argparse.ArgumentParser(add_help=False)
+    work.add_argument("--work")
+    log_stage_estimate(stage, params_path, work.parse_known_args(argv)[0].work)
     hardware.relaunch_data_parallel(stage, params_path, argv)
