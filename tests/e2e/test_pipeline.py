@@ -568,6 +568,19 @@ def test_two_queued_experiments_run_at_once_with_their_own_runs_and_equal_metric
         for rev in exp["revs"]
     }
     assert len(exps) == 2, exps
+    for name, metrics in exps.items():  # dvc exp show has {"error": ...} for a failed one
+        if "data" not in metrics.get("data/metrics/pretrain.json", {}):
+            logs = subprocess.run(
+                ["dvc", "queue", "logs", name],
+                cwd=repo,
+                env=_env(repo),
+                capture_output=True,
+                text=True,
+            )
+            pytest.fail(
+                f"experiment {name}: no pretrain metrics {metrics}; its log:\n"
+                f"{(logs.stdout + logs.stderr)[-4000:]}"
+            )
     stable = [
         {
             k: v
