@@ -365,6 +365,13 @@ class FinetuneConfig(TrainConfig):
         description="Share of each batch that is pretraining text (language-model replay), "
         "so the translator keeps its perplexity on plain text.",
     )
+    lm_mix_text: Literal["monolingual", "all"] = Field(
+        default="monolingual",
+        description="Text the lm_mix rows are drawn from. monolingual: the pretraining "
+        "text of the monolingual sources, without the training pairs' own sentences, which "
+        "the pairs already teach (a corpus of pairs alone: those sentences); all: the "
+        "whole pretraining text.",
+    )
     label_smoothing: float = Field(
         default=0.0,
         ge=0,

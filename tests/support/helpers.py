@@ -13,6 +13,7 @@ import urllib.request
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -59,18 +60,22 @@ def sentences(words: dict[str, list[str]], n: int, seed: int) -> list[str]:
 
 
 def make_clean(root: Path, n: int = 300, fmt: str = "parquet") -> Path:
-    """A small clean-stage output dir: mono and parallel splits in both languages."""
+    """A small clean-stage output dir: mono and parallel splits in both languages. As the
+    clean stage writes them, each mono split is monolingual text (source ``toy_text``)
+    followed by both sides of the split's pairs (source ``toy``, the pairs' source)."""
     root.mkdir(parents=True, exist_ok=True)
     sizes = {"train": n, "valid": max(n // 10, 5), "test": max(n // 10, 5)}
     for k, (split, size) in enumerate(sizes.items()):
         en, fr = sentences(EN, size, 10 + k), sentences(FR, size, 20 + k)
         pairs = pd.DataFrame({"src": en, "tgt": fr, "group": "g", "source": "toy"})
         layout.write_split(pairs, root, f"parallel_{split}", fmt)
-        mono = en + fr + sentences(EN, size, 30 + k) + sentences(FR, size, 40 + k)
-        langs = ["en"] * size + ["fr"] * size + ["en"] * size + ["fr"] * size
-        layout.write_split(
-            pd.DataFrame({"text": mono, "lang": langs, "source": "toy"}), root, f"mono_{split}", fmt
+        mono = sentences(EN, size, 30 + k) + sentences(FR, size, 40 + k) + en + fr
+        langs = ["en", "fr", "en", "fr"]
+        sources = ["toy_text", "toy_text", "toy", "toy"]
+        df = pd.DataFrame(
+            {"text": mono, "lang": np.repeat(langs, size), "source": np.repeat(sources, size)}
         )
+        layout.write_split(df, root, f"mono_{split}", fmt)
     return root
 
 

@@ -4,7 +4,10 @@ pretrain_{train,valid}.bin    one flat token stream: for each mono row
                               ``<2lang> ids </s>``, concatenated; raw numpy
                               array (uint16 when every id fits, else uint32)
 pretrain_{train,valid}.json   sidecar: dtype, length (tokens), documents,
-                              bytes (utf-8 bytes of the text), vocab_size
+                              bytes (utf-8 bytes of the text), vocab_size,
+                              monolingual_tokens (the leading tokens that are
+                              monolingual text; the rest are the sides of the
+                              training pairs, which the clean stage puts last)
 """
 
 from __future__ import annotations
@@ -38,11 +41,15 @@ def write_stream(
     path: Path,
     vocab_size: int,
     text_bytes: int,
+    monolingual_rows: int | None = None,
     chunk_rows: int = 10_000,
 ) -> dict[str, Any]:
-    """Append the ``ids`` of ``encoded`` to ``path`` (.bin) chunk by chunk; write the sidecar."""
+    """Append the ``ids`` of ``encoded`` to ``path`` (.bin) chunk by chunk; write the sidecar.
+    ``monolingual_rows``: how many leading rows are monolingual text (default: all)."""
     dtype = stream_dtype(vocab_size)
     length = 0
+    rows_left = len(encoded) if monolingual_rows is None else monolingual_rows
+    monolingual = 0
     arrow = encoded.with_format("arrow")
     with (
         open(path, "wb") as fh,
@@ -55,6 +62,10 @@ def write_stream(
                 raise LmopsError(f"{path}: token id {int(ids.max())} >= vocab_size {vocab_size}")
             # fh.write, not ndarray.tofile: a short write (disk full) raises with its errno
             fh.write(ids.astype(dtype).tobytes())
+            if rows_left > 0:
+                lengths = pc.list_value_length(table.column("ids")).to_numpy()
+                monolingual += int(lengths[:rows_left].sum())
+                rows_left -= len(lengths)
             length += int(ids.size)
             bar.update(table.num_rows)
     sidecar = {
@@ -63,9 +74,28 @@ def write_stream(
         "documents": len(encoded),
         "bytes": text_bytes,
         "vocab_size": vocab_size,
+        "monolingual_tokens": monolingual,
     }
     write_json(path.with_suffix(".json"), sidecar)
     return sidecar
+
+
+def monolingual_part(stream: np.ndarray, path: str | Path) -> np.ndarray:
+    """The leading monolingual text of ``stream`` (read from ``path``, see the module's
+    docstring); a stream whose sidecar doesn't say is refused, as the tokenise stage
+    wrote it before the field existed."""
+    side_path = _paths(path)[1]
+    side = json.loads(side_path.read_text(encoding="utf-8"))
+    if "monolingual_tokens" not in side:
+        raise LmopsError(f"{side_path}: no 'monolingual_tokens'; rerun the tokenise stage")
+    return stream[: int(side["monolingual_tokens"])]
+
+
+def _paths(path: str | Path) -> tuple[Path, Path]:
+    """A token stream's .bin and .json; ``path`` may name the .bin or leave the extension off."""
+    path = Path(path)
+    bin_path = path if path.suffix == ".bin" else path.with_name(path.name + ".bin")
+    return bin_path, bin_path.with_suffix(".json")
 
 
 def load_stream(path: str | Path, vocab_size: int | None = None) -> np.ndarray:
@@ -74,9 +104,7 @@ def load_stream(path: str | Path, vocab_size: int | None = None) -> np.ndarray:
     Given ``vocab_size`` (the vocabulary it will be read with), a stream made with another
     vocabulary is refused: its ids would mean other pieces, or index past the embedding.
     """
-    path = Path(path)
-    bin_path = path if path.suffix == ".bin" else path.with_name(path.name + ".bin")
-    side_path = bin_path.with_suffix(".json")
+    bin_path, side_path = _paths(path)
     if not side_path.is_file():
         raise LmopsError(f"{side_path}: token stream sidecar not found (run the tokenise stage)")
     try:

@@ -8,7 +8,9 @@ weights with the best validation BLEU are the stage's output.
 
 A share ``lm_mix`` of every batch is plain pretraining text scored as a language model
 (replay): without it the translator forgets how to model plain text and its perplexity
-on held-out text climbs far above the pretrained model's. With ``freeze_unused_embeddings``
+on held-out text climbs far above the pretrained model's. The text is that of the
+monolingual sources (``lm_mix_text``): the pairs' own sentences, the rest of the
+pretraining stream, are what the pairs teach already. With ``freeze_unused_embeddings``
 the embedding rows of tokens that occur in no pair keep their pretrained values: the
 pairs would otherwise teach the tied output layer that those tokens never come.
 """
@@ -20,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from lmops.config import Params
@@ -33,7 +36,7 @@ from lmops.core.translation import (
     read_pairs,
 )
 from lmops.core.vocab import Tokenizer
-from lmops.data.tokens import TRAIN_STREAM, load_stream
+from lmops.data.tokens import TRAIN_STREAM, load_stream, monolingual_part
 from lmops.io import file_digest, write_json
 from lmops.pipeline import Result, path
 from lmops.pipeline.training import SELECT_METRIC, bleu_validation, keep_best
@@ -77,7 +80,7 @@ def finetune(
         },
     }
     text = window_batches(
-        load_stream(tokens_dir / TRAIN_STREAM, tok.vocab_size),
+        replay_text(tokens_dir / TRAIN_STREAM, tok.vocab_size, block, cfg.lm_mix_text),
         block,
         params.seed + 1,
         str(tokens_dir / f"{TRAIN_STREAM}.bin"),
@@ -106,6 +109,18 @@ def finetune(
         ),
     )
     return keep_best(model, result, out_model, {"stage": "finetune"}, tgt_lang)
+
+
+def replay_text(stream_path: Path, vocab_size: int, block: int, which: str) -> np.ndarray:
+    """The pretraining tokens the ``lm_mix`` rows are cut from (``finetune.lm_mix_text``):
+    the monolingual text, or the whole stream where that is asked for or the monolingual
+    text is too short for one window (a corpus of pairs alone)."""
+    stream = load_stream(stream_path, vocab_size)
+    if which == "monolingual":
+        text = monolingual_part(stream, stream_path)
+        if len(text) > block:
+            return text
+    return stream
 
 
 @dataclass(frozen=True)

@@ -143,6 +143,21 @@ def _encode_mono(
     return _map(data_dir, name, rows, _EncodeMono(tok), STREAM_FEATURES, cfg, cache), text_bytes
 
 
+def _leading_monolingual_rows(data_dir: Path, name: str) -> int:
+    """Rows of mono split ``name`` before the first side of a training pair: the clean stage
+    writes the monolingual text first, then the pairs' sides, whose source is a parallel one."""
+    pair_sources: set[str] = set()
+    for _, _, df in layout.iter_split(data_dir, "parallel_train", columns=("source",)):
+        pair_sources.update(df["source"])
+    rows = 0
+    for _, start, df in layout.iter_split(data_dir, name, columns=("source",)):
+        side = df["source"].isin(pair_sources).to_numpy()
+        if side.any():
+            return start + int(side.argmax())
+        rows = start + len(df)
+    return rows
+
+
 def _write_pairs(ds: datasets.Dataset, path: Path) -> None:
     """The encoded pairs as parquet, a row group at a time, without the datasets
     fingerprint: the bytes depend on the content alone, not on how map() batched it, so a
@@ -170,9 +185,11 @@ def tokenise(
         cache = tmp / ".datasets-cache"
         for split, stem in STREAM_SPLITS.items():
             encoded, text = _encode_mono(data_dir, split, tok, cfg, cache)
-            side = write_stream(encoded, tmp / f"{stem}.bin", tok.vocab_size, text)
+            mono_rows = _leading_monolingual_rows(data_dir, split)
+            side = write_stream(encoded, tmp / f"{stem}.bin", tok.vocab_size, text, mono_rows)
             stats[stem] = {
                 "tokens": side["length"],
+                "monolingual_tokens": side["monolingual_tokens"],
                 "documents": side["documents"],
                 "bytes": side["bytes"],
                 "bytes_per_token": round(side["bytes"] / max(side["length"], 1), 4),

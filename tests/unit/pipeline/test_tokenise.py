@@ -14,7 +14,7 @@ import pytest
 from lmops.config import TokeniseConfig, VocabConfig
 from lmops.core.vocab import Tokenizer
 from lmops.data import layout
-from lmops.data.tokens import load_stream, stream_dtype, write_stream
+from lmops.data.tokens import load_stream, monolingual_part, stream_dtype, write_stream
 from lmops.errors import DataError, LmopsError
 from lmops.io import file_digest
 from lmops.pipeline import tokenise, vocab
@@ -60,12 +60,16 @@ def test_stream_is_tag_ids_eos_per_row_and_round_trips(clean_dir, vocab_dir, tok
         stream = load_stream(out / stem)
         side = json.loads((out / f"{stem}.json").read_text())
         n_bytes = sum(len(t.encode("utf-8")) for t in texts)
+        # the monolingual text leads, the sides of the training pairs (source toy) follow
+        text_rows = int((mono["source"] == "toy_text").sum())
+        assert 0 < text_rows < len(texts) and (mono["source"][:text_rows] == "toy_text").all()
         assert side == {
             "dtype": "uint16",
             "length": sum(map(len, encoded)) + 2 * len(texts),
             "documents": len(texts),
             "bytes": n_bytes,
             "vocab_size": 400,
+            "monolingual_tokens": sum(map(len, encoded[:text_rows])) + 2 * text_rows,
         }
         assert isinstance(stream, np.memmap) and stream.dtype == np.uint16
         assert len(stream) == side["length"]
@@ -76,8 +80,12 @@ def test_stream_is_tag_ids_eos_per_row_and_round_trips(clean_dir, vocab_dir, tok
         assert all(int(d[-1]) == tok.eos_id for d in docs)
         assert [d[1:-1].tolist() for d in docs] == encoded
         assert tok.decode([d.tolist() for d in docs]) == texts
+        text = monolingual_part(stream, out / stem)
+        assert len(text) == side["monolingual_tokens"] and int(text[-1]) == tok.eos_id
+        assert tok.decode([d.tolist() for d in docs[:text_rows]]) == texts[:text_rows]
         assert stats[stem] == {
             "tokens": side["length"],
+            "monolingual_tokens": side["monolingual_tokens"],
             "documents": len(texts),
             "bytes": n_bytes,
             "bytes_per_token": round(n_bytes / side["length"], 4),
@@ -141,9 +149,30 @@ def test_large_vocab_stream_is_uint32(tmp_path):
         "documents": 2,
         "bytes": 9,
         "vocab_size": 70_001,
+        "monolingual_tokens": 5,  # no row count given: every row is monolingual text
     }
     assert path.stat().st_size == 5 * 4
     assert load_stream(path).tolist() == [70_000, 5, 69_999, 65_536, 3]
+
+
+@pytest.mark.parametrize("rows, tokens", [(0, 0), (2, 5), (3, 9), (5, 12)])
+def test_monolingual_tokens_count_the_leading_rows_across_chunks(tmp_path, rows, tokens):
+    ids = [[1, 2], [3, 4, 5], [6, 7, 8, 9], [10], [11, 12]]
+    path = tmp_path / "s.bin"
+    ds = datasets.Dataset.from_dict({"ids": ids})
+    side = write_stream(ds, path, 100, text_bytes=1, monolingual_rows=rows, chunk_rows=2)
+    assert side["monolingual_tokens"] == tokens
+    assert monolingual_part(load_stream(path), path).tolist() == list(range(1, tokens + 1))
+
+
+def test_a_stream_without_monolingual_tokens_asks_for_tokenise(tmp_path):
+    path = tmp_path / "s.bin"
+    write_stream(datasets.Dataset.from_dict({"ids": [[1, 2]]}), path, 100, text_bytes=1)
+    side = json.loads((tmp_path / "s.json").read_text())
+    del side["monolingual_tokens"]  # as tokenise wrote it before the field existed
+    (tmp_path / "s.json").write_text(json.dumps(side))
+    with pytest.raises(LmopsError, match=r"s.json: no 'monolingual_tokens'; rerun the tokenise"):
+        monolingual_part(load_stream(path), path)
 
 
 def test_truncated_stream_names_file_and_lengths(tokens, tmp_path):
@@ -261,6 +290,7 @@ def test_empty_splits_give_empty_outputs(vocab_dir, tmp_path):
     stats = tokenise.tokenise(clean, vocab_dir, tmp_path / "tokens", CFG)
     assert stats["pretrain_valid"] == {
         "tokens": 0,
+        "monolingual_tokens": 0,
         "documents": 0,
         "bytes": 0,
         "bytes_per_token": 0.0,
@@ -306,3 +336,35 @@ def test_a_bad_row_in_a_later_shard_is_named_by_its_row_in_the_split(
     with pytest.raises(DataError, match=r"clean/mono_train: row 250: language 'de' has no tag"):
         tokenise.tokenise(sharded, vocab_dir, tmp_path / "tokens", CFG)
     _no_leftovers(tmp_path)
+
+
+def test_finetune_replays_the_monolingual_text_not_the_pairs(
+    clean_dir, vocab_dir, tokens, tmp_path
+):
+    """finetune.lm_mix_text: the text rows of a fine-tuning batch come from the monolingual
+    sources; all of the stream where asked, or where the corpus is pairs alone."""
+    from lmops.pipeline.finetune import replay_text
+
+    out, _ = tokens
+    tok = Tokenizer.load(vocab_dir)
+    path, block = out / "pretrain_train", 16
+    stream = np.asarray(load_stream(path))
+    text = np.asarray(replay_text(path, tok.vocab_size, block, "monolingual"))
+    mono = layout.read_split(clean_dir, "mono_train")
+    docs = np.split(text, np.flatnonzero(text == tok.eos_id)[:-1] + 1)
+    assert (
+        tok.decode([d.tolist() for d in docs])
+        == mono["text"][mono["source"] == "toy_text"].tolist()
+    )
+    assert np.array_equal(stream[: len(text)], text) and len(text) < len(stream)
+    assert np.array_equal(replay_text(path, tok.vocab_size, block, "all"), stream)
+
+    pairs_only = make_clean(tmp_path / "clean", n=20)
+    mono = layout.read_split(pairs_only, "mono_train")
+    layout.write_split(mono[mono["source"] == "toy"], pairs_only, "mono_train", "parquet")
+    tokenise.tokenise(pairs_only, vocab_dir, tmp_path / "tokens", CFG)
+    path = tmp_path / "tokens" / "pretrain_train"
+    assert json.loads(path.with_suffix(".json").read_text())["monolingual_tokens"] == 0
+    assert np.array_equal(
+        replay_text(path, tok.vocab_size, block, "monolingual"), load_stream(path)
+    )
