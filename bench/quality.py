@@ -22,7 +22,11 @@ with ``evaluate.decode``'s beam size, length penalty, no-repeat n-gram size and
 ``max_new_tokens`` on ``data/tokens/parallel_test.parquet``, and
 :func:`lmops.pipeline.evaluate.bleu_chrf` (sacreBLEU defaults).
 
-Writes ``results/quality.{json,md}``.
+Writes ``results/quality.{json,md}``; ``--name`` and ``--title`` label another budget's
+results, as for the fast profile's pair::
+
+    python bench/quality.py --root WS_FAST --name quality_fast \
+        --title "Translation quality at the fast profile's budget (params.fast.yaml)"
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ from lmops.pipeline.evaluate import bleu_chrf
 ROOT = Path(__file__).resolve().parent.parent
 GOAL_RATIO = 1.1
 GOAL_BLEU = 15.0
+TITLE = "Translation quality: lmops vs a MarianMT peer trained for the same time"
 # AdamW as in the Transformer base recipe (betas, eps), lr for a small model trained from
 # scratch, linear warm-up over the first share of the time budget then linear decay to 0,
 # label smoothing 0.1 and MarianConfig's own dropout (0.1)
@@ -278,6 +283,8 @@ def main() -> None:
         "--root", type=Path, nargs="+", default=[ROOT], help="workspaces after dvc repro evaluate"
     )
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--name", default="quality", help="writes results/NAME.{json,md}")
+    ap.add_argument("--title", default=TITLE, help="the report's heading")
     args = ap.parse_args()
     setup_threads()
     info = machine(torch.device("cpu"))
@@ -301,15 +308,15 @@ def main() -> None:
         )
     goals.append(
         {
-            "check": f"{rows[0]['workspace']}: lmops test BLEU",
+            "check": f"{rows[0]['workspace']}: lmops test BLEU (the goal at the default params)",
             "measured": rows[0]["BLEU"],
             "goal": f">= {GOAL_BLEU}",
             "met": "yes" if rows[0]["BLEU"] >= GOAL_BLEU else "no",
         }
     )
     write_results(
-        "quality",
-        "Translation quality: lmops vs a MarianMT peer trained for the same time",
+        args.name,
+        args.title,
         info,
         {"Side by side": rows, "Goals": goals},
         extra={"peer_recipe": PEER_RECIPE, "samples": samples},
