@@ -854,6 +854,62 @@ def test_estimate_names_what_repro_would_run_and_its_time(repo, first_run):
     assert stages_to_run(repo) == [] and ran(dvc(repo, "repro")) == []
 
 
+def test_a_checkpoint_counts_in_the_estimate_only_where_the_stage_would_resume_from_it(
+    repo, first_run
+):
+    """A finished checkpoint the trainer would start afresh from (a stage of the run
+    rebuilds its inputs first, its inputs changed on disk, another vocabulary size or
+    seed) is estimated as the whole run the stage will train, not as one to resume."""
+    from lmops.orchestrate import estimate
+    from lmops.orchestrate.dag import stages_to_run
+
+    dvc(repo, "repro")  # earlier tests reran single stages: bring the rest up to date
+    original = params_of(repo)
+    steps = {s: original[s]["max_steps"] for s in ("pretrain", "finetune", "distil")}
+
+    def left(stages: list[str]) -> dict[str, int]:
+        out = {}
+        for e in estimate.estimate(stages, repo):
+            if e.stage in steps:
+                found = re.search(r"^(\d+) steps x ", e.detail)
+                assert found, e.detail
+                out[e.stage] = int(found.group(1))
+        return out
+
+    def write(params: dict) -> None:
+        (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+    # as the trainer would: each stage alone resumes at its last step
+    for stage in steps:
+        assert left([stage]) == {stage: 0}
+    # another held-out share: dvc repro rebuilds the data, then trains every stage whole
+    params = params_of(repo)
+    params["clean"]["split"]["valid_fraction"] *= 2
+    write(params)
+    todo = stages_to_run(repo)
+    assert todo[:5] == ["clean", "validate", "vocab", "tokenise", "pretrain"], todo
+    assert left(todo) == steps
+    # a stage alone, as it starts once the stages before it ran: another vocabulary size,
+    # another seed
+    vocab = {**original["vocab"], "vocab_size": original["vocab"]["vocab_size"] + 8}
+    for key, value in (("vocab", vocab), ("seed", original["seed"] + 1)):
+        write({**original, key: value})
+        assert left(["pretrain"]) == {"pretrain": steps["pretrain"]}, key
+    write(original)
+    # other pretrained weights on disk: finetune starts afresh from them, distil does not care
+    weights = repo / "data/models/pretrain/model.safetensors"
+    kept = weights.with_name("kept.safetensors")
+    os.replace(weights, kept)  # not in place: the file may be a link into the DVC cache
+    try:
+        weights.write_bytes(kept.read_bytes() + b"\0")
+        assert left(["finetune"]) == {"finetune": steps["finetune"]}
+        assert left(["distil"]) == {"distil": 0}
+    finally:
+        os.replace(kept, weights)
+    assert left(["finetune"]) == {"finetune": 0}
+    assert stages_to_run(repo) == []
+
+
 def test_nproc_2_trains_pretrain_under_torchrun_as_one_process_does(repo, first_run):
     """`dvc repro` alone: pretrain relaunches itself under torchrun (gloo, 2 CPU processes)
     and ends with the weights one process gets from the same params, in fp32."""

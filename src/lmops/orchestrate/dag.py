@@ -38,6 +38,10 @@ def _paths(entries: Iterable[Any] | None) -> list[str]:
     return [str(PurePosixPath(p)) for p in out]
 
 
+def stage_deps(stage: Mapping[str, Any]) -> list[str]:
+    return _paths(stage.get("deps"))
+
+
 def stage_outputs(stage: Mapping[str, Any]) -> list[str]:
     return [p for key in ("outs", "metrics", "plots") for p in _paths(stage.get(key))]
 
@@ -47,22 +51,26 @@ def _overlaps(a: str, b: str) -> bool:
     return pa == pb or pa.is_relative_to(pb) or pb.is_relative_to(pa)
 
 
+def producers(dvc_yaml: Mapping[str, Any], path: str) -> set[str]:
+    """The stages with an output that ``path`` is, holds or is in."""
+    stages = dvc_yaml.get("stages") or {}
+    return {
+        name
+        for name, spec in stages.items()
+        if any(_overlaps(path, o) for o in stage_outputs(spec))
+    }
+
+
 def stage_graph(dvc_yaml: Mapping[str, Any]) -> dict[str, set[str]]:
     """Each stage's upstream stages: those with an output that a dep of it is, holds or is in."""
     stages = dvc_yaml.get("stages") or {}
     for name, spec in stages.items():
         if "foreach" in spec or "matrix" in spec:
             raise LmopsError(f"dvc.yaml: stage {name!r} uses foreach/matrix, not supported here")
-    outs = {name: stage_outputs(spec) for name, spec in stages.items()}
-    graph: dict[str, set[str]] = {}
-    for name, spec in stages.items():
-        deps = _paths(spec.get("deps"))
-        graph[name] = {
-            other
-            for other, produced in outs.items()
-            if other != name and any(_overlaps(d, o) for d in deps for o in produced)
-        }
-    return graph
+    return {
+        name: set().union(*(producers(dvc_yaml, d) for d in stage_deps(spec))) - {name}
+        for name, spec in stages.items()
+    }
 
 
 def dag_order(dvc_yaml: Mapping[str, Any], target: str | None = None) -> list[str]:

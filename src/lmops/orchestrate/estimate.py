@@ -5,8 +5,10 @@ another, so the estimate measures this machine rather than quoting a table:
 
 - training stages: optimiser steps of the stage's real model, at its batch shape,
   resolved precision and device (distil: its loss, the teacher's pass included), and
-  forward passes for the validation batches; times the steps left (a checkpoint to
-  resume from counts) and the evaluations;
+  forward passes for the validation batches; times the steps left and the evaluations.
+  A checkpoint counts where the trainer would resume from it: the same training and
+  model params, vocabulary size and seed, and the inputs it recorded still the stage's,
+  with no stage of the run rebuilding them first (:func:`steps_done`);
 - decoding (validation BLEU, ``evaluate``, ``quantise``): greedy and beam steps of the
   model at the decoding batch size over two spans, extrapolated to the batch's length;
 - data stages and each stage's fixed cost: rates measured with the embedded corpora on
@@ -301,10 +303,61 @@ def data_sizes(root: Path) -> dict[str, float]:
     return sizes
 
 
-def steps_done(work_dir: Path, cfg: TrainConfig, model: ModelConfig) -> int:
-    """The step a rerun resumes from: that of the last checkpoint, if its training and
-    model params are these (the trainer starts afresh otherwise); else 0."""
+# the keys under which a training stage's checkpoint config records the digests
+# (:func:`lmops.io.file_digest`) of what it read: ``data`` the token files, ``init`` and
+# ``teacher`` the weights of a model dir (the ``resolved`` config of pretrain, finetune
+# and distil)
+INPUT_KEYS = ("data", "init", "teacher")
+
+
+def recorded_inputs(saved: dict[str, Any]) -> set[str]:
+    """The input digests a checkpoint's config recorded."""
+    out: set[str] = set()
+    for key in INPUT_KEYS:
+        value = saved.get(key)
+        if isinstance(value, dict):
+            out |= {str(v) for v in value.values()}
+        elif value is not None:
+            out.add(str(value))
+    return out
+
+
+def input_digests(root: Path, stage: str) -> dict[str, str]:
+    """Digests of what ``stage`` reads now, by ``dvc.yaml`` dep: those that are files, and
+    the weights of those that are model dirs (a directory's other files are not hashed:
+    a corpus may be gigabytes)."""
     from lmops.core import checkpoint
+    from lmops.io import file_digest
+    from lmops.orchestrate.dag import load_dvc_yaml, stage_deps
+
+    spec = (load_dvc_yaml(root).get("stages") or {}).get(stage) or {}
+    out = {}
+    for dep in stage_deps(spec):
+        path = root / dep
+        if path.is_dir():
+            path = path / checkpoint.WEIGHTS
+        if path.is_file():
+            out[dep] = file_digest(path)
+    return out
+
+
+def steps_done(
+    root: Path,
+    work_dir: Path,
+    stage: str,
+    cfg: TrainConfig,
+    model: ModelConfig,
+    vocab_size: int,
+    seed: int,
+    running: Iterable[str] = (),
+) -> int:
+    """The step a rerun of ``stage`` resumes from: that of the last checkpoint in
+    ``work_dir``, if the trainer will resume from it: its config records this ``stage``,
+    ``seed``, training and model params and ``vocab_size``, and inputs that are the
+    stage's deps now, none of them an output of a stage of ``running`` (the stages run
+    with it, which rebuild those first); else 0, a whole run."""
+    from lmops.core import checkpoint
+    from lmops.orchestrate.dag import load_dvc_yaml, producers
 
     last = checkpoint.latest(work_dir / "ckpt")
     if last is None:
@@ -314,12 +367,21 @@ def steps_done(work_dir: Path, cfg: TrainConfig, model: ModelConfig) -> int:
     except checkpoint.CheckpointError:
         return 0
     wanted = json.loads(
-        json.dumps({"train": cfg.model_dump(exclude={"nproc"}), "model": model.model_dump()})
+        json.dumps(
+            {
+                "fit": {"stage": stage, "seed": seed, "train": cfg.model_dump(exclude={"nproc"})},
+                "model": model.model_dump(),
+                "vocab_size": vocab_size,
+            }
+        )
     )
-    if (
-        saved.get("fit", {}).get("train") != wanted["train"]
-        or saved.get("model") != wanted["model"]
-    ):
+    if any(saved.get(k) != v for k, v in wanted.items()):
+        return 0
+    recorded, now = recorded_inputs(saved), input_digests(root, stage)
+    if not recorded <= set(now.values()):
+        return 0
+    spec, others = load_dvc_yaml(root), set(running) - {stage}
+    if any(producers(spec, dep) & others for dep, digest in now.items() if digest in recorded):
         return 0
     match = re.search(r"(\d+)$", last.name)
     return int(match.group(1)) if match else 0
@@ -336,10 +398,23 @@ class _Context:
     cpu_factor: float
     vocab: int
     work_dirs: dict[str, Path] = dataclasses.field(default_factory=dict)
+    running: list[str] = dataclasses.field(default_factory=list)  # the stages estimated
 
     def work_dir(self, stage: str) -> Path:
         """Where ``stage`` keeps its checkpoints: its ``--work``, else dvc.yaml's."""
         return self.work_dirs.get(stage, self.root / "data" / "train" / stage)
+
+    def steps_done(self, stage: str, cfg: TrainConfig, model: ModelConfig) -> int:
+        return steps_done(
+            self.root,
+            self.work_dir(stage),
+            stage,
+            cfg,
+            model,
+            self.vocab,
+            self.params.seed,
+            self.running,
+        )
 
     def device(self, name: str) -> torch.device:
         return hardware.resolve_device(name)
@@ -372,7 +447,7 @@ def _training(
     compiled = hardware.compile_enabled(cfg.compile, device, dtype)
     factor, compile_s = compile_cost(device) if compiled else (1.0, 0.0)
     step *= cfg.grad_accum / nproc * factor
-    done = steps_done(ctx.work_dir(stage), cfg, model)
+    done = ctx.steps_done(stage, cfg, model)
     left = max(0, cfg.max_steps - done)
     evals = sum(
         1
@@ -521,7 +596,15 @@ def estimate(
     root = Path(root)
     params = params or load_params(root / params_path)
     todo = list(stages)
-    ctx = _Context(root, params, data_sizes(root), 1.0, params.vocab.vocab_size, work_dirs or {})
+    ctx = _Context(
+        root,
+        params,
+        data_sizes(root),
+        1.0,
+        params.vocab.vocab_size,
+        work_dirs or {},
+        todo,
+    )
     # the probe between measurements, its best time kept: one probe can fall in a slow
     # moment of a shared machine; the second pass reuses the (memoised) measurements
     probes = [scalar_probe()]
