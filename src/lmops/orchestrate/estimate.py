@@ -322,12 +322,20 @@ def recorded_inputs(saved: dict[str, Any]) -> set[str]:
     return out
 
 
+@_memo
+def _digest(path: str, size: int, mtime_ns: int) -> str:
+    """:func:`lmops.io.file_digest`, once per version of a file: the estimate's two passes
+    ask for the same token files, which may be gigabytes."""
+    from lmops.io import file_digest
+
+    return file_digest(path)
+
+
 def input_digests(root: Path, stage: str) -> dict[str, str]:
     """Digests of what ``stage`` reads now, by ``dvc.yaml`` dep: those that are files, and
     the weights of those that are model dirs (a directory's other files are not hashed:
     a corpus may be gigabytes)."""
     from lmops.core import checkpoint
-    from lmops.io import file_digest
     from lmops.orchestrate.dag import load_dvc_yaml, stage_deps
 
     spec = (load_dvc_yaml(root).get("stages") or {}).get(stage) or {}
@@ -337,7 +345,8 @@ def input_digests(root: Path, stage: str) -> dict[str, str]:
         if path.is_dir():
             path = path / checkpoint.WEIGHTS
         if path.is_file():
-            out[dep] = file_digest(path)
+            stat = path.stat()
+            out[dep] = _digest(str(path), stat.st_size, stat.st_mtime_ns)
     return out
 
 
