@@ -386,6 +386,13 @@ def _process_group(env: DistEnv, device: torch.device) -> Iterator[None]:
 # --------------------------------------------------------------------- loop
 
 
+def fit_config(stage: str, seed: int, cfg: TrainConfig) -> dict[str, Any]:
+    """What a checkpoint's config records of the run, beside the stage's resolved config:
+    a run resumes only where this is the same (the process count changes no result, so
+    a run resumes under another one)."""
+    return {"stage": stage, "seed": seed, "train": cfg.model_dump(exclude={"nproc"})}
+
+
 @dataclass
 class TrainResult:
     step: int  # optimiser steps done, resumed ones included
@@ -556,20 +563,9 @@ class _Trainer:
         self.root = out_dir / CKPT_DIR
         self.global_batch = cfg.batch_size * cfg.grad_accum
         self.micro_size, self.micro_count = split_batch(cfg, env.world_size, stage)
-        # a JSON round trip, so the comparison with a stored config is like for like; the
-        # process count changes no result, so a run resumes under another one
+        # a JSON round trip, so the comparison with a stored config is like for like
         self.config = json.loads(
-            json.dumps(
-                {
-                    **resolved_config,
-                    "fit": {
-                        "stage": stage,
-                        "seed": seed,
-                        "train": cfg.model_dump(exclude={"nproc"}),
-                    },
-                },
-                sort_keys=True,
-            )
+            json.dumps({**resolved_config, "fit": fit_config(stage, seed, cfg)}, sort_keys=True)
         )
         self.raw = model.to(device)
         self.optimizer = make_optimizer(self.raw, cfg, device, no_decay)

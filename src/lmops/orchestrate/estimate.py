@@ -331,14 +331,13 @@ def _digest(path: str, size: int, mtime_ns: int) -> str:
     return file_digest(path)
 
 
-def input_digests(root: Path, stage: str) -> dict[str, str]:
-    """Digests of what ``stage`` reads now, by ``dvc.yaml`` dep: those that are files, and
-    the weights of those that are model dirs (a directory's other files are not hashed:
-    a corpus may be gigabytes)."""
+def input_digests(root: Path, spec: dict[str, Any]) -> dict[str, str]:
+    """Digests of what a stage (``spec``, its ``dvc.yaml`` entry) reads now, by dep: those
+    that are files, and the weights of those that are model dirs (a directory's other
+    files are not hashed: a corpus may be gigabytes)."""
     from lmops.core import checkpoint
-    from lmops.orchestrate.dag import load_dvc_yaml, stage_deps
+    from lmops.orchestrate.dag import stage_deps
 
-    spec = (load_dvc_yaml(root).get("stages") or {}).get(stage) or {}
     out = {}
     for dep in stage_deps(spec):
         path = root / dep
@@ -366,6 +365,7 @@ def steps_done(
     stage's deps now, none of them an output of a stage of ``running`` (the stages run
     with it, which rebuild those first); else 0, a whole run."""
     from lmops.core import checkpoint
+    from lmops.core.train import fit_config
     from lmops.orchestrate.dag import load_dvc_yaml, producers
 
     last = checkpoint.latest(work_dir / "ckpt")
@@ -378,7 +378,7 @@ def steps_done(
     wanted = json.loads(
         json.dumps(
             {
-                "fit": {"stage": stage, "seed": seed, "train": cfg.model_dump(exclude={"nproc"})},
+                "fit": fit_config(stage, seed, cfg),
                 "model": model.model_dump(),
                 "vocab_size": vocab_size,
             }
@@ -386,11 +386,13 @@ def steps_done(
     )
     if any(saved.get(k) != v for k, v in wanted.items()):
         return 0
-    recorded, now = recorded_inputs(saved), input_digests(root, stage)
+    dvc_yaml = load_dvc_yaml(root)
+    spec = (dvc_yaml.get("stages") or {}).get(stage) or {}
+    recorded, now = recorded_inputs(saved), input_digests(root, spec)
     if not recorded <= set(now.values()):
         return 0
-    spec, others = load_dvc_yaml(root), set(running) - {stage}
-    if any(producers(spec, dep) & others for dep, digest in now.items() if digest in recorded):
+    others = set(running) - {stage}
+    if any(producers(dvc_yaml, dep) & others for dep, digest in now.items() if digest in recorded):
         return 0
     match = re.search(r"(\d+)$", last.name)
     return int(match.group(1)) if match else 0
